@@ -1,0 +1,5 @@
+import sys
+
+from hla_analysis.cli import main
+
+sys.exit(main())

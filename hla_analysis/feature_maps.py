@@ -1,0 +1,256 @@
+"""Feature maps phi for kernel linear attention and HLA factors.
+
+Each map takes ``x`` of shape ``[..., N, d]`` and returns ``[..., N, r]`` so that the factor
+similarity is ``phi(q_i) . phi(k_j)``. Maps receive the already-scaled vectors
+``sqrt(scale) * q`` (see :mod:`hla_analysis.variants`), so ``q.k`` there is the softmax logit.
+
+Some maps need the token positions (cosFormer) or carry learnable weights (Hedgehog,
+ReBased); all are ``nn.Module`` with ``forward(x, *, positions=None, length=None)``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from hla_analysis.ops.tied import symmetric_power_features
+
+
+class FeatureMap(nn.Module):
+    """Base class. ``positive`` says whether every similarity it produces is >= 0."""
+
+    name = "base"
+    positive = False
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dim = dim
+
+    def out_dim(self) -> int:
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, out_dim={self.out_dim()}"
+
+
+class Identity(FeatureMap):
+    """``phi(x) = x``: similarity ``q.k``, sign-indefinite."""
+
+    name = "identity"
+
+    def out_dim(self):
+        return self.dim
+
+    def forward(self, x, **_):
+        return x
+
+
+class Elu1(FeatureMap):
+    """``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020): positive."""
+
+    name = "elu1"
+    positive = True
+
+    def out_dim(self):
+        return self.dim
+
+    def forward(self, x, **_):
+        return F.elu(x) + 1
+
+
+class Relu(FeatureMap):
+    """``phi(x) = relu(x)``: non-negative, but a row can get an all-zero normalizer."""
+
+    name = "relu"
+    positive = True
+
+    def out_dim(self):
+        return self.dim
+
+    def forward(self, x, **_):
+        return F.relu(x)
+
+
+class Exp(FeatureMap):
+    """``phi(x) = exp(x - c)`` with ``c`` the (detached) maximum over tokens and features.
+
+    A constant shift multiplies every similarity of a head by the same factor, which the
+    row normalisation cancels; it only keeps ``exp`` from overflowing.
+    """
+
+    name = "exp"
+    positive = True
+
+    def out_dim(self):
+        return self.dim
+
+    def forward(self, x, **_):
+        shift = x.detach().amax(dim=(-2, -1), keepdim=True)
+        return torch.exp(x - shift)
+
+
+class Affine(FeatureMap):
+    """``phi(x) = [1, x / sqrt(c)]``, so that the similarity is ``1 + q.k / c``.
+
+    With ``M`` tied factors and ``c = M`` the HLA weight is ``(1 + s/M)^M -> exp(s)``.
+    """
+
+    name = "affine"
+
+    def __init__(self, dim: int, *, c: float = 1.0):
+        super().__init__(dim)
+        if c <= 0:
+            raise ValueError(f"affine feature map needs c > 0, got {c}.")
+        self.c = float(c)
+
+    def out_dim(self):
+        return self.dim + 1
+
+    def forward(self, x, **_):
+        return torch.cat([torch.ones_like(x[..., :1]), x / math.sqrt(self.c)], dim=-1)
+
+
+class Favor(FeatureMap):
+    """FAVOR+ positive orthogonal random features (Performer, Choromanski et al. 2021).
+
+    ``phi(x) = exp(W x - |x|^2/2 - c) / sqrt(m)`` with ``W`` blocks of random orthogonal rows
+    scaled to Gaussian norms, so that ``E[phi(q).phi(k)] = exp(q.k)`` (times a constant that
+    row normalisation cancels). Seeded: the same ``seed`` gives the same features.
+    """
+
+    name = "favor"
+    positive = True
+
+    def __init__(self, dim: int, *, m: int = 64, seed: int = 0):
+        super().__init__(dim)
+        if m < 1:
+            raise ValueError(f"FAVOR+ needs m >= 1 random features, got {m}.")
+        self.m = int(m)
+        g = torch.Generator().manual_seed(int(seed))
+        blocks = []
+        for _ in range(math.ceil(self.m / dim)):
+            gaussian = torch.randn(dim, dim, generator=g, dtype=torch.float64)
+            ortho, tri = torch.linalg.qr(gaussian)
+            # sign fix: without it LAPACK's convention biases Q, and with it the estimator
+            ortho = ortho * torch.sign(torch.diagonal(tri))
+            blocks.append(ortho.T)
+        w = torch.cat(blocks)[: self.m]
+        norms = torch.randn(self.m, dim, generator=g, dtype=torch.float64).norm(dim=-1, keepdim=True)
+        self.register_buffer("projection", (w * norms).float())
+
+    def out_dim(self):
+        return self.m
+
+    def forward(self, x, **_):
+        proj = x @ self.projection.to(x.dtype).T - (x * x).sum(-1, keepdim=True) / 2
+        shift = proj.detach().amax(dim=(-2, -1), keepdim=True)
+        return torch.exp(proj - shift) / math.sqrt(self.m)
+
+
+class Taylor(FeatureMap):
+    """Based / second-order Taylor: ``[1, x, x(x)x / sqrt(2)]`` so that ``s -> 1 + s + s^2/2``.
+
+    ``x(x)x`` is stored symmetric-packed (``d(d+1)/2`` entries, not ``d^2``).
+    """
+
+    name = "taylor"
+    positive = True  # 1 + s + s^2/2 > 0 for every real s
+
+    def out_dim(self):
+        return 1 + self.dim + self.dim * (self.dim + 1) // 2
+
+    def forward(self, x, **_):
+        quad = symmetric_power_features(x, 2) / math.sqrt(2)
+        return torch.cat([torch.ones_like(x[..., :1]), x, quad], dim=-1)
+
+
+class CosFormer(FeatureMap):
+    """cosFormer: ``relu(x)`` re-weighted by ``cos``/``sin`` of ``pi i / (2 L)``.
+
+    ``phi(x_i) = [relu(x_i) cos(pi i / 2L), relu(x_i) sin(pi i / 2L)]`` gives the similarity
+    ``relu(q_i).relu(k_j) cos(pi (i - j) / 2L)``, with ``L`` the sequence length.
+    """
+
+    name = "cosformer"
+    positive = True
+
+    def out_dim(self):
+        return 2 * self.dim
+
+    def forward(self, x, *, positions: Tensor | None = None, length: int | None = None, **_):
+        n = x.shape[-2]
+        if positions is None:
+            positions = torch.arange(n, device=x.device)
+        length = n if length is None else length
+        angle = (math.pi / 2) * positions.to(x.dtype) / length
+        base = F.relu(x)
+        return torch.cat([base * angle.cos()[:, None], base * angle.sin()[:, None]], dim=-1)
+
+
+class Hedgehog(FeatureMap):
+    """Hedgehog (Zhang et al. 2024): learnable ``[softmax(W x), softmax(-W x)]``.
+
+    ``W`` starts at the identity; fit it with :mod:`hla_analysis.fit`.
+    """
+
+    name = "hedgehog"
+    positive = True
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.weight = nn.Parameter(torch.eye(dim))
+
+    def out_dim(self):
+        return 2 * self.dim
+
+    def forward(self, x, **_):
+        z = x @ self.weight.to(x.dtype).T
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], dim=-1)
+
+
+class ReBased(FeatureMap):
+    """ReBased (Aksenov et al. 2024): ``(gamma * norm(x) + beta)^(x)2``, similarity ``(q~.k~)^2``.
+
+    Learnable ``gamma``, ``beta`` (start at 1 and 0); the square is symmetric-packed.
+    """
+
+    name = "rebased"
+    positive = True
+
+    def __init__(self, dim: int):
+        super().__init__(dim)
+        self.gamma = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def out_dim(self):
+        return self.dim * (self.dim + 1) // 2
+
+    def forward(self, x, **_):
+        y = F.layer_norm(x, (self.dim,)) * self.gamma.to(x.dtype) + self.beta.to(x.dtype)
+        return symmetric_power_features(y, 2)
+
+
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {
+    cls.name: cls for cls in (Identity, Elu1, Relu, Exp, Affine, Favor, Taylor, CosFormer, Hedgehog, ReBased)
+}
+
+
+def make_feature_map(name: str, dim: int, **options) -> FeatureMap:
+    """Build a feature map by name.
+
+    Examples
+    --------
+    >>> phi = make_feature_map("affine", 4, c=2)
+    >>> x = torch.ones(1, 4)
+    >>> float(phi(x) @ phi(x).T)   # 1 + x.x / 2
+    3.0
+    """
+    if name not in FEATURE_MAPS:
+        raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURE_MAPS)}.")
+    try:
+        return FEATURE_MAPS[name](dim, **options)
+    except TypeError:
+        raise ValueError(f"feature map {name!r} does not take options {sorted(options)}.") from None

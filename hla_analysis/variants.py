@@ -1,0 +1,300 @@
+"""One registry of attention variants, named by short spec strings.
+
+A spec is ``family`` or ``family:key=value,key=value``:
+
+=========  ==============================================  ===========================
+family     weight a_ij proportional to                      options (defaults)
+=========  ==============================================  ===========================
+softmax    exp(s_ij)                                        --
+linear     phi(q_i).phi(k_j)              (M = 1)           phi=elu1, map options
+hla        prod_m phi_m(q_i).phi_m(k_j)   (M factors)       m=2, phi=affine, c=m, tied=1
+power      (s_ij)^p                       (p tied factors)  p=2
+=========  ==============================================  ===========================
+
+``s_ij = scale * q_i.k_j`` is the softmax logit (``scale`` defaults to ``1/sqrt(d)``): every
+variant feeds ``sqrt(scale) * q`` and ``sqrt(scale) * k`` to its feature maps, so that e.g.
+``hla:m=3,phi=affine`` has factor similarity ``1 + s/3`` and weight ``(1 + s/3)^3``.
+Feature-map options (``m`` and ``seed`` for favor, ``c`` for affine) go in the same spec,
+e.g. ``linear:phi=favor,m=128,seed=1``. With ``tied=0`` an HLA variant gets its own learnable
+projection of q and k per factor (identity at start; fit with :mod:`hla_analysis.fit`).
+
+Examples
+--------
+>>> var = make_variant("hla:m=3,phi=affine")
+>>> var.kind, var.factors, var.phi, var.spec
+('hla', 3, 'affine', 'hla:m=3,phi=affine')
+>>> q = torch.randn(2, 6, 8)
+>>> var.attention_map(q, q).sum(-1).allclose(torch.ones(2, 6))
+True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
+from hla_analysis.ops import hla, hla_attention_map, softmax_attention_map, softmax_attention_output
+
+FAMILIES = ("softmax", "linear", "hla", "power")
+
+# Options each family understands besides the feature-map ones; value parsers.
+_MAP_OPTIONS = {"m": int, "seed": int, "c": float}
+_FAMILY_OPTIONS = {
+    "softmax": {},
+    "linear": {"phi": str, "seed": int, "c": float, "m": int},
+    "hla": {"phi": str, "seed": int, "c": float, "m": int, "tied": int},
+    "power": {"p": int},
+}
+_MAX_FACTORS = 8
+
+# The variants a comparison runs by default (issue 5); every one is a valid spec.
+DEFAULT_VARIANTS = (
+    "softmax",
+    "linear:phi=identity",
+    "linear:phi=elu1",
+    "linear:phi=relu",
+    "linear:phi=exp",
+    "linear:phi=favor,m=64",
+    "linear:phi=favor,m=256",
+    "linear:phi=taylor",
+    "linear:phi=cosformer",
+    "linear:phi=hedgehog",
+    "linear:phi=rebased",
+    "power:p=2",
+    "power:p=4",
+    "hla:m=2,phi=affine",
+    "hla:m=3,phi=affine",
+    "hla:m=4,phi=affine",
+    "hla:m=2,phi=exp",
+    "hla:m=2,phi=affine,tied=0",
+    "hla:m=3,phi=affine,tied=0",
+    "hla:m=4,phi=affine,tied=0",
+)
+
+
+def parse_spec(spec: str) -> tuple[str, dict]:
+    """Split ``"family:key=value,..."`` into the family and typed options.
+
+    >>> parse_spec("linear:phi=favor,m=128")
+    ('linear', {'phi': 'favor', 'm': 128})
+    """
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a variant spec must be a non-empty string like 'hla:m=2,phi=affine', got {spec!r}.")
+    family, _, rest = spec.strip().partition(":")
+    family = family.strip().lower()
+    if family not in FAMILIES:
+        raise ValueError(f"unknown variant family {family!r} in {spec!r}; choose one of {', '.join(FAMILIES)}.")
+    allowed = _FAMILY_OPTIONS[family]
+    options: dict = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if not eq:
+            raise ValueError(f"cannot parse {item!r} in variant spec {spec!r}: write key=value.")
+        if key not in allowed:
+            known = ", ".join(allowed) or "none"
+            raise ValueError(f"variant family {family!r} has no option {key!r} (spec {spec!r}); options: {known}.")
+        try:
+            options[key] = allowed[key](value.strip())
+        except ValueError:
+            raise ValueError(f"option {key}={value!r} in {spec!r} must be {allowed[key].__name__}.") from None
+    return family, options
+
+
+class Variant(nn.Module):
+    """A configured attention variant: ``attention_map`` and ``forward`` with one signature.
+
+    Build with :func:`make_variant`. Attributes: ``kind`` (family), ``factors`` (M; 1 for
+    linear, p for power, None for softmax), ``phi`` (feature-map name or None), ``options``
+    and ``spec`` (canonical spec string). Learnable parts (Hedgehog, ReBased, untied HLA
+    projections) are created on first use, when the head dim is known, or by :meth:`bind`.
+    """
+
+    def __init__(self, family: str, options: dict, spec: str):
+        super().__init__()
+        self.kind = family
+        self.options = dict(options)
+        self.spec = spec
+        self.phi = options.get("phi")
+        self.factors = {"softmax": None, "linear": 1, "hla": options.get("m"), "power": options.get("p")}[family]
+        self.tied = family == "power" or (family == "hla" and bool(options.get("tied", 1)))
+        self.dim: int | None = None
+        self.maps = nn.ModuleList()
+        self.query_proj = nn.ParameterList()
+        self.key_proj = nn.ParameterList()
+
+    # -- construction -------------------------------------------------------------
+    def bind(self, dim: int) -> Variant:
+        """Create the feature maps for head dim ``dim`` (idempotent)."""
+        if self.dim is not None:
+            if dim != self.dim:
+                raise ValueError(f"variant {self.spec!r} was built for head dim {self.dim}, got {dim}.")
+            return self
+        self.dim = dim
+        if self.kind in ("linear", "hla"):
+            map_options = {k: v for k, v in self.options.items() if k in _MAP_OPTIONS and not (k == "m" and self.kind == "hla")}
+            if self.phi == "affine" and self.kind == "hla":
+                map_options.setdefault("c", float(self.factors))
+            n_maps = 1 if self.tied or self.kind == "linear" else self.factors
+            for _ in range(n_maps):
+                self.maps.append(make_feature_map(self.phi, dim, **map_options))
+            if self.kind == "hla" and not self.tied:
+                for _ in range(self.factors):
+                    self.query_proj.append(nn.Parameter(torch.eye(dim)))
+                    self.key_proj.append(nn.Parameter(torch.eye(dim)))
+        return self
+
+    @property
+    def positive(self) -> bool:
+        """Whether every weight this variant produces is >= 0 by construction."""
+        if self.kind == "softmax":
+            return True
+        if self.kind == "power":
+            return self.factors % 2 == 0
+        if self.phi == "affine":
+            return self.tied and self.factors % 2 == 0
+        return FEATURE_MAPS[self.phi].positive
+
+    @property
+    def sign_blind(self) -> bool:
+        """True when the weight cannot tell a key ``k`` from ``-k``.
+
+        An even number of identical factors on odd features (``(q.k)^p`` with p even, or tied
+        identity features) gives ``w(q, k) = w(q, -k)``. Reported in comparison tables, since
+        averaging over heads would hide it.
+        """
+        even = self.factors is not None and self.factors % 2 == 0
+        return even and (self.kind == "power" or (self.tied and self.phi == "identity"))
+
+    # -- the maths ------------------------------------------------------------------
+    def features(
+        self, q: Tensor, k: Tensor, *, scale: float | None = None, query_offset: int = 0
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Factor features ``(qs, ks)``: M tensors each; tied factors share one object."""
+        if self.kind == "softmax":
+            raise ValueError("softmax has no feature factors; it is not a (finite) kernel.")
+        self.bind(q.shape[-1])
+        root = math.sqrt(q.shape[-1] ** -0.5 if scale is None else float(scale))
+        q, k = q * root, k * root
+        n_keys = k.shape[-2]
+        q_pos = torch.arange(query_offset, query_offset + q.shape[-2], device=q.device)
+        k_pos = torch.arange(n_keys, device=k.device)
+        if self.kind == "power":
+            return [q] * self.factors, [k] * self.factors
+        if self.tied or self.kind == "linear":
+            fq = self.maps[0](q, positions=q_pos, length=n_keys)
+            fk = self.maps[0](k, positions=k_pos, length=n_keys)
+            return [fq] * self.factors, [fk] * self.factors
+        qs, ks = [], []
+        for phi, wq, wk in zip(self.maps, self.query_proj, self.key_proj):
+            qs.append(phi(q @ wq.to(q.dtype).T, positions=q_pos, length=n_keys))
+            ks.append(phi(k @ wk.to(k.dtype).T, positions=k_pos, length=n_keys))
+        return qs, ks
+
+    def attention_map(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        scale: float | None = None,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        query_offset: int = 0,
+        allow_signed: bool = False,
+    ) -> Tensor:
+        """Row-normalised ``[..., Nq, Nk]`` map of this variant (materialized; for analysis)."""
+        if self.kind == "softmax":
+            return softmax_attention_map(
+                q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
+            )
+        qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
+        return hla_attention_map(
+            qs, ks, causal=causal, key_padding_mask=key_padding_mask,
+            query_offset=query_offset, allow_signed=allow_signed,
+        )
+
+    def forward(
+        self,
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        *,
+        scale: float | None = None,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        allow_signed: bool = False,
+        form: str = "auto",
+        backend: str = "auto",
+    ) -> Tensor:
+        """Attention output ``[..., N, dv]``; O(N) for every family but softmax."""
+        if self.kind == "softmax":
+            return softmax_attention_output(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+        qs, ks = self.features(q, k, scale=scale)
+        return hla(
+            qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+            allow_signed=allow_signed, form=form, backend=backend,
+        )
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}"
+
+
+def _canonical(family: str, options: dict) -> str:
+    if not options:
+        return family
+    return family + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
+
+
+def make_variant(spec: str) -> Variant:
+    """Turn a spec string into a configured :class:`Variant`.
+
+    Parameters
+    ----------
+    spec : str
+        ``softmax``, ``linear:phi=NAME[,opts]``, ``hla:m=M,phi=NAME[,c=..,tied=0]`` or ``power:p=P``.
+        Feature maps: identity, elu1, relu, exp, affine, favor, taylor, cosformer, hedgehog, rebased.
+
+    Raises
+    ------
+    ValueError
+        Unknown family, option or feature map; bad values (M < 1, odd power p, ...).
+
+    Examples
+    --------
+    >>> make_variant("linear:phi=favor,m=128").spec
+    'linear:phi=favor,m=128'
+    >>> make_variant("hla:m=0")
+    Traceback (most recent call last):
+    ...
+    ValueError: hla needs m >= 1 factors, got 0 (spec 'hla:m=0').
+    """
+    family, options = parse_spec(spec)
+    if family == "linear":
+        options = {"phi": options.pop("phi", "elu1"), **options}
+    elif family == "hla":
+        options = {"m": options.pop("m", 2), "phi": options.pop("phi", "affine"), **options}
+        if not 1 <= options["m"] <= _MAX_FACTORS:
+            raise ValueError(
+                f"hla needs m >= 1 factors, got {options['m']} (spec {spec!r})."
+                if options["m"] < 1
+                else f"hla with m={options['m']} factors is beyond this toolkit's limit of {_MAX_FACTORS} (spec {spec!r})."
+            )
+        if options.get("tied", 1) not in (0, 1):
+            raise ValueError(f"tied must be 0 or 1, got {options['tied']} (spec {spec!r}).")
+    elif family == "power":
+        options = {"p": options.pop("p", 2), **options}
+        if options["p"] < 1 or options["p"] > _MAX_FACTORS:
+            raise ValueError(f"power needs 1 <= p <= {_MAX_FACTORS}, got {options['p']} (spec {spec!r}).")
+    if "phi" in options and options["phi"] not in FEATURE_MAPS:
+        raise ValueError(
+            f"unknown feature map phi={options['phi']!r} in {spec!r}; choose one of {', '.join(FEATURE_MAPS)}."
+        )
+    return Variant(family, options, _canonical(family, options))
+
+
+def list_variants() -> list[str]:
+    """The registered default variant specs, in the order comparisons report them."""
+    return list(DEFAULT_VARIANTS)

@@ -1,0 +1,94 @@
+"""The variant registry: specs parse, maps follow the definitions, forward == map @ v."""
+
+import pytest
+import torch
+
+from hla_analysis import list_variants, make_variant, softmax_attention_map
+from hla_analysis.variants import parse_spec
+
+
+def qkv(n=12, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, n, d, generator=g, dtype=torch.float64) for _ in range(3))
+
+
+@pytest.mark.parametrize("spec", [s for s in list_variants() if s != "linear:phi=identity"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_forward_equals_map_times_values(spec, causal):
+    q, k, v = qkv()
+    var = make_variant(spec).double()
+    attn = var.attention_map(q, k, causal=causal, allow_signed=True)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(2, 12, dtype=torch.float64))
+    out = var(q, k, v, causal=causal, allow_signed=True)
+    torch.testing.assert_close(out, attn @ v, rtol=1e-9, atol=1e-9)
+
+
+def test_affine_hla_is_compound_interest_of_softmax():
+    q, k, _ = qkv()
+    scale = 0.3
+    s = scale * q @ k.transpose(-1, -2)
+    for m in (1, 2, 3, 5):
+        w = (1 + s / m) ** m
+        expect = w / w.sum(-1, keepdim=True)
+        got = make_variant(f"hla:m={m},phi=affine").attention_map(q, k, scale=scale, allow_signed=True)
+        torch.testing.assert_close(got, expect)
+    # (1 + s/M)^M -> exp(s): the error to softmax falls with M
+    ref = softmax_attention_map(q, k, scale=scale)
+    errs = [
+        (make_variant(f"hla:m={m},phi=affine").attention_map(q, k, scale=scale, allow_signed=True) - ref).abs().max()
+        for m in (2, 4, 8)
+    ]
+    assert errs[0] > errs[1] > errs[2]
+
+
+def test_power_and_query_offset_blocks():
+    q, k, _ = qkv()
+    var = make_variant("power:p=2")
+    s = q @ k.transpose(-1, -2)
+    full = var.attention_map(q, k, causal=True)
+    expect = (s**2).tril()
+    torch.testing.assert_close(full, expect / expect.sum(-1, keepdim=True))
+    # row blocks with query_offset reproduce the full causal map (cosformer uses positions)
+    for spec in ("power:p=2", "linear:phi=cosformer", "softmax"):
+        var = make_variant(spec)
+        whole = var.attention_map(q, k, causal=True)
+        parts = torch.cat([var.attention_map(q[:, a:b], k, causal=True, query_offset=a) for a, b in ((0, 5), (5, 12))], -2)
+        torch.testing.assert_close(parts, whole)
+    assert make_variant("power:p=2").sign_blind and not make_variant("power:p=3").sign_blind
+    assert not make_variant("hla:m=2,phi=affine").sign_blind
+
+
+def test_untied_hla_starts_equal_to_tied_and_has_parameters():
+    q, k, _ = qkv()
+    tied, untied = make_variant("hla:m=3,phi=affine"), make_variant("hla:m=3,phi=affine,tied=0")
+    torch.testing.assert_close(
+        tied.attention_map(q, k, allow_signed=True), untied.attention_map(q, k, allow_signed=True).to(torch.float64)
+    )
+    assert sum(p.numel() for p in untied.parameters()) == 3 * 2 * 8 * 8
+    assert sum(p.numel() for p in tied.parameters()) == 0
+
+
+def test_spec_parsing_and_errors():
+    assert parse_spec("hla:m=3, phi=exp") == ("hla", {"m": 3, "phi": "exp"})
+    assert make_variant("hla").spec == "hla:m=2,phi=affine"
+    assert make_variant("linear").spec == "linear:phi=elu1"
+    with pytest.raises(ValueError, match="unknown variant family 'flash'"):
+        make_variant("flash")
+    with pytest.raises(ValueError, match="no option 'p'"):
+        make_variant("hla:p=2")
+    with pytest.raises(ValueError, match="write key=value"):
+        make_variant("hla:m")
+    with pytest.raises(ValueError, match="must be int"):
+        make_variant("hla:m=two")
+    with pytest.raises(ValueError, match="unknown feature map phi='tanh'"):
+        make_variant("linear:phi=tanh")
+    with pytest.raises(ValueError, match="m >= 1"):
+        make_variant("hla:m=0")
+    with pytest.raises(ValueError, match="limit of 8"):
+        make_variant("hla:m=9")
+    with pytest.raises(ValueError, match="non-empty string"):
+        make_variant("")
+    var = make_variant("hla:m=2")
+    var.attention_map(*list(qkv(d=8))[:2])
+    with pytest.raises(ValueError, match="built for head dim 8, got 4"):
+        var.attention_map(torch.randn(3, 4), torch.randn(3, 4))
