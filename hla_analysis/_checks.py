@@ -89,7 +89,11 @@ def check_factor_lists(qs: list[Tensor], ks: list[Tensor]) -> None:
             f"all factors must have the same number of tokens: query factors have N in {sorted(nq)}, "
             f"key factors N in {sorted(nk)}."
         )
+    seen: set[tuple[int, int]] = set()
     for m, (fq, fk) in enumerate(zip(qs, ks)):
+        if (id(fq), id(fk)) in seen:  # tied factors: one check per distinct tensor pair
+            continue
+        seen.add((id(fq), id(fk)))
         check_pair(fq, fk, qname=f"qs[{m}]", kname=f"ks[{m}]")
     broadcast_leading({**{f"qs[{m}]": f for m, f in enumerate(qs)}, **{f"ks[{m}]": f for m, f in enumerate(ks)}})
 

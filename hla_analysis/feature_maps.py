@@ -20,14 +20,25 @@ from hla_analysis.ops.tied import symmetric_power_features
 
 
 class FeatureMap(nn.Module):
-    """Base class. ``positive`` says whether every similarity it produces is >= 0."""
+    """Base class. ``positive`` says whether every similarity it produces is >= 0.
+
+    Learnable maps take ``heads``: with it their parameters get a leading head axis, so one
+    module serves inputs ``[..., heads, N, d]`` with separate weights per head.
+    """
 
     name = "base"
     positive = False
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, *, heads: int | None = None):
         super().__init__()
         self.dim = dim
+        self.heads = heads
+
+    def _per_head(self, value: Tensor, *, row: bool = False) -> nn.Parameter:
+        if self.heads is None:
+            return nn.Parameter(value)
+        value = value.unsqueeze(0) if not row else value.reshape(1, 1, -1)
+        return nn.Parameter(value.repeat(self.heads, *([1] * (value.dim() - 1))).contiguous())
 
     def out_dim(self) -> int:
         raise NotImplementedError
@@ -100,8 +111,8 @@ class Affine(FeatureMap):
 
     name = "affine"
 
-    def __init__(self, dim: int, *, c: float = 1.0):
-        super().__init__(dim)
+    def __init__(self, dim: int, *, c: float = 1.0, heads: int | None = None):
+        super().__init__(dim, heads=heads)
         if c <= 0:
             raise ValueError(f"affine feature map needs c > 0, got {c}.")
         self.c = float(c)
@@ -124,8 +135,8 @@ class Favor(FeatureMap):
     name = "favor"
     positive = True
 
-    def __init__(self, dim: int, *, m: int = 64, seed: int = 0):
-        super().__init__(dim)
+    def __init__(self, dim: int, *, m: int = 64, seed: int = 0, heads: int | None = None):
+        super().__init__(dim, heads=heads)
         if m < 1:
             raise ValueError(f"FAVOR+ needs m >= 1 random features, got {m}.")
         self.m = int(m)
@@ -199,15 +210,15 @@ class Hedgehog(FeatureMap):
     name = "hedgehog"
     positive = True
 
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.weight = nn.Parameter(torch.eye(dim))
+    def __init__(self, dim: int, *, heads: int | None = None):
+        super().__init__(dim, heads=heads)
+        self.weight = self._per_head(torch.eye(dim))
 
     def out_dim(self):
         return 2 * self.dim
 
     def forward(self, x, **_):
-        z = x @ self.weight.to(x.dtype).T
+        z = x @ self.weight.to(x.dtype).transpose(-1, -2)
         return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], dim=-1)
 
 
@@ -220,10 +231,10 @@ class ReBased(FeatureMap):
     name = "rebased"
     positive = True
 
-    def __init__(self, dim: int):
-        super().__init__(dim)
-        self.gamma = nn.Parameter(torch.ones(dim))
-        self.beta = nn.Parameter(torch.zeros(dim))
+    def __init__(self, dim: int, *, heads: int | None = None):
+        super().__init__(dim, heads=heads)
+        self.gamma = self._per_head(torch.ones(dim), row=True)
+        self.beta = self._per_head(torch.zeros(dim), row=True)
 
     def out_dim(self):
         return self.dim * (self.dim + 1) // 2

@@ -15,8 +15,10 @@ power      (s_ij)^p                       (p tied factors)  p=2
 variant feeds ``sqrt(scale) * q`` and ``sqrt(scale) * k`` to its feature maps, so that e.g.
 ``hla:m=3,phi=affine`` has factor similarity ``1 + s/3`` and weight ``(1 + s/3)^3``.
 Feature-map options (``m`` and ``seed`` for favor, ``c`` for affine) go in the same spec,
-e.g. ``linear:phi=favor,m=128,seed=1``. With ``tied=0`` an HLA variant gets its own learnable
-projection of q and k per factor (identity at start; fit with :mod:`hla_analysis.fit`).
+e.g. ``linear:phi=favor,m=128,seed=1``. Learnable HLA (fit with :mod:`hla_analysis.fit`):
+``proj=1`` adds one projection ``W`` (d x d per head, identity at start) applied to q and k
+before the factors, which stay tied -- the same parameter budget as Hedgehog's map; ``tied=0``
+gives every factor its own projection ``W_m`` (M d^2 parameters).
 
 Examples
 --------
@@ -36,7 +38,7 @@ import torch
 from torch import Tensor, nn
 
 from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
-from hla_analysis.ops import hla, hla_attention_map, softmax_attention_map, softmax_attention_output
+from hla_analysis.ops import hla, hla_attention_map, hla_weights, softmax_attention_map, softmax_attention_output
 
 FAMILIES = ("softmax", "linear", "hla", "power")
 
@@ -45,7 +47,7 @@ _MAP_OPTIONS = {"m": int, "seed": int, "c": float}
 _FAMILY_OPTIONS = {
     "softmax": {},
     "linear": {"phi": str, "seed": int, "c": float, "m": int},
-    "hla": {"phi": str, "seed": int, "c": float, "m": int, "tied": int},
+    "hla": {"phi": str, "seed": int, "c": float, "m": int, "tied": int, "proj": int},
     "power": {"p": int},
 }
 _MAX_FACTORS = 8
@@ -69,9 +71,9 @@ DEFAULT_VARIANTS = (
     "hla:m=3,phi=affine",
     "hla:m=4,phi=affine",
     "hla:m=2,phi=exp",
-    "hla:m=2,phi=affine,tied=0",
-    "hla:m=3,phi=affine,tied=0",
-    "hla:m=4,phi=affine,tied=0",
+    "hla:m=2,phi=affine,proj=1",
+    "hla:m=3,phi=affine,proj=1",
+    "hla:m=4,phi=affine,proj=1",
 )
 
 
@@ -121,30 +123,35 @@ class Variant(nn.Module):
         self.phi = options.get("phi")
         self.factors = {"softmax": None, "linear": 1, "hla": options.get("m"), "power": options.get("p")}[family]
         self.tied = family == "power" or (family == "hla" and bool(options.get("tied", 1)))
+        self.shared_proj = family == "hla" and self.tied and bool(options.get("proj", 0))
         self.dim: int | None = None
+        self.heads: int | None = None
         self.maps = nn.ModuleList()
-        self.query_proj = nn.ParameterList()
-        self.key_proj = nn.ParameterList()
+        self.proj = nn.ParameterList()
 
     # -- construction -------------------------------------------------------------
-    def bind(self, dim: int) -> Variant:
-        """Create the feature maps for head dim ``dim`` (idempotent)."""
+    def bind(self, dim: int, *, heads: int | None = None) -> Variant:
+        """Create the feature maps for head dim ``dim`` (idempotent).
+
+        With ``heads``, learnable parameters get a leading head axis: the variant then takes
+        ``[..., heads, N, d]`` inputs and fits every head separately in one pass.
+        """
         if self.dim is not None:
             if dim != self.dim:
                 raise ValueError(f"variant {self.spec!r} was built for head dim {self.dim}, got {dim}.")
             return self
-        self.dim = dim
+        self.dim, self.heads = dim, heads
         if self.kind in ("linear", "hla"):
             map_options = {k: v for k, v in self.options.items() if k in _MAP_OPTIONS and not (k == "m" and self.kind == "hla")}
             if self.phi == "affine" and self.kind == "hla":
                 map_options.setdefault("c", float(self.factors))
             n_maps = 1 if self.tied or self.kind == "linear" else self.factors
             for _ in range(n_maps):
-                self.maps.append(make_feature_map(self.phi, dim, **map_options))
-            if self.kind == "hla" and not self.tied:
-                for _ in range(self.factors):
-                    self.query_proj.append(nn.Parameter(torch.eye(dim)))
-                    self.key_proj.append(nn.Parameter(torch.eye(dim)))
+                self.maps.append(make_feature_map(self.phi, dim, heads=heads, **map_options))
+            eye = torch.eye(dim) if heads is None else torch.eye(dim).repeat(heads, 1, 1)
+            n_proj = self.factors if self.kind == "hla" and not self.tied else int(self.shared_proj)
+            for _ in range(n_proj):
+                self.proj.append(nn.Parameter(eye.clone()))
         return self
 
     @property
@@ -185,13 +192,17 @@ class Variant(nn.Module):
         if self.kind == "power":
             return [q] * self.factors, [k] * self.factors
         if self.tied or self.kind == "linear":
+            if self.shared_proj:
+                w = self.proj[0].to(q.dtype).transpose(-1, -2)
+                q, k = q @ w, k @ w
             fq = self.maps[0](q, positions=q_pos, length=n_keys)
             fk = self.maps[0](k, positions=k_pos, length=n_keys)
             return [fq] * self.factors, [fk] * self.factors
         qs, ks = [], []
-        for phi, wq, wk in zip(self.maps, self.query_proj, self.key_proj):
-            qs.append(phi(q @ wq.to(q.dtype).T, positions=q_pos, length=n_keys))
-            ks.append(phi(k @ wk.to(k.dtype).T, positions=k_pos, length=n_keys))
+        for phi, w in zip(self.maps, self.proj):
+            w = w.to(q.dtype).transpose(-1, -2)
+            qs.append(phi(q @ w, positions=q_pos, length=n_keys))
+            ks.append(phi(k @ w, positions=k_pos, length=n_keys))
         return qs, ks
 
     def attention_map(
@@ -215,6 +226,30 @@ class Variant(nn.Module):
             qs, ks, causal=causal, key_padding_mask=key_padding_mask,
             query_offset=query_offset, allow_signed=allow_signed,
         )
+
+    def weights(
+        self,
+        q: Tensor,
+        k: Tensor,
+        *,
+        scale: float | None = None,
+        causal: bool = False,
+        key_padding_mask: Tensor | None = None,
+        query_offset: int = 0,
+    ) -> tuple[Tensor, Tensor]:
+        """Unnormalised weights ``[..., Nq, Nk]`` and row normalizers ``[..., Nq, 1]``, unjudged.
+
+        For counting failing rows: ``weights / normalizer`` is the map, and a row whose
+        normalizer is <= 0 is a failure even where the ratio looks like a distribution.
+        Softmax returns its map and a normalizer of one.
+        """
+        if self.kind == "softmax":
+            attn = self.attention_map(
+                q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
+            )
+            return attn, torch.ones_like(attn[..., :1])
+        qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
+        return hla_weights(qs, ks, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset)
 
     def forward(
         self,
@@ -282,8 +317,9 @@ def make_variant(spec: str) -> Variant:
                 if options["m"] < 1
                 else f"hla with m={options['m']} factors is beyond this toolkit's limit of {_MAX_FACTORS} (spec {spec!r})."
             )
-        if options.get("tied", 1) not in (0, 1):
-            raise ValueError(f"tied must be 0 or 1, got {options['tied']} (spec {spec!r}).")
+        for flag in ("tied", "proj"):
+            if options.get(flag, 0) not in (0, 1):
+                raise ValueError(f"{flag} must be 0 or 1, got {options[flag]} (spec {spec!r}).")
     elif family == "power":
         options = {"p": options.pop("p", 2), **options}
         if options["p"] < 1 or options["p"] > _MAX_FACTORS:

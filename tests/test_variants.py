@@ -64,8 +64,13 @@ def test_untied_hla_starts_equal_to_tied_and_has_parameters():
     torch.testing.assert_close(
         tied.attention_map(q, k, allow_signed=True), untied.attention_map(q, k, allow_signed=True).to(torch.float64)
     )
-    assert sum(p.numel() for p in untied.parameters()) == 3 * 2 * 8 * 8
+    assert sum(p.numel() for p in untied.parameters()) == 3 * 8 * 8
     assert sum(p.numel() for p in tied.parameters()) == 0
+    shared = make_variant("hla:m=3,phi=affine,proj=1")
+    torch.testing.assert_close(shared.attention_map(q, k, allow_signed=True).double(), tied.attention_map(q, k, allow_signed=True))
+    assert sum(p.numel() for p in shared.parameters()) == 8 * 8  # Hedgehog's budget
+    feats = shared.features(q.float(), k.float())[0]
+    assert shared.tied and feats[0] is feats[2]
 
 
 def test_spec_parsing_and_errors():
@@ -92,3 +97,21 @@ def test_spec_parsing_and_errors():
     var.attention_map(*list(qkv(d=8))[:2])
     with pytest.raises(ValueError, match="built for head dim 8, got 4"):
         var.attention_map(torch.randn(3, 4), torch.randn(3, 4))
+
+
+@pytest.mark.parametrize(
+    "spec", ["linear:phi=hedgehog", "linear:phi=rebased", "hla:m=2,phi=affine,tied=0", "hla:m=3,phi=affine,proj=1"]
+)
+def test_per_head_parameters_match_separate_variants(spec):
+    q, k, _ = qkv()  # [2 heads, N, d]
+    batched = make_variant(spec).bind(8, heads=2).double()
+    singles = [make_variant(spec).bind(8).double() for _ in range(2)]
+    with torch.no_grad():
+        for p in batched.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+        for h, single in enumerate(singles):
+            for p_single, p_batched in zip(single.parameters(), batched.parameters()):
+                p_single.copy_(p_batched[h].reshape(p_single.shape))
+    got = batched.attention_map(q, k, allow_signed=True)
+    for h, single in enumerate(singles):
+        torch.testing.assert_close(got[h], single.attention_map(q[h], k[h], allow_signed=True))

@@ -7,6 +7,7 @@ from hla_analysis.ops.hla import FORMS, hla, linear_attention
 from hla_analysis.ops.reference import (
     hla_attention_map,
     hla_attention_output,
+    hla_weights,
     kernel_attention_map,
     kernel_attention_output,
     softmax_attention_map,
@@ -20,6 +21,7 @@ __all__ = [
     "linear_attention",
     "hla_attention_map",
     "hla_attention_output",
+    "hla_weights",
     "kernel_attention_map",
     "kernel_attention_output",
     "softmax_attention_map",

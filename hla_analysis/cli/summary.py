@@ -1,0 +1,42 @@
+"""``hla-analysis summary``: the per-variant summary of a results table."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def print_summary(summary) -> None:
+    import pandas as pd
+
+    shown = summary.rename(columns={
+        "kl_mean": "KL mean", "kl_worst_head": "KL worst head", "output_rel": "output err",
+        "tv_mean": "TV", "topk_recall": "top5 recall", "spearman": "spearman",
+        "failed_rows": "failed rows", "params_per_head": "params/head",
+    })
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+        print("held-out inputs only; sorted by mean row KL(softmax || variant), lower is better")
+        print("'failed rows': fraction of rows with a non-positive normalizer or invalid weights,")
+        print("excluded from the other columns (a variant with failed rows = 1 has no KL at all)\n")
+        print(shown.to_string(na_rep="n/a"))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "summary",
+        help="print the per-variant summary of a results table",
+        description="Per variant, over held-out inputs: mean and worst-head row KL, output error, "
+                    "total variation, top-5 recall, Spearman monotonicity and failure rate.",
+    )
+    p.add_argument("results", metavar="FILE", help="table written by `hla-analysis compare`")
+    p.add_argument("--csv", metavar="FILE", help="also write the summary as CSV")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from hla_analysis.compare import load_results, summarize
+
+    summary = summarize(load_results(args.results))
+    print_summary(summary)
+    if args.csv:
+        summary.to_csv(args.csv)
+    return 0

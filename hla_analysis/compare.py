@@ -1,0 +1,331 @@
+"""Compare attention variants with softmax on a capture: one tidy table.
+
+For every layer, head, input and variant the runner streams over blocks of query rows,
+computes the variant's weights next to softmax's, and reduces them with
+:mod:`hla_analysis.metrics`. Learnable variants are first fitted per head on the training
+inputs (:mod:`hla_analysis.fit`) and then evaluated on every input; each row of the table
+says whether its input was ``train`` or ``heldout``, and rankings use held-out rows only.
+
+Output: a long table with columns ``input, layer, head, variant, split, metric, value`` plus
+the settings that produced it. Layers are written as they finish (atomically) into
+``<out>.parts/``, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from hla_analysis import __version__
+from hla_analysis.capture import load_capture
+from hla_analysis.capture.store import atomic_write_bytes, atomic_write_json
+from hla_analysis.fit import FitConfig, fit_variant, is_learnable
+from hla_analysis.metrics.streaming import StreamingAttentionMetrics
+from hla_analysis.variants import list_variants, make_variant
+
+METRICS = (
+    "kl_mean",
+    "kl_max",
+    "js_mean",
+    "tv_mean",
+    "frobenius_rel",
+    "output_rel",
+    "entropy_ref_mean",
+    "entropy_approx_mean",
+    "topk_recall_mean",
+    "spearman_mean",
+    "failed_fraction",
+    "kl_floored_rows",
+)
+COLUMNS = ["input", "layer", "head", "variant", "split", "metric", "value"]
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What a comparison run does; stored beside the results and checked on resume."""
+
+    variants: tuple[str, ...]
+    train_inputs: int
+    fit: FitConfig = FitConfig()
+    block_rows: int = 256
+    topk: int = 5
+    rank_stride: int = 4
+    row_stride: int = 1
+
+    def key(self) -> str:
+        blob = json.dumps(self.as_dict(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def as_dict(self) -> dict:
+        return {
+            "variants": list(self.variants),
+            "train_inputs": self.train_inputs,
+            "fit": self.fit.as_dict(),
+            "block_rows": self.block_rows,
+            "topk": self.topk,
+            "rank_stride": self.rank_stride,
+            "row_stride": self.row_stride,
+        }
+
+
+def resolve_variants(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``"default"``, a comma-free list, or ``"a;b"``-style strings -> canonical specs.
+
+    Specs themselves contain commas (``hla:m=2,phi=affine``), so on the command line several
+    are separated by spaces or semicolons; ``default`` expands to the registry's default set.
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in items:
+        for part in filter(None, (p.strip() for p in item.split(";"))):
+            out.extend(list_variants() if part == "default" else [make_variant(part).spec])
+    if not out:
+        raise ValueError("no variants given: pass specs like 'softmax;hla:m=2,phi=affine' or 'default'.")
+    return tuple(dict.fromkeys(out))
+
+
+def _evaluate(
+    variant, batch: dict, *, block_rows: int, topk: int, rank_stride: int, row_stride: int = 1
+) -> dict[str, torch.Tensor]:
+    """Metrics of one variant on a stack of inputs ``[I, H, N, d]``: ``[I, H]`` tensors.
+
+    Streams over blocks of query rows, so only ``[I, H, block_rows, N]`` maps are alive.
+    With ``row_stride > 1`` the maps are computed for whole blocks but the metrics read every
+    ``row_stride``-th row only (their cost dominates): an unbiased sample of the rows.
+    """
+    q, k, v = batch["q"], batch["k"], batch["v"]
+    n = q.shape[-2]
+    acc = StreamingAttentionMetrics(k=topk, batch_dims=q.dim() - 2, rank_stride=rank_stride)
+    for start in range(0, n, block_rows):
+        rows = slice(start, min(start + block_rows, n))
+        kw = dict(scale=batch["scale"], causal=batch["causal"], query_offset=start)
+        p = _REFERENCE.attention_map(q[..., rows, :], k, **kw)
+        weights, den = variant.weights(q[..., rows, :], k, **kw)
+        den = den.squeeze(-1)
+        # A row whose normalizer is <= 0 is a failure even where weights/den looks like a
+        # distribution (all-negative numerators over a negative normalizer).
+        invalid = ~(den > 0) | ~torch.isfinite(den)
+        p_hat = weights / torch.where(invalid, torch.ones_like(den), den)[..., None]
+        scores = (q[..., rows, :] @ k.transpose(-1, -2)) * batch["scale"]
+        allowed = None
+        if batch["causal"]:
+            allowed = torch.arange(n)[None, :] <= torch.arange(start, rows.stop)[:, None]
+        if row_stride > 1:
+            sample = slice(None, None, row_stride)
+            p, p_hat, scores, invalid = p[..., sample, :], p_hat[..., sample, :], scores[..., sample, :], invalid[..., sample]
+            allowed = None if allowed is None else allowed[sample]
+        acc.update(p, p_hat, allowed=allowed, v=v, scores=scores, invalid=invalid)
+    return acc.compute()
+
+
+_REFERENCE = make_variant("softmax")
+
+
+def _stacks(cap, layer: int, indices: list[int], size: int) -> list[tuple[list[int], dict]]:
+    """Inputs of one layer stacked into ``[I, H, N, d]`` groups of equal length (<= size each)."""
+    by_length: dict[int, list[int]] = {}
+    for i in indices:
+        by_length.setdefault(cap.lengths[i], []).append(i)
+    groups = []
+    for same in by_length.values():
+        for start in range(0, len(same), size):
+            chunk = same[start : start + size]
+            data = [cap.get(layer, i) for i in chunk]
+            for i, d in zip(chunk, data):
+                if d.get("attention_mask") is not None:
+                    raise ValueError(
+                        f"input {i} of layer {layer} has a custom attention mask; the comparison supports "
+                        "padding-free causal or bidirectional captures only."
+                    )
+            batch = {name: torch.stack([d[name] for d in data]) for name in ("q", "k", "v")}
+            batch.update(scale=data[0]["scale"], causal=data[0]["causal"])
+            groups.append((chunk, batch))
+    return groups
+
+
+def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool) -> tuple[pd.DataFrame, list[dict]]:
+    all_inputs = list(range(cap.num_inputs))
+    train = [batch for _, batch in _stacks(cap, layer, all_inputs[: config.train_inputs], config.train_inputs)]
+    groups = _stacks(cap, layer, all_inputs, _EVAL_STACK)
+    heads, dim = cap.num_heads, cap.head_dim
+    rows, fits = [], []
+    bar = tqdm(config.variants, desc=f"layer {layer}", leave=False, disable=not progress)
+    for spec in bar:
+        variant = make_variant(spec).bind(dim, heads=heads)
+        params = 0
+        if is_learnable(variant):
+            result = fit_variant(variant, train, config=config.fit)
+            params = result.params_per_head
+            fits.append({"layer": layer, "variant": spec, "params_per_head": params,
+                         "loss_initial": result.initial_loss, "loss_final": result.final_loss,
+                         "steps": config.fit.steps})
+        with torch.no_grad():
+            for chunk, batch in groups:
+                metrics = _evaluate(
+                    variant, batch, block_rows=config.block_rows, topk=config.topk,
+                    rank_stride=config.rank_stride, row_stride=config.row_stride,
+                )
+                values = {name: metrics[name].tolist() for name in METRICS}
+                for row, i in enumerate(chunk):
+                    split = "train" if i < config.train_inputs else "heldout"
+                    for name in METRICS:
+                        for h, value in enumerate(values[name][row]):
+                            rows.append((i, layer, h, spec, split, name, value, params))
+    table = pd.DataFrame(rows, columns=[*COLUMNS, "params_per_head"])
+    return table, fits
+
+
+# inputs evaluated together; bounds memory at about 8 x heads x block_rows x N floats per map
+_EVAL_STACK = 8
+
+
+def _write_parquet(path: Path, table: pd.DataFrame) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    table.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def run_comparison(
+    capture_dir: str | Path,
+    *,
+    out: str | Path,
+    variants: str | list[str] = "default",
+    train_inputs: int | None = None,
+    fit: FitConfig = FitConfig(),
+    block_rows: int = 256,
+    row_stride: int = 1,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run every variant against softmax on a capture and write the tidy results table.
+
+    Parameters
+    ----------
+    capture_dir : path
+        A finished capture (:func:`hla_analysis.capture.capture`).
+    out : path
+        Results file, ``.parquet`` or ``.csv``. Written atomically at the end; finished
+        layers are kept in ``<out>.parts/`` so that a rerun resumes.
+    variants : str or list of str
+        Specs (see :mod:`hla_analysis.variants`) or ``"default"``.
+    train_inputs : int, optional
+        Inputs ``0..train_inputs-1`` fit the learnable variants; the rest are held out.
+        Default: a quarter of the inputs, at most 4 (at least one, and one held out).
+    fit : FitConfig
+        The one optimiser setting every fitted variant gets.
+    block_rows : int
+        Query rows per streamed block; memory grows as ``N x block_rows``.
+    row_stride : int
+        Evaluate every ``row_stride``-th query row (1 = all): a sample that cuts the cost of
+        the metrics by that factor. Recorded in the settings.
+
+    Returns
+    -------
+    pandas.DataFrame
+        ``input, layer, head, variant, split, metric, value, params_per_head`` plus the
+        settings columns ``model, fit_steps, fit_lr, fit_seed``.
+    """
+    cap = load_capture(capture_dir)
+    out = Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"results file must end in .parquet or .csv, got {out.name!r}.")
+    if cap.num_inputs < 2:
+        raise ValueError("a comparison needs at least 2 captured inputs (one to fit on, one held out); capture more.")
+    if train_inputs is None:
+        train_inputs = min(max(1, cap.num_inputs // 4), 4, cap.num_inputs - 1)
+    if not 1 <= train_inputs < cap.num_inputs:
+        raise ValueError(
+            f"train_inputs must be between 1 and {cap.num_inputs - 1} (one input at least must be held out), got {train_inputs}."
+        )
+    if block_rows < 1 or row_stride < 1:
+        raise ValueError(f"block_rows and row_stride must be >= 1, got {block_rows} and {row_stride}.")
+    config = CompareConfig(
+        variants=resolve_variants(variants), train_inputs=train_inputs, fit=fit, block_rows=block_rows,
+        row_stride=row_stride,
+    )
+
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    settings_path = parts / "settings.json"
+    settings = {**config.as_dict(), "key": config.key(), "capture": str(Path(capture_dir).resolve()),
+                "model": cap.manifest.get("model"), "version": __version__}
+    if settings_path.exists() and json.loads(settings_path.read_text()).get("key") != config.key():
+        raise ValueError(
+            f"{parts} holds partial results of a run with other settings; delete it or choose another --out."
+        )
+    atomic_write_json(settings_path, settings)
+
+    started = time.perf_counter()
+    tables, fits = [], []
+    for layer in tqdm(range(cap.num_layers), desc="compare", unit="layer", disable=not progress):
+        part = parts / f"layer_{layer:03d}.parquet"
+        fit_part = parts / f"fits_{layer:03d}.json"
+        if part.exists() and fit_part.exists():
+            tables.append(pd.read_parquet(part))
+            fits.extend(json.loads(fit_part.read_text()))
+            continue
+        table, layer_fits = _layer_rows(cap, layer, config, progress=progress)
+        _write_parquet(part, table)
+        atomic_write_json(fit_part, layer_fits)
+        tables.append(table)
+        fits.extend(layer_fits)
+
+    result = pd.concat(tables, ignore_index=True)
+    result["model"] = cap.manifest.get("model")
+    result["fit_steps"] = config.fit.steps
+    result["fit_lr"] = config.fit.lr
+    result["fit_seed"] = config.fit.seed
+    if out.suffix == ".parquet":
+        _write_parquet(out, result)
+    else:
+        atomic_write_bytes(out, result.to_csv(index=False).encode())
+    fits_table = pd.DataFrame(fits, columns=["layer", "variant", "params_per_head", "loss_initial", "loss_final", "steps"])
+    atomic_write_bytes(out.with_name(out.stem + ".fits.csv"), fits_table.to_csv(index=False).encode())
+    atomic_write_json(out.with_name(out.stem + ".settings.json"),
+                      {**settings, "seconds": round(time.perf_counter() - started, 2)})
+    shutil.rmtree(parts)
+    return result
+
+
+def load_results(path: str | Path) -> pd.DataFrame:
+    """Read a results table written by :func:`run_comparison`, checking its columns."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"no results table at {path}; run `hla-analysis compare` first.")
+    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    missing = [c for c in COLUMNS if c not in table.columns]
+    if missing:
+        raise ValueError(f"{path} is not an hla-analysis results table (missing columns {missing}).")
+    return table
+
+
+def summarize(table: pd.DataFrame) -> pd.DataFrame:
+    """Per-variant summary of held-out rows: mean and worst KL, output error, failures.
+
+    ``worst`` is the largest per-head mean KL; failure rate is the mean fraction of rows
+    with a non-positive normalizer or invalid weights. Sorted by mean held-out KL.
+    """
+    held = table[table["split"] == "heldout"]
+    wide = held.pivot_table(index=["variant", "input", "layer", "head"], columns="metric", values="value")
+    grouped = wide.groupby(level="variant")
+    summary = pd.DataFrame({
+        "kl_mean": grouped["kl_mean"].mean(),
+        "kl_worst_head": wide.groupby(level=["variant", "layer", "head"])["kl_mean"].mean().groupby(level="variant").max(),
+        "output_rel": grouped["output_rel"].mean(),
+        "tv_mean": grouped["tv_mean"].mean(),
+        "topk_recall": grouped["topk_recall_mean"].mean(),
+        "spearman": grouped["spearman_mean"].mean(),
+        "failed_rows": grouped["failed_fraction"].mean(),
+    })
+    params = table.groupby("variant")["params_per_head"].max()
+    summary["params_per_head"] = params.reindex(summary.index).fillna(0).astype(int)
+    return summary.sort_values("kl_mean")

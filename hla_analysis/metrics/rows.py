@@ -1,0 +1,508 @@
+"""Per-row metrics between a reference attention row ``p`` and an approximation ``p_hat``.
+
+Layout: ``p``, ``p_hat`` (and ``scores``) are blocks of attention rows ``[..., R, N]`` --
+any leading batch/head dims, then ``R`` query rows, then ``N`` keys. ``allowed`` is a bool
+mask broadcastable to that shape, True where a row may attend (padding and causal masks
+applied). ``p`` must be zero outside ``allowed``; entries of ``p_hat`` outside ``allowed`` are
+ignored (read as zero). Every function returns one value per row, shape ``[..., R]``.
+
+Conventions, fixed once for the whole toolkit:
+
+* natural logarithms everywhere; ``0 log 0 = 0``;
+* KL(p || p_hat) is infinite when ``p_hat`` is zero where ``p`` is not. With ``eps=None`` the
+  result is ``+inf`` (never NaN); with a float ``eps`` the approximate weights are floored at
+  ``eps`` inside the logarithm and the affected rows are reported (``return_floored=True``), so a
+  finite number is never mistaken for the true divergence;
+* Jensen-Shannon is the divergence (at most ``ln 2``), not SciPy's distance (its square root);
+* rows with no allowed entry give 0 for the divergences and entropies and NaN for top-k recall
+  and Spearman (undefined); the streaming accumulator excludes and counts such rows;
+* float16/bfloat16 rows are computed in float32.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+#: Default floor for ``p_hat`` inside the KL logarithm: a normal float32 number, so the floored
+#: value does not depend on the dtype (``-log(1e-30)`` is about 69.1 nats per unit of mass).
+KL_EPS = 1e-30
+
+
+# ----------------------------------------------------------------------------- input checks
+
+
+def _check_block(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor [..., R, N], got {type(x).__name__}.")
+    if x.dim() < 1:
+        raise ValueError(f"{name} must be a tensor [..., R, N] (or a single row [N]), got a scalar.")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} has dtype {x.dtype}; metrics need a floating dtype (cast with .float()).")
+
+
+def broadcast_allowed(allowed: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
+    """Return ``allowed`` broadcast to ``shape`` (all True when ``allowed`` is None).
+
+    Examples
+    --------
+    >>> import torch
+    >>> broadcast_allowed(torch.tensor([True, False]), torch.Size([3, 2]), torch.device("cpu")).shape
+    torch.Size([3, 2])
+    """
+    if allowed is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if not isinstance(allowed, Tensor) or allowed.dtype != torch.bool:
+        got = allowed.dtype if isinstance(allowed, Tensor) else type(allowed).__name__
+        raise ValueError(f"allowed must be a bool tensor (True = the row may attend to that key), got {got}.")
+    try:
+        return torch.broadcast_to(allowed.to(device), shape)
+    except RuntimeError:
+        raise ValueError(
+            f"allowed has shape {tuple(allowed.shape)}, which does not broadcast to the rows' shape "
+            f"{tuple(shape)}; pass a mask [..., R, N] matching the row block."
+        ) from None
+
+
+def check_reference(p: Tensor, allowed: Tensor, *, tol: float = 1e-3) -> None:
+    """Check that ``p`` is a block of probability rows supported on ``allowed``.
+
+    ``tol`` is the accepted ``|row sum - 1|`` (use 1e-2 for rows that were float16/bfloat16).
+
+    Raises
+    ------
+    ValueError
+        If ``p`` has NaN/Inf or negative entries, mass outside ``allowed``, or a non-empty row
+        whose sum is not 1.
+    """
+    if not torch.isfinite(p).all():
+        raise ValueError("the reference rows p contain NaN/Inf; p must be finite softmax rows.")
+    if (p < 0).any():
+        raise ValueError("the reference rows p have negative entries; p must be softmax rows (>= 0).")
+    outside = (p != 0) & ~allowed
+    if outside.any():
+        raise ValueError(
+            f"the reference rows p put weight on {int(outside.sum())} masked entries; p must be zero "
+            "outside `allowed` (build p with the same causal/padding mask you pass here)."
+        )
+    sums = p.sum(-1, dtype=torch.float64)
+    nonempty = allowed.any(-1)
+    bad = nonempty & ((sums - 1).abs() > tol)
+    if bad.any():
+        worst = float(sums[bad][0])
+        raise ValueError(
+            f"{int(bad.sum())} reference row(s) do not sum to 1 (e.g. {worst:.6g}); p must be "
+            "probability rows (softmax weights), not scores."
+        )
+
+
+def check_approximation(p_hat: Tensor, allowed: Tensor) -> None:
+    """Check that ``p_hat`` is finite and non-negative on ``allowed``.
+
+    Raises
+    ------
+    ValueError
+        Naming how many rows fail; such rows are approximation failures and belong in the
+        ``invalid`` mask of :class:`~hla_analysis.metrics.StreamingAttentionMetrics`.
+    """
+    bad_rows = failed_approximation_rows(p_hat, allowed)
+    if bad_rows.any():
+        raise ValueError(
+            f"{int(bad_rows.sum())} approximate row(s) have NaN/Inf or negative weights on allowed "
+            "entries, so they are not probability rows. Per-row metrics are undefined there: use "
+            "StreamingAttentionMetrics / head_metrics, which exclude and count such rows, or drop them."
+        )
+
+
+def failed_approximation_rows(p_hat: Tensor, allowed: Tensor) -> Tensor:
+    """Bool ``[..., R]``: rows of ``p_hat`` with a NaN/Inf or negative weight on an allowed entry.
+
+    Examples
+    --------
+    >>> import torch
+    >>> p_hat = torch.tensor([[0.5, 0.5], [1.5, -0.5], [float("nan"), 1.0]])
+    >>> failed_approximation_rows(p_hat, torch.ones(3, 2, dtype=torch.bool)).tolist()
+    [False, True, True]
+    """
+    bad = allowed & (~torch.isfinite(p_hat) | (p_hat < 0))
+    return bad.any(-1)
+
+
+def _prepare(p: Tensor, p_hat: Tensor, allowed: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    _check_block("p", p)
+    _check_block("p_hat", p_hat)
+    if p.shape != p_hat.shape:
+        raise ValueError(
+            f"p has shape {tuple(p.shape)} but p_hat has {tuple(p_hat.shape)}; both must be the same "
+            "row block [..., R, N]."
+        )
+    if p.dtype != p_hat.dtype or p.device != p_hat.device:
+        raise ValueError(
+            f"p is {p.dtype} on {p.device} but p_hat is {p_hat.dtype} on {p_hat.device}; move both "
+            "to one dtype and device."
+        )
+    tol = 1e-3
+    if p.dtype in (torch.float16, torch.bfloat16):  # the KL floor and logs need float32 range
+        p, p_hat, tol = p.float(), p_hat.float(), 1e-2
+    mask = broadcast_allowed(allowed, p.shape, p.device)
+    check_reference(p, mask, tol=tol)
+    check_approximation(p_hat, mask)
+    return p, torch.where(mask, p_hat, torch.zeros((), dtype=p_hat.dtype, device=p_hat.device)), mask
+
+
+# ----------------------------------------------------------- kernels on already-checked rows
+# p >= 0 is zero outside `mask`; q is finite, >= 0 and zero outside `mask`.
+
+
+def _kl(p: Tensor, q: Tensor, eps: float | None) -> tuple[Tensor, Tensor]:
+    support = p > 0
+    if eps is None:
+        zero_hit = support & (q <= 0)
+        # Elementwise log differences (not sum p log p - sum p log q) keep small KLs accurate.
+        terms = torch.where(support & ~zero_hit, p * (torch.log(p) - torch.log(q)), torch.zeros_like(p))
+        kl = terms.sum(-1)
+        hit_rows = zero_hit.any(-1)
+        return torch.where(hit_rows, torch.full_like(kl, float("inf")), kl), hit_rows
+    floored = support & (q < eps)
+    qf = torch.clamp(q, min=eps)
+    safe_p = torch.where(support, p, torch.ones_like(p))
+    terms = torch.where(support, p * (torch.log(safe_p) - torch.log(qf)), torch.zeros_like(p))
+    return terms.sum(-1), floored.any(-1)
+
+
+def _js(p: Tensor, q: Tensor) -> Tensor:
+    m = 0.5 * (p + q)
+    # xlogy(0, 0) = 0, and m > 0 wherever p > 0 or q > 0.
+    return 0.5 * (torch.xlogy(p, p) - torch.xlogy(p, m) + torch.xlogy(q, q) - torch.xlogy(q, m)).sum(-1)
+
+
+def _tv(p: Tensor, q: Tensor) -> Tensor:
+    return 0.5 * (p - q).abs().sum(-1)
+
+
+def _entropy(p: Tensor) -> Tensor:
+    # 0 - x rather than -x: a one-hot row gets entropy +0.0, not -0.0.
+    return 0.0 - torch.xlogy(p, p).sum(-1)
+
+
+def _kth_largest(x: Tensor, mask: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Per row: the k_eff-th largest allowed value, and k_eff = min(k, #allowed)."""
+    n_allowed = mask.sum(-1)
+    k_eff = torch.clamp(n_allowed, max=k)
+    k0 = min(k, x.shape[-1])
+    neg_inf = torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+    top = torch.topk(torch.where(mask, x, neg_inf), k0, dim=-1).values
+    idx = torch.clamp(k_eff - 1, min=0).unsqueeze(-1)
+    return top.gather(-1, idx).squeeze(-1), k_eff
+
+
+def _topk_recall(p: Tensor, q: Tensor, mask: Tensor, k: int) -> Tensor:
+    tau, k_eff = _kth_largest(p, mask, k)
+    # Entries tied with p's k-th largest weight all count as "top": any of them is a valid pick.
+    good = mask & (p >= tau.unsqueeze(-1))
+    t, _ = _kth_largest(q, mask, k)
+    t = t.unsqueeze(-1)
+    above = mask & (q > t)
+    at = mask & (q == t)
+    n_above = above.sum(-1)
+    n_at = at.sum(-1)
+    # p_hat's top-k takes all of `above` and k_eff - n_above of the entries tied at the threshold;
+    # averaging over every tie-break makes the value deterministic.
+    hits = (above & good).sum(-1).to(torch.float64)
+    tie_hits = (at & good).sum(-1).to(torch.float64)
+    hits = hits + (k_eff - n_above).to(torch.float64) * tie_hits / torch.clamp(n_at, min=1)
+    k_f = k_eff.to(torch.float64)
+    recall = torch.minimum(hits, k_f) / torch.clamp(k_f, min=1)
+    recall = torch.where(k_eff > 0, recall, torch.full_like(recall, float("nan")))
+    return recall.to(p.dtype)
+
+
+def average_ranks(x: Tensor, *, allowed: Tensor | None = None) -> Tensor:
+    """Ranks ``0 .. n-1`` of the allowed entries of each row, ties sharing their average rank.
+
+    Parameters
+    ----------
+    x : Tensor
+        ``[..., N]`` values, finite on allowed entries.
+    allowed : Tensor, optional
+        Bool mask broadcastable to ``x``; entries outside it get ranks ``>= n_allowed`` that
+        carry no meaning.
+
+    Returns
+    -------
+    Tensor
+        float64 ranks, same shape as ``x`` (0-based; add 1 for SciPy's ``rankdata``).
+
+    Examples
+    --------
+    >>> import torch
+    >>> average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist()
+    [2.5, 0.0, 2.5, 1.0]
+    """
+    mask = broadcast_allowed(allowed, x.shape, x.device)
+    n = x.shape[-1]
+    pos_inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+    # Masked entries sort last (allowed values are finite), so allowed ranks are 0..n_allowed-1.
+    sorted_vals, order = torch.sort(torch.where(mask, x, pos_inf), dim=-1)
+    new_group = torch.ones_like(sorted_vals, dtype=torch.bool)
+    new_group[..., 1:] = sorted_vals[..., 1:] != sorted_vals[..., :-1]
+    group = new_group.cumsum(-1) - 1
+    position = torch.arange(n, dtype=torch.float64, device=x.device).expand(sorted_vals.shape)
+    group_sum = torch.zeros(sorted_vals.shape, dtype=torch.float64, device=x.device)
+    group_sum.scatter_add_(-1, group, position)
+    group_count = torch.zeros_like(group_sum).scatter_add_(-1, group, torch.ones_like(position))
+    mean_rank = (group_sum / torch.clamp(group_count, min=1)).gather(-1, group)
+    return torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
+
+
+def _spearman(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    rx = average_ranks(x, allowed=mask)
+    ry = average_ranks(y, allowed=mask)
+    n = mask.sum(-1, keepdim=True).to(torch.float64)
+    zero = torch.zeros((), dtype=torch.float64, device=x.device)
+    mean = (n - 1) / 2  # average ranks of 0..n-1 keep their sum
+    dx = torch.where(mask, rx - mean, zero)
+    dy = torch.where(mask, ry - mean, zero)
+    vx = (dx * dx).sum(-1)
+    vy = (dy * dy).sum(-1)
+    defined = (vx > 0) & (vy > 0)
+    rho = (dx * dy).sum(-1) / torch.sqrt(torch.where(defined, vx * vy, torch.ones_like(vx)))
+    rho = torch.where(defined, torch.clamp(rho, -1.0, 1.0), torch.full_like(rho, float("nan")))
+    return rho.to(y.dtype)
+
+
+# ------------------------------------------------------------------------ public functions
+
+
+def kl_divergence_rows(
+    p: Tensor,
+    p_hat: Tensor,
+    *,
+    allowed: Tensor | None = None,
+    eps: float | None = None,
+    return_floored: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Row-wise KL(p || p_hat) in nats.
+
+    Parameters
+    ----------
+    p, p_hat : Tensor
+        Reference and approximate rows ``[..., R, N]``.
+    allowed : Tensor, optional
+        Bool mask broadcastable to ``p`` (None = every entry allowed).
+    eps : float, optional
+        None (default): exact, ``+inf`` for rows where ``p_hat`` is 0 on an entry with ``p > 0``.
+        A float: ``p_hat`` is floored at ``eps`` inside the log, which turns those rows into a
+        finite lower bound of the true divergence. Either way the rows are flagged.
+    return_floored : bool
+        Also return the bool ``[..., R]`` mask of rows that hit ``p_hat < eps`` (or 0).
+
+    Returns
+    -------
+    Tensor or (Tensor, Tensor)
+        KL per row ``[..., R]``, and the flag mask if ``return_floored``.
+
+    Raises
+    ------
+    ValueError
+        If shapes differ, ``p`` is not probability rows on ``allowed``, or ``p_hat`` has
+        NaN/Inf/negative weights on ``allowed``.
+
+    Examples
+    --------
+    KL([1/2, 1/2] || [1/4, 3/4]) = 1/2 ln 2 + 1/2 ln(2/3) = 1/2 ln(4/3):
+
+    >>> import torch
+    >>> p = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    >>> q = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    >>> round(float(kl_divergence_rows(p, q)[0]), 6)
+    0.143841
+    >>> kl_divergence_rows(p, torch.tensor([[0.0, 1.0]], dtype=torch.float64), return_floored=True)
+    (tensor([inf], dtype=torch.float64), tensor([True]))
+    """
+    p, q, _ = _prepare(p, p_hat, allowed)
+    if eps is not None and not eps > 0:
+        raise ValueError(f"eps must be a positive float (or None for the exact, possibly infinite KL), got {eps}.")
+    kl, floored = _kl(p, q, eps)
+    return (kl, floored) if return_floored else kl
+
+
+def js_divergence_rows(p: Tensor, p_hat: Tensor, *, allowed: Tensor | None = None) -> Tensor:
+    """Row-wise Jensen-Shannon divergence in nats (between 0 and ln 2).
+
+    This is the divergence; ``scipy.spatial.distance.jensenshannon`` returns its square root.
+
+    Parameters
+    ----------
+    p, p_hat : Tensor
+        Reference and approximate rows ``[..., R, N]``.
+    allowed : Tensor, optional
+        Bool mask broadcastable to ``p``.
+
+    Returns
+    -------
+    Tensor
+        ``[..., R]``.
+
+    Examples
+    --------
+    p = [1/2, 1/2], p_hat = [1/4, 3/4], m = [3/8, 5/8]:
+    JS = 1/2 (1/2 ln(4/3) + 1/2 ln(4/5)) + 1/2 (1/4 ln(2/3) + 3/4 ln(6/5))
+    = 1/2 (0.032269 + 0.035375) = 0.033822.
+
+    >>> import torch
+    >>> p = torch.tensor([[0.5, 0.5]], dtype=torch.float64)
+    >>> q = torch.tensor([[0.25, 0.75]], dtype=torch.float64)
+    >>> round(float(js_divergence_rows(p, q)[0]), 6)
+    0.033822
+    """
+    p, q, _ = _prepare(p, p_hat, allowed)
+    return _js(p, q)
+
+
+def total_variation_rows(p: Tensor, p_hat: Tensor, *, allowed: Tensor | None = None) -> Tensor:
+    """Row-wise total variation distance ``1/2 sum_j |p_j - p_hat_j|`` over allowed entries.
+
+    Parameters
+    ----------
+    p, p_hat : Tensor
+        Reference and approximate rows ``[..., R, N]``.
+    allowed : Tensor, optional
+        Bool mask broadcastable to ``p``.
+
+    Returns
+    -------
+    Tensor
+        ``[..., R]``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> total_variation_rows(torch.tensor([[0.5, 0.5]]), torch.tensor([[0.25, 0.75]])).tolist()
+    [0.25]
+    """
+    p, q, _ = _prepare(p, p_hat, allowed)
+    return _tv(p, q)
+
+
+def entropy_rows(p: Tensor, *, allowed: Tensor | None = None) -> Tensor:
+    """Row-wise Shannon entropy ``-sum_j p_j ln p_j`` (low = spiky) of approximate or exact rows.
+
+    Parameters
+    ----------
+    p : Tensor
+        Rows ``[..., R, N]``, finite and non-negative on ``allowed`` (they need not sum to 1, so
+        this also takes approximate rows).
+    allowed : Tensor, optional
+        Bool mask broadcastable to ``p``; entries outside it are ignored.
+
+    Returns
+    -------
+    Tensor
+        ``[..., R]``.
+
+    Examples
+    --------
+    H([1/4, 3/4]) = 1/4 ln 4 + 3/4 ln(4/3) = 0.346574 + 0.215762 = 0.562335; a one-hot row has 0.
+
+    >>> import torch
+    >>> h = entropy_rows(torch.tensor([[0.25, 0.75], [1.0, 0.0]], dtype=torch.float64))
+    >>> round(float(h[0]), 6), float(h[1])
+    (0.562335, 0.0)
+    """
+    _check_block("p", p)
+    if p.dtype in (torch.float16, torch.bfloat16):
+        p = p.float()
+    mask = broadcast_allowed(allowed, p.shape, p.device)
+    check_approximation(p, mask)
+    return _entropy(torch.where(mask, p, torch.zeros((), dtype=p.dtype, device=p.device)))
+
+
+def topk_recall_rows(p: Tensor, p_hat: Tensor, *, allowed: Tensor | None = None, k: int = 5) -> Tensor:
+    """Row-wise fraction of the reference's ``k`` largest weights found in ``p_hat``'s top ``k``.
+
+    Rows with fewer than ``k`` allowed keys use ``k_eff = #allowed``. Ties are resolved
+    without arbitrary choices: any entry tied with p's ``k``-th largest weight counts as a
+    top-``k`` entry of ``p``, and entries of ``p_hat`` tied at its ``k``-th largest weight are
+    credited by their average over all tie-breaks (e.g. a ReLU map with many zero weights).
+
+    Parameters
+    ----------
+    p, p_hat : Tensor
+        Reference and approximate rows ``[..., R, N]``.
+    allowed : Tensor, optional
+        Bool mask broadcastable to ``p``.
+    k : int
+        Number of largest weights compared (default 5).
+
+    Returns
+    -------
+    Tensor
+        ``[..., R]`` in ``[0, 1]``; NaN for rows with no allowed entry.
+
+    Examples
+    --------
+    p's top 2 are keys {0, 1}; p_hat's top 2 are keys {1, 2}: recall 1/2.
+
+    >>> import torch
+    >>> p = torch.tensor([[0.4, 0.3, 0.2, 0.1]])
+    >>> q = torch.tensor([[0.1, 0.3, 0.4, 0.2]])
+    >>> topk_recall_rows(p, q, k=2).tolist()
+    [0.5]
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"k must be a positive int (the number of largest weights compared), got {k!r}.")
+    p, q, mask = _prepare(p, p_hat, allowed)
+    return _topk_recall(p, q, mask, k)
+
+
+def spearman_rows(scores: Tensor, p_hat: Tensor, *, allowed: Tensor | None = None) -> Tensor:
+    """Row-wise Spearman rank correlation between the logits ``q.k`` and the weights ``p_hat``.
+
+    Measures monotonicity: softmax weights are an increasing function of the score, so a
+    faithful approximation scores 1. Ties get average ranks (as ``scipy.stats.spearmanr``).
+
+    Parameters
+    ----------
+    scores : Tensor
+        ``[..., R, N]`` scores, finite on allowed entries (masked entries may be ``-inf``).
+    p_hat : Tensor
+        ``[..., R, N]`` approximate weights, finite on allowed entries.
+    allowed : Tensor, optional
+        Bool mask broadcastable to the rows.
+
+    Returns
+    -------
+    Tensor
+        ``[..., R]`` in ``[-1, 1]``; NaN where undefined (fewer than 2 allowed entries, or
+        constant scores or weights on the row).
+
+    Examples
+    --------
+    >>> import torch
+    >>> s = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
+    >>> spearman_rows(s, torch.tensor([[0.1, 0.2, 0.3, 0.4]])).tolist()
+    [1.0]
+    >>> spearman_rows(s, torch.tensor([[0.4, 0.3, 0.2, 0.1]])).tolist()
+    [-1.0]
+    """
+    _check_block("scores", scores)
+    _check_block("p_hat", p_hat)
+    if scores.shape != p_hat.shape:
+        raise ValueError(f"scores has shape {tuple(scores.shape)} but p_hat has {tuple(p_hat.shape)}; they must match.")
+    mask = broadcast_allowed(allowed, p_hat.shape, p_hat.device)
+    check_scores(scores, mask)
+    bad = mask & ~torch.isfinite(p_hat)
+    if bad.any():
+        raise ValueError(f"p_hat has {int(bad.sum())} NaN/Inf entries on allowed keys; ranks are undefined there.")
+    return _spearman(scores, p_hat, mask)
+
+
+def check_scores(scores: Tensor, allowed: Tensor) -> None:
+    """Refuse scores that are NaN/Inf on an allowed entry (masked entries may be ``-inf``)."""
+    bad = allowed & ~torch.isfinite(scores)
+    if bad.any():
+        raise ValueError(
+            f"scores have {int(bad.sum())} NaN/Inf entries on allowed keys; pass the finite logits "
+            "scale * q.k (masked entries may be -inf)."
+        )

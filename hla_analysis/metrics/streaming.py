@@ -1,0 +1,485 @@
+"""Whole-head attention metrics, accumulated over blocks of query rows.
+
+Neither the reference nor the approximate ``N x N`` map is ever held whole: each block of
+``R`` query rows is compared, reduced to sums, and dropped, so memory grows as ``N x R``.
+:func:`head_metrics` is the same computation on full maps in one block (the plain reference
+that the streaming path is tested against).
+
+Rows that do not count
+----------------------
+* ``failed``: the approximation broke down on the row -- flagged by the caller (``invalid``,
+  e.g. a non-positive normalizer) or detected here (NaN/Inf or negative weight on an allowed
+  entry). Failed rows are excluded from every average and reported as ``failed_rows`` and
+  ``failed_fraction``; the breakdown is in ``invalid_rows``, ``nonfinite_rows``, ``negative_rows``.
+* ``empty``: no allowed key (only possible with a custom ``allowed`` mask); excluded, counted.
+* rows left out by ``query_mask`` (e.g. padded query tokens) are not seen at all.
+
+All averages are over the ``counted_rows`` that remain. If every row failed, the averages are
+NaN and ``failed_fraction`` is 1: there is nothing to average, and the count says why.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from hla_analysis._checks import allowed_keys
+from hla_analysis.metrics.rows import (
+    KL_EPS,
+    _check_block,
+    _entropy,
+    _js,
+    _kl,
+    _spearman,
+    _topk_recall,
+    _tv,
+    broadcast_allowed,
+    check_reference,
+    check_scores,
+)
+
+_SUMS = ("kl", "js", "tv", "entropy_ref", "entropy_approx", "topk_recall")
+_COUNTS = (
+    "rows",
+    "counted_rows",
+    "failed_rows",
+    "invalid_rows",
+    "nonfinite_rows",
+    "negative_rows",
+    "empty_rows",
+    "kl_floored_rows",
+    "spearman_rows",
+)
+_SQUARES = ("frobenius_diff", "frobenius_ref", "output_diff", "output_ref")
+
+
+class StreamingAttentionMetrics:
+    """Accumulate reference-vs-approximation metrics of one head over blocks of query rows.
+
+    Call :meth:`update` once per row block and :meth:`compute` at the end. Blocks may come in
+    any order and size; the result does not depend on the blocking (up to float rounding).
+
+    Parameters
+    ----------
+    k : int
+        Top-k size for ``topk_recall_mean`` (default 5).
+    batch_dims : int
+        Leading dims kept apart (e.g. 1 for heads): :meth:`compute` then returns tensors of
+        that shape, one value per index, instead of floats.
+    rank_stride : int
+        Compute ``spearman_mean`` on every ``rank_stride``-th row of each block only (its two
+        sorts dominate the cost); 1 = every row.
+    eps : float
+        Floor for ``p_hat`` inside the KL logarithm (default ``1e-30``). Rows where ``p_hat``
+        falls below it on an entry with ``p > 0`` have an infinite true KL; they enter
+        ``kl_mean``/``kl_max`` with the floored (finite, lower-bound) value and are counted in
+        ``kl_floored_rows``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> p = torch.tensor([[0.5, 0.5], [1.0, 0.0]], dtype=torch.float64)
+    >>> p_hat = torch.tensor([[0.25, 0.75], [0.9, 0.1]], dtype=torch.float64)
+    >>> acc = StreamingAttentionMetrics(k=1)
+    >>> acc.update(p[:1], p_hat[:1])
+    >>> acc.update(p[1:], p_hat[1:])
+    >>> out = acc.compute()
+    >>> round(out["tv_mean"], 6), out["rows"], out["failed_rows"]
+    (0.175, 2.0, 0.0)
+    """
+
+    def __init__(self, *, k: int = 5, eps: float = KL_EPS, batch_dims: int = 0, rank_stride: int = 1) -> None:
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ValueError(f"k must be a positive int (the number of largest weights compared), got {k!r}.")
+        if not (isinstance(eps, (int, float)) and eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"eps must be a positive finite float (the KL floor for p_hat), got {eps!r}.")
+        if not isinstance(rank_stride, int) or rank_stride < 1:
+            raise ValueError(f"rank_stride must be a positive int, got {rank_stride!r}.")
+        # Spearman needs two sorts per row, the dominant cost; every rank_stride-th row of a
+        # block is an unbiased sample of the rows' mean correlation.
+        self.rank_stride = rank_stride
+        if not isinstance(batch_dims, int) or batch_dims < 0:
+            raise ValueError(f"batch_dims must be a non-negative int, got {batch_dims!r}.")
+        self.k = k
+        self.eps = float(eps)
+        # Leading dims kept apart (e.g. heads): one set of metrics per index, computed in one pass.
+        self.batch_dims = batch_dims
+        self._acc: dict[str, Tensor] | None = None
+        self._kl_max: Tensor | None = None
+        self._has_values: bool | None = None
+        self._has_scores: bool | None = None
+        self._n_keys: int | None = None
+
+    def _reduce(self, x: Tensor) -> Tensor:
+        """Sum over every dim but the leading ``batch_dims``."""
+        return x.sum(dim=tuple(range(self.batch_dims, x.dim()))) if x.dim() > self.batch_dims else x
+
+    def _start(self, device: torch.device, n_keys: int, has_values: bool, has_scores: bool, batch_shape=()) -> None:
+        if self._acc is None:
+            names = _SUMS + _COUNTS + _SQUARES + ("spearman",)
+            self._acc = {n: torch.zeros(batch_shape, dtype=torch.float64, device=device) for n in names}
+            self._kl_max = torch.full(batch_shape, float("-inf"), dtype=torch.float64, device=device)
+            self._has_values, self._has_scores, self._n_keys = has_values, has_scores, n_keys
+            return
+        if n_keys != self._n_keys:
+            raise ValueError(f"this block has {n_keys} keys but earlier blocks had {self._n_keys}; stream one head at a time.")
+        for name, now, before in (("v", has_values, self._has_values), ("scores", has_scores, self._has_scores)):
+            if now != before:
+                raise ValueError(
+                    f"`{name}` was {'given' if before else 'not given'} for earlier blocks but "
+                    f"{'is' if now else 'is not'} now; pass it for every block or for none."
+                )
+
+    def update(
+        self,
+        p: Tensor,
+        p_hat: Tensor,
+        *,
+        allowed: Tensor | None = None,
+        v: Tensor | None = None,
+        scores: Tensor | None = None,
+        invalid: Tensor | None = None,
+        query_mask: Tensor | None = None,
+    ) -> None:
+        """Add one block of rows.
+
+        Parameters
+        ----------
+        p, p_hat : Tensor
+            Reference (softmax) and approximate rows ``[..., R, N]``; ``p`` is zero outside
+            ``allowed`` and its rows sum to 1. Leading dims are pooled as extra rows.
+            float16/bfloat16 blocks are computed in float32.
+        allowed : Tensor, optional
+            Bool mask broadcastable to ``[..., R, N]`` (None = every key allowed).
+        v : Tensor, optional
+            Values ``[..., N, dv]`` (all keys, not a block) for the output error; give it for
+            every block or for none.
+        scores : Tensor, optional
+            Logits ``[..., R, N]`` for the Spearman monotonicity metric; every block or none.
+        invalid : Tensor, optional
+            Bool ``[..., R]``: rows where the approximation failed (e.g. normalizer <= 0).
+        query_mask : Tensor, optional
+            Bool ``[..., R]``: rows to include (False = ignore the row entirely).
+
+        Raises
+        ------
+        ValueError
+            On shape/dtype mismatches, reference rows that are not probabilities on
+            ``allowed``, or non-finite scores on allowed entries.
+        """
+        _check_block("p", p)
+        _check_block("p_hat", p_hat)
+        if p.dim() < 2 or p.shape != p_hat.shape:
+            raise ValueError(
+                f"p {tuple(p.shape)} and p_hat {tuple(p_hat.shape)} must be row blocks [..., R, N] of the same shape."
+            )
+        if p.dtype != p_hat.dtype or p.device != p_hat.device:
+            raise ValueError(f"p is {p.dtype} on {p.device} but p_hat is {p_hat.dtype} on {p_hat.device}; use one dtype and device.")
+        tol = 1e-3
+        if p.dtype in (torch.float16, torch.bfloat16):  # the KL floor and logs need float32 range
+            p, p_hat, tol = p.float(), p_hat.float(), 1e-2
+        device = p.device
+        mask = broadcast_allowed(allowed, p.shape, device)
+        check_reference(p, mask, tol=tol)
+        row_shape = p.shape[:-1]
+        invalid_b = self._row_mask("invalid", invalid, row_shape, device, default=False)
+        include = self._row_mask("query_mask", query_mask, row_shape, device, default=True)
+        # Every check comes before the first accumulation, so a refused block leaves no trace.
+        if v is not None:
+            if not isinstance(v, Tensor) or v.dim() < 2 or v.shape[-2] != p.shape[-1]:
+                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+                raise ValueError(f"v must be [..., N, dv] with N = {p.shape[-1]} keys, got {got}.")
+            if not torch.isfinite(v).all():
+                raise ValueError("v contains NaN/Inf; the output error needs finite values.")
+            v = v.to(device=device, dtype=p.dtype)
+        if scores is not None:
+            _check_block("scores", scores)
+            if scores.shape != p.shape:
+                raise ValueError(f"scores has shape {tuple(scores.shape)} but the rows are {tuple(p.shape)}; they must match.")
+            check_scores(scores.to(device), mask)
+        if p.dim() < self.batch_dims + 2:
+            raise ValueError(f"blocks need {self.batch_dims} batch dim(s) before [R, N], got shape {tuple(p.shape)}.")
+        self._start(device, p.shape[-1], v is not None, scores is not None, p.shape[: self.batch_dims])
+        acc = self._acc
+        assert acc is not None and self._kl_max is not None
+
+        zero = torch.zeros((), dtype=p.dtype, device=device)
+        nonfinite = (mask & ~torch.isfinite(p_hat)).any(-1)
+        q = torch.where(mask, p_hat, zero)
+        negative = (q < 0).any(-1) & ~nonfinite
+        failed = invalid_b | nonfinite | negative
+        empty = ~mask.any(-1)
+        # Failed rows are replaced by the reference so every kernel sees clean input; the
+        # `counted` weights below then drop them from every sum.
+        q = torch.where(failed.unsqueeze(-1), p, q)
+        counted = include & ~failed & ~empty
+
+        def add(name: str, per_row: Tensor) -> None:
+            acc[name] += self._reduce(torch.where(counted, per_row.to(torch.float64), 0.0))
+
+        kl, floored = _kl(p, q, self.eps)
+        add("kl", kl)
+        self._kl_max = torch.maximum(
+            self._kl_max, self._amax(torch.where(counted, kl.to(torch.float64), float("-inf")))
+        )
+        add("js", _js(p, q))
+        add("tv", _tv(p, q))
+        add("entropy_ref", _entropy(p))
+        add("entropy_approx", _entropy(q))
+        add("topk_recall", _topk_recall(p, q, mask, self.k))
+        add("frobenius_diff", (p - q).square().sum(-1))
+        add("frobenius_ref", p.square().sum(-1))
+
+        if v is not None:
+            out_ref = p @ v
+            add("output_diff", (out_ref - q @ v).square().sum(-1))
+            add("output_ref", out_ref.square().sum(-1))
+
+        if scores is not None:
+            sample = slice(None, None, self.rank_stride)
+            rho = _spearman(scores.to(device)[..., sample, :], q[..., sample, :], mask[..., sample, :])
+            defined = counted[..., sample] & ~torch.isnan(rho)
+            acc["spearman"] += self._reduce(torch.where(defined, rho.to(torch.float64), 0.0))
+            acc["spearman_rows"] += self._reduce(defined)
+
+        acc["rows"] += self._reduce(include)
+        acc["counted_rows"] += self._reduce(counted)
+        acc["failed_rows"] += self._reduce(include & failed)
+        acc["invalid_rows"] += self._reduce(include & invalid_b)
+        acc["nonfinite_rows"] += self._reduce(include & nonfinite)
+        acc["negative_rows"] += self._reduce(include & negative)
+        acc["empty_rows"] += self._reduce(include & empty & ~failed)
+        acc["kl_floored_rows"] += self._reduce(counted & floored)
+
+    def _amax(self, x: Tensor) -> Tensor:
+        return x.amax(dim=tuple(range(self.batch_dims, x.dim()))) if x.dim() > self.batch_dims else x
+
+    @staticmethod
+    def _row_mask(name: str, m: Tensor | None, row_shape: torch.Size, device: torch.device, *, default: bool) -> Tensor:
+        if m is None:
+            return torch.full(row_shape, default, dtype=torch.bool, device=device)
+        if not isinstance(m, Tensor) or m.dtype != torch.bool:
+            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
+            raise ValueError(f"{name} must be a bool tensor with one entry per row [..., R], got {got}.")
+        try:
+            return torch.broadcast_to(m.to(device), row_shape)
+        except RuntimeError:
+            raise ValueError(f"{name} has shape {tuple(m.shape)} but the block has rows {tuple(row_shape)}; give one entry per row.") from None
+
+    def compute(self) -> dict[str, float]:
+        """Return metric name -> value (floats; counts are whole numbers).
+
+        With ``batch_dims > 0`` every value is a float64 tensor of the batch shape instead
+        (one entry per head, say).
+
+        Keys: ``kl_mean, kl_max, kl_floored_rows, js_mean, tv_mean, entropy_ref_mean,
+        entropy_approx_mean, topk_recall_mean, frobenius_rel, rows, counted_rows,
+        failed_rows, failed_fraction, invalid_rows, nonfinite_rows, negative_rows,
+        empty_rows``; plus ``output_rel`` when values were given and ``spearman_mean,
+        spearman_rows`` when scores were given (``spearman_rows`` counts the rows where the
+        correlation is defined).
+
+        Raises
+        ------
+        ValueError
+            If no row was added.
+        """
+        if self._acc is None or bool((self._acc["rows"] == 0).any()):
+            raise ValueError("no rows were added: call update() with at least one included row first.")
+        a = self._acc
+        n = a["counted_rows"]
+        nan = torch.full_like(n, float("nan"))
+
+        def mean(total: Tensor, count: Tensor) -> Tensor:
+            return torch.where(count > 0, total / count.clamp_min(1), nan)
+
+        def rel(diff: Tensor, ref: Tensor) -> Tensor:
+            return torch.where(ref > 0, (diff / torch.where(ref > 0, ref, 1.0)).sqrt(), nan)
+
+        out = {f"{name}_mean": mean(a[name], n) for name in _SUMS}
+        out["kl_max"] = torch.where(n > 0, self._kl_max, nan)
+        out["frobenius_rel"] = rel(a["frobenius_diff"], a["frobenius_ref"])
+        if self._has_values:
+            out["output_rel"] = rel(a["output_diff"], a["output_ref"])
+        if self._has_scores:
+            out["spearman_mean"] = mean(a["spearman"], a["spearman_rows"])
+            out["spearman_rows"] = a["spearman_rows"]
+        for name in _COUNTS:
+            if name != "spearman_rows":
+                out[name] = a[name]
+        out["failed_fraction"] = a["failed_rows"] / a["rows"]
+        if self.batch_dims == 0:
+            return {name: value.item() for name, value in out.items()}
+        return {name: value.cpu() for name, value in out.items()}
+
+
+def head_metrics(
+    p: Tensor,
+    p_hat: Tensor,
+    *,
+    allowed: Tensor | None = None,
+    v: Tensor | None = None,
+    scores: Tensor | None = None,
+    invalid: Tensor | None = None,
+    query_mask: Tensor | None = None,
+    k: int = 5,
+    eps: float = KL_EPS,
+) -> dict[str, float]:
+    """All metrics of one head from full maps (one block). See :class:`StreamingAttentionMetrics`.
+
+    Parameters
+    ----------
+    p, p_hat : Tensor
+        Full reference and approximate maps ``[..., N, N]`` (or any row block).
+    allowed, v, scores, invalid, query_mask, k, eps
+        As in :meth:`StreamingAttentionMetrics.update` and the class.
+
+    Returns
+    -------
+    dict[str, float]
+
+    Examples
+    --------
+    >>> import torch
+    >>> p = torch.tensor([[0.5, 0.5], [0.5, 0.5]], dtype=torch.float64)
+    >>> p_hat = torch.tensor([[0.25, 0.75], [float("nan"), 1.0]], dtype=torch.float64)
+    >>> m = head_metrics(p, p_hat, v=torch.eye(2, dtype=torch.float64))
+    >>> m["failed_rows"], m["failed_fraction"], round(m["tv_mean"], 6)
+    (1.0, 0.5, 0.25)
+    >>> round(m["frobenius_rel"], 6)  # sqrt(2 * 0.25**2 / (2 * 0.5**2)) over the counted row
+    0.5
+    """
+    acc = StreamingAttentionMetrics(k=k, eps=eps)
+    acc.update(p, p_hat, allowed=allowed, v=v, scores=scores, invalid=invalid, query_mask=query_mask)
+    return acc.compute()
+
+
+RowsFn = Callable[[slice], Tensor]
+
+
+def stream_head_metrics(
+    ref_rows: RowsFn,
+    approx_rows: Callable[[slice], Tensor | tuple[Tensor, Tensor]],
+    *,
+    n_queries: int,
+    v: Tensor | None = None,
+    block_rows: int = 256,
+    scores_rows: RowsFn | None = None,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    allowed_rows: Callable[[slice], Tensor] | None = None,
+    invalid: Tensor | Callable[[slice], Tensor] | None = None,
+    query_mask: Tensor | None = None,
+    k: int = 5,
+    eps: float = KL_EPS,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Metrics of one head, streamed over blocks of ``block_rows`` query rows.
+
+    Peak memory is a few ``[..., block_rows, N]`` tensors, never an ``N x N`` map.
+
+    Parameters
+    ----------
+    ref_rows : callable
+        ``ref_rows(rows: slice) -> [..., R, N]``: softmax rows for queries ``rows``.
+    approx_rows : callable
+        ``approx_rows(rows) -> [..., R, N]`` approximate rows, or a pair ``(rows, invalid)``
+        with a bool ``[..., R]`` failure flag per row (e.g. normalizer <= 0).
+    n_queries : int
+        Number of query rows to stream over.
+    v : Tensor, optional
+        Values ``[..., N, dv]`` for ``output_rel``.
+    block_rows : int
+        Rows per block (default 256); any positive size, dividing ``n_queries`` or not.
+    scores_rows : callable, optional
+        ``scores_rows(rows) -> [..., R, N]`` logits for ``spearman_mean``.
+    causal : bool
+        Query ``i`` sees keys ``j <= i`` (rows are global indices, so blocks get offsets).
+    key_padding_mask : Tensor, optional
+        Bool ``[..., N]``, True = real key.
+    allowed_rows : callable, optional
+        ``allowed_rows(rows) -> bool [..., R, N]``, a custom mask; exclusive with ``causal``
+        and ``key_padding_mask``.
+    invalid : Tensor or callable, optional
+        Bool ``[..., n_queries]`` or ``invalid(rows) -> [..., R]``: failed rows.
+    query_mask : Tensor, optional
+        Bool ``[..., n_queries]``: rows to include (e.g. ``key_padding_mask`` to skip padded
+        query tokens).
+    k, eps
+        As in :class:`StreamingAttentionMetrics`.
+    progress : bool
+        Show a tqdm bar over blocks.
+
+    Returns
+    -------
+    dict[str, float]
+        See :meth:`StreamingAttentionMetrics.compute`.
+
+    Raises
+    ------
+    ValueError
+        On bad sizes, conflicting masks, or blocks of the wrong shape.
+
+    Examples
+    --------
+    Softmax against itself: every divergence is 0 and recall is 1.
+
+    >>> import torch
+    >>> g = torch.Generator().manual_seed(0)
+    >>> q, key = torch.randn(10, 4, generator=g), torch.randn(10, 4, generator=g)
+    >>> def scores(rows):
+    ...     s = q[rows] @ key.T / 2.0
+    ...     i = torch.arange(rows.start, rows.stop)[:, None]
+    ...     return s.masked_fill(torch.arange(10)[None, :] > i, float("-inf"))
+    >>> soft = lambda rows: torch.softmax(scores(rows), dim=-1)
+    >>> m = stream_head_metrics(soft, soft, n_queries=10, block_rows=3, causal=True,
+    ...                         scores_rows=scores)
+    >>> m["kl_max"], m["topk_recall_mean"], m["rows"], m["spearman_rows"]
+    (0.0, 1.0, 10.0, 9.0)
+    """
+    if not isinstance(n_queries, int) or isinstance(n_queries, bool) or n_queries < 1:
+        raise ValueError(f"n_queries must be a positive int, got {n_queries!r}.")
+    if not isinstance(block_rows, int) or isinstance(block_rows, bool) or block_rows < 1:
+        raise ValueError(f"block_rows must be a positive int (query rows per block), got {block_rows!r}.")
+    if allowed_rows is not None and (causal or key_padding_mask is not None):
+        raise ValueError("pass either allowed_rows (a custom mask) or causal/key_padding_mask, not both.")
+    for name, m in (("invalid", invalid), ("query_mask", query_mask)):
+        if isinstance(m, Tensor) and m.shape[-1] != n_queries:
+            raise ValueError(f"{name} has {m.shape[-1]} entries per row block but n_queries = {n_queries}.")
+
+    acc = StreamingAttentionMetrics(k=k, eps=eps)
+    starts = range(0, n_queries, block_rows)
+    for start in tqdm(starts, desc="metrics", unit="block", disable=not progress, leave=False):
+        rows = slice(start, min(start + block_rows, n_queries))
+        n_rows = rows.stop - rows.start
+        p = ref_rows(rows)
+        got = approx_rows(rows)
+        p_hat, block_invalid = got if isinstance(got, tuple) else (got, None)
+        for name, t in (("ref_rows", p), ("approx_rows", p_hat)):
+            if not isinstance(t, Tensor) or t.dim() < 2 or t.shape[-2] != n_rows:
+                shape = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+                raise ValueError(f"{name}({rows}) must return [..., {n_rows}, N], got {shape}.")
+        if allowed_rows is not None:
+            allowed = allowed_rows(rows)
+        else:
+            allowed = allowed_keys(
+                n_rows, p.shape[-1], causal=causal, key_padding_mask=key_padding_mask,
+                query_offset=rows.start, device=p.device,
+            )
+        bad = invalid(rows) if callable(invalid) else (invalid[..., rows] if invalid is not None else None)
+        if block_invalid is not None:
+            bad = block_invalid if bad is None else (bad.to(block_invalid.device) | block_invalid)
+        acc.update(
+            p,
+            p_hat,
+            allowed=allowed,
+            v=v,
+            scores=scores_rows(rows) if scores_rows is not None else None,
+            invalid=bad,
+            query_mask=query_mask[..., rows] if query_mask is not None else None,
+        )
+    return acc.compute()

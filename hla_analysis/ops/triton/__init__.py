@@ -1,0 +1,157 @@
+"""Fused Triton kernels for HLA with one or two factors, causal and not, with backward.
+
+:func:`hla_triton` computes exactly :func:`hla_analysis.ops.hla_attention_output` (the
+materialized reference) for M in {1, 2}: ``o_i = sum_j a_ij v_j`` with
+``a_ij = prod_m s^(m)_ij / sum_l prod_m s^(m)_il``, never forming the ``r1 * r2`` Kronecker
+features in device memory. ``hla(..., backend="triton" | "auto")`` dispatches here.
+
+Without CUDA the same kernels run under ``TRITON_INTERPRET=1`` (set before import), in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from hla_analysis.ops.triton.autograd import HLAFunction, default_config
+
+__all__ = ["supports", "hla_triton", "default_config"]
+
+_WIDTHS = (16, 32, 64, 128)
+_VALUE_WIDTHS = (16, 32, 64, 128)
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
+    """Whether :func:`hla_triton` can run these inputs.
+
+    True for M in {1, 2} factor pairs, factor widths in {16, 32, 64, 128}, value width in
+    {16, 32, 64, 128}, one floating dtype among fp16/bf16/fp32, and CUDA tensors (or the
+    Triton interpreter). ``causal`` needs as many queries as keys.
+
+    Examples
+    --------
+    >>> q = torch.rand(2, 10, 16)
+    >>> supports([q, q], [q, q], torch.rand(2, 10, 32), causal=False, key_padding_mask=None) == _interpreting()
+    True
+    >>> supports([q, q, q], [q, q, q], torch.rand(2, 10, 32), causal=False, key_padding_mask=None)
+    False
+    """
+    qs, ks = list(qs), list(ks)
+    if len(qs) not in (1, 2) or len(ks) != len(qs):
+        return False
+    tensors = [*qs, *ks, v]
+    if any(not isinstance(t, torch.Tensor) for t in tensors):
+        return False
+    if not all(t.is_cuda or _interpreting() for t in tensors):
+        return False
+    if v.dtype not in _DTYPES or any(t.dtype != v.dtype for t in tensors):
+        return False
+    if v.shape[-1] not in _VALUE_WIDTHS or any(t.dim() < 2 for t in tensors):
+        return False
+    for q, k in zip(qs, ks):
+        if q.shape[-1] != k.shape[-1] or q.shape[-1] not in _WIDTHS:
+            return False
+    n_q, n_k = qs[0].shape[-2], ks[0].shape[-2]
+    if any(q.shape[-2] != n_q for q in qs) or any(k.shape[-2] != n_k for k in ks) or v.shape[-2] != n_k:
+        return False
+    if n_q != n_k:  # the kernels index queries and keys by one token axis
+        return False
+    if key_padding_mask is not None and key_padding_mask.shape[-1] != n_k:
+        return False
+    try:
+        torch.broadcast_shapes(*[t.shape[:-2] for t in tensors])
+    except RuntimeError:
+        return False
+    return True
+
+
+def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=False, chunk_size=None, config=None):
+    """HLA output with the fused Triton kernels (differentiable).
+
+    Parameters
+    ----------
+    qs, ks : sequence of 1 or 2 tensors ``[..., N, r_m]``
+        Feature-mapped query and key factors (widths 16, 32, 64 or 128).
+    v : Tensor ``[..., N, dv]``
+        Values, ``dv`` in {16, 32, 64, 128}.
+    causal : bool
+        Row ``i`` attends to keys ``j <= i`` (chunked: quadratic inside a chunk, state across).
+    key_padding_mask : bool Tensor ``[..., N]``, optional
+        True for real keys; padded keys get zero weight and zero gradient.
+    allow_signed : bool
+        Return the signed result instead of raising on a non-positive normaliser.
+    chunk_size : int, optional
+        Causal chunk length (a multiple of 128 on CUDA); default picked from the state size.
+    config : dict, optional
+        Block-size overrides, for benchmarking (see :func:`default_config`).
+
+    Returns
+    -------
+    Tensor ``[..., N, dv]`` in ``v.dtype``. fp16 inputs are computed in bf16 (the state
+    sums ``N`` terms and would overflow fp16); accumulation is fp32 throughout.
+
+    Raises
+    ------
+    ValueError
+        Unsupported inputs (see :func:`supports`), or rows whose normaliser is zero or
+        negative, unless ``allow_signed``.
+
+    Examples
+    --------
+    >>> import os
+    >>> if os.environ.get("TRITON_INTERPRET") == "1":
+    ...     g = torch.Generator().manual_seed(0)
+    ...     q1, q2, k1, k2 = (torch.rand(1, 1, 20, 16, generator=g) for _ in range(4))
+    ...     v = torch.randn(1, 1, 20, 16, generator=g)
+    ...     out = hla_triton([q1, q2], [k1, k2], v, causal=True)
+    ...     from hla_analysis.ops import hla_attention_output
+    ...     ref = hla_attention_output([q1, q2], [k1, k2], v, causal=True)
+    ...     print(torch.allclose(out, ref, atol=1e-5, rtol=1e-4))
+    ... else:
+    ...     print(True)
+    True
+    """
+    qs, ks = list(qs), list(ks)
+    if not supports(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask):
+        raise ValueError(
+            f"hla_triton does not support these inputs (M={len(qs)}, widths {[q.shape[-1] for q in qs]}, "
+            f"dv={v.shape[-1]}, dtype {v.dtype}, device {v.device}): it needs M in {{1, 2}}, widths in "
+            f"{_WIDTHS}, dv in {_VALUE_WIDTHS}, one dtype among fp16/bf16/fp32, equal query and key "
+            "counts, and CUDA tensors (or TRITON_INTERPRET=1). Use hla(..., backend='torch')."
+        )
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}.")
+        # a zero first key factor removes the key from the state, the normaliser and the
+        # intra-chunk tiles; autograd through the product zeroes its gradient too
+        ks = [ks[0] * key_padding_mask[..., None].to(ks[0].dtype), *ks[1:]]
+    out_dtype = v.dtype
+    work = torch.bfloat16 if v.dtype == torch.float16 else v.dtype
+    lead = torch.broadcast_shapes(*[t.shape[:-2] for t in [*qs, *ks, v]])
+    n = v.shape[-2]
+
+    def flat(t):
+        t = t.to(work).expand(*lead, *t.shape[-2:])
+        return t.reshape(-1, n, t.shape[-1]).contiguous()
+
+    q1, k1 = flat(qs[0]), flat(ks[0])
+    q2, k2 = (flat(qs[1]), flat(ks[1])) if len(qs) == 2 else (None, None)
+    cfg = default_config(r1=q1.shape[-1], r2=1 if q2 is None else q2.shape[-1], dv=v.shape[-1],
+                         causal=causal, dtype=work)
+    if chunk_size is not None:
+        cfg["CHUNK"] = int(chunk_size)
+    if config:
+        cfg.update(config)
+    if causal and cfg["CHUNK"] % max(cfg["APPLY_BLOCK_M"], cfg["GRAD_BLOCK_M"], cfg["BLOCK_N"]) != 0:
+        raise ValueError(
+            f"chunk_size={cfg['CHUNK']} must be a multiple of the row blocks "
+            f"({cfg['APPLY_BLOCK_M']}, {cfg['GRAD_BLOCK_M']}, {cfg['BLOCK_N']})."
+        )
+    out = HLAFunction.apply(q1, q2, k1, k2, flat(v), bool(causal), bool(allow_signed), cfg)
+    return out.reshape(*lead, n, v.shape[-1]).to(out_dtype)

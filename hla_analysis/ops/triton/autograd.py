@@ -1,0 +1,205 @@
+"""Launchers and the autograd.Function around the kernels in :mod:`.kernels`.
+
+Tensors here are flat and contiguous: factors ``[BH, N, r]``, values ``[BH, N, dv]``.
+States: ``S [BH, C, R1*R2, dv]`` (C = 1 non-causal, else one per chunk) in the compute
+dtype, ``z [BH, C, R1, R2]`` in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from hla_analysis._checks import check_normalizers
+from hla_analysis.ops.triton import kernels
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtype) -> dict:
+    """Block sizes for one problem; small ones under the interpreter (each program costs
+    interpreter time, and these keep the CPU tests short)."""
+    if _interpreting():
+        block_c = 16 if r2 == 1 else max(r2, 16)
+        return dict(STATE_BLOCK_N=16, STATE_BLOCK_C=block_c, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=16,
+                    APPLY_BLOCK_C=block_c, GRAD_BLOCK_M=16, GRAD_BLOCK_C=block_c, BLOCK_N=16, CHUNK=32,
+                    SPLITS=None, STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=1)
+    r = r1 * r2
+    if dtype == torch.float32:  # 4-byte tiles: half the blocks, or shared memory overflows
+        return dict(STATE_BLOCK_N=32, STATE_BLOCK_C=64, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=64, APPLY_BLOCK_C=64,
+                    GRAD_BLOCK_M=64, GRAD_BLOCK_C=64, BLOCK_N=32, CHUNK=512, SPLITS=None,
+                    STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=2)
+    return dict(
+        # picked by the block-size sweep in benchmarks/gpu/bench_hla.py (H200, r = 64, N = 32760)
+        STATE_BLOCK_N=128, STATE_BLOCK_C=128, STATE_BLOCK_DV=dv,
+        APPLY_BLOCK_M=128, APPLY_BLOCK_C=128,
+        GRAD_BLOCK_M=128, GRAD_BLOCK_C=64,
+        BLOCK_N=64, CHUNK=1024 if r >= 2048 else 512, SPLITS=None,
+        STATE_WARPS=8, APPLY_WARPS=8, GRAD_WARPS=8, STAGES=3,
+    )
+
+
+def _block_a(block_c: int, r1: int, r2: int) -> int:
+    # tiles hold whole a-rows of the (a, b) Khatri-Rao index: BLOCK_C = BLOCK_A * R2
+    return max(1, min(r1, block_c // r2))
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def _chunks(n: int, causal: bool, cfg: dict) -> int:
+    return math.ceil(n / cfg["CHUNK"]) if causal else 1
+
+
+def compute_states(f1, f2, x, w, *, mode: str, cfg: dict):
+    """``S`` and ``z`` of factors ``(f1, f2)`` against rows ``x`` (weights ``w`` for ``z``).
+
+    mode: "total" (one state), "prefix" (exclusive, per chunk), "suffix" (exclusive, per chunk).
+    """
+    bh, n, r1 = f1.shape
+    r2 = 1 if f2 is None else f2.shape[-1]
+    dv = x.shape[-1]
+    r = r1 * r2
+    causal = mode != "total"
+    nc = _chunks(n, causal, cfg)
+    block_a = _block_a(cfg["STATE_BLOCK_C"], r1, r2)
+    block_dv = min(cfg["STATE_BLOCK_DV"], dv)
+    grid_a, grid_d = r1 // block_a, dv // block_dv
+    f2_arg = f1 if f2 is None else f2
+    if mode == "total":
+        splits = cfg["SPLITS"]
+        if splits is None:
+            want = 2 * _num_sms(f1.device)
+            splits = max(1, min(math.ceil(want / (grid_a * grid_d * bh)), n // (4 * cfg["STATE_BLOCK_N"])))
+        tps = math.ceil(math.ceil(n / splits) / cfg["STATE_BLOCK_N"]) * cfg["STATE_BLOCK_N"]
+        splits = max(1, math.ceil(n / tps))
+        buf = torch.empty((splits, bh, r, dv), device=f1.device, dtype=f1.dtype if splits == 1 else torch.float32)
+        kernels.state_kernel[(grid_a, grid_d, bh * splits)](
+            f1, f2_arg, x, buf, n, tps, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,
+            BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=0, CHUNK=cfg["CHUNK"], NUM_CHUNKS=1, SPLITS=splits, PRECISION=_precision(f1.dtype),
+            num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
+        s = buf.sum(0).to(f1.dtype) if splits > 1 else buf[0]
+        s = s.view(bh, 1, r, dv)
+    else:
+        sms = _num_sms(f1.device)
+        while grid_a * grid_d * bh < sms and block_dv > 32:  # fill the chip: split the value columns
+            block_dv //= 2
+            grid_d = dv // block_dv
+        how = cfg.get("CAUSAL_STATE", "auto")
+        if how == "parallel" or (how == "auto" and 2 * grid_a * grid_d * bh < sms):
+            # too few programs for one sequential sweep (small states): sum each chunk in
+            # parallel, then scan the chunk sums (cheap because the state is small)
+            buf = torch.empty((nc, bh, r, dv), device=f1.device, dtype=torch.float32)
+            kernels.state_kernel[(grid_a, grid_d, bh * nc)](
+                f1, f2_arg, x, buf, n, cfg["CHUNK"], R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"],
+                BLOCK_A=block_a, BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=0, CHUNK=cfg["CHUNK"],
+                NUM_CHUNKS=1, SPLITS=nc, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"],
+                num_stages=cfg["STAGES"])
+            inclusive = buf.cumsum(0)
+            s = inclusive - buf if mode == "prefix" else inclusive[-1:] - inclusive
+            s = s.transpose(0, 1).to(f1.dtype).contiguous()
+            return s, _normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
+        s = torch.empty((bh, nc, r, dv), device=f1.device, dtype=f1.dtype)
+        kernels.state_kernel[(grid_a, grid_d, bh)](
+            f1, f2_arg, x, s, n, n, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,
+            BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=1 if mode == "prefix" else 2, CHUNK=cfg["CHUNK"],
+            NUM_CHUNKS=nc, SPLITS=1, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
+    return s, _normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
+
+
+def _normaliser_state(f1, f2, w, *, nc: int, mode: str, chunk: int):
+    """z = sum_n w_n f1[n] (x) f2[n] per chunk (then prefix/suffix-summed), fp32 ``[BH, C, R1, R2]``.
+
+    A matrix product in the compute dtype with fp32 accumulation: 1/dv of the kernels' work.
+    """
+    bh, n, r1 = f1.shape
+    fw = f1 if w is None else f1 * w[..., None].to(f1.dtype)
+    if f2 is None:
+        f2 = torch.ones((bh, n, 1), device=f1.device, dtype=f1.dtype)
+    r2 = f2.shape[-1]
+    if mode == "total":
+        z = torch.bmm(fw.transpose(1, 2), f2).float().view(bh, 1, r1, r2)
+        return z.contiguous()
+    pad = nc * chunk - n
+    fw = torch.nn.functional.pad(fw, (0, 0, 0, pad)).view(bh * nc, chunk, r1)
+    f2 = torch.nn.functional.pad(f2, (0, 0, 0, pad)).view(bh * nc, chunk, r2)
+    z = torch.bmm(fw.transpose(1, 2), f2).float().view(bh, nc, r1, r2)
+    inclusive = z.cumsum(1)
+    if mode == "prefix":
+        return (inclusive - z).contiguous()
+    return (inclusive[:, -1:] - inclusive).contiguous()
+
+
+def _precision(dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict):
+    bh, n, r1 = q1.shape
+    r2 = 1 if q2 is None else q2.shape[-1]
+    dv = v.shape[-1]
+    o = torch.empty_like(v)
+    den = torch.empty((bh, n), device=v.device, dtype=torch.float32)
+    bm = cfg["APPLY_BLOCK_M"]
+    kernels.apply_kernel[(math.ceil(n / bm), bh)](
+        q1, q1 if q2 is None else q2, k1, k1 if k2 is None else k2, v, s, z, o, den, n,
+        R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["APPLY_BLOCK_C"], r1, r2),
+        HAS_F2=q2 is not None, CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],
+        PRECISION=_precision(v.dtype), num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
+    return o, den
+
+
+def factor_grads(x1, x2, g, wx, y1, y2, h, wy, s, z, *, causal: bool, query_side: bool, cfg: dict):
+    """fp32 gradients of one side's factors (and, for the key side, of the values)."""
+    bh, n, r1 = x1.shape
+    r2 = 1 if x2 is None else x2.shape[-1]
+    dv = g.shape[-1]
+    dx1 = torch.empty((bh, n, r1), device=x1.device, dtype=torch.float32)
+    dx2 = torch.empty((bh, n, r2), device=x1.device, dtype=torch.float32) if x2 is not None else dx1
+    out = torch.empty((bh, n, dv), device=x1.device, dtype=torch.float32) if not query_side else dx1
+    bm = cfg["GRAD_BLOCK_M"]
+    dummy = g
+    kernels.grad_kernel[(math.ceil(n / bm), bh)](
+        x1, x1 if x2 is None else x2, g, dummy if wx is None else wx, y1, y1 if y2 is None else y2, h,
+        dummy if wy is None else wy, s, z, dx1, dx2, out, n,
+        R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["GRAD_BLOCK_C"], r1, r2),
+        HAS_F2=x2 is not None, CAUSAL=causal, QUERY_SIDE=query_side, WANT_OUT=not query_side,
+        CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1], PRECISION=_precision(g.dtype),
+        num_warps=cfg["GRAD_WARPS"], num_stages=cfg["STAGES"])
+    return dx1, (dx2 if x2 is not None else None), (out if not query_side else None)
+
+
+class HLAFunction(torch.autograd.Function):
+    """Flat HLA (M = 1 when ``q2 is None``) with Triton forward and backward."""
+
+    @staticmethod
+    def forward(ctx, q1, q2, k1, k2, v, causal, allow_signed, cfg):
+        s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg)
+        o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg)
+        check_normalizers(den, allow_signed=allow_signed)
+        ctx.save_for_backward(q1, q2, k1, k2, v, o, den, s, z)
+        ctx.causal, ctx.cfg = causal, cfg
+        return o
+
+    @staticmethod
+    def backward(ctx, grad):
+        q1, q2, k1, k2, v, o, den, s, z = ctx.saved_tensors
+        causal, cfg = ctx.causal, ctx.cfg
+        grad = grad.contiguous()
+        # o = num / den:  d num = g / den,  d den = -(g . o) / den
+        dnum = (grad.float() / den[..., None]).to(v.dtype)
+        dden = (-(grad.float() * o.float()).sum(-1) / den).contiguous()
+        ds, dz = compute_states(q1, q2, dnum, dden, mode="suffix" if causal else "total", cfg=cfg)
+        dq1, dq2, _ = factor_grads(q1, q2, dnum, dden, k1, k2, v, None, s, z,
+                                   causal=causal, query_side=True, cfg=cfg)
+        dk1, dk2, dv = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
+                                    causal=causal, query_side=False, cfg=cfg)
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        return (cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1), cast(dv, v), None, None, None)

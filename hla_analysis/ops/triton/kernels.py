@@ -1,0 +1,295 @@
+"""Triton kernels for HLA with M = 1 or 2 factors (layout ``[BH, N, r]``, contiguous).
+
+Notation: factors ``f1 [N, R1]``, ``f2 [N, R2]``; their row-wise Khatri-Rao product
+``kr[n, a * R2 + b] = f1[n, a] * f2[n, b]`` (width ``R = R1 * R2``) only ever exists as an
+on-chip tile of ``BLOCK_A * R2`` columns, i.e. whole ``a``-rows, so that gradients with
+respect to ``f1`` can be written tile by tile. With M = 1, ``R2 = 1`` and ``f2`` is unused.
+
+Three kernels cover forward and backward, causal and not:
+
+* ``state_kernel``: ``S = sum_n kr[n]^T x[n]`` over token ranges. Non-causal: one sum per
+  split of the tokens (partials reduced by the caller). Causal: the exclusive prefix (or
+  suffix, for the backward) sum at every chunk boundary.
+* ``apply_kernel``: ``o = (qkr @ S + intra) / (qkr . z + intra)`` and the normaliser.
+* ``grad_kernel``: gradients of one side's factors (and, for the key side, of the values)
+  from the state of the other side, plus the quadratic intra-chunk part when causal.
+
+The normaliser state ``z`` (``R1 x R2`` per chunk) is a small matrix product done by the
+caller; in-kernel it enters through ``f1 . (f2 @ z^T)`` once per program, not per tile.
+"""
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _kr_tile(f1_ptr, f2_ptr, rows, row_ok, a0, R1: tl.constexpr, R2: tl.constexpr,
+             BLOCK_A: tl.constexpr, BLOCK_ROWS: tl.constexpr, HAS_F2: tl.constexpr):
+    """fp32 tile ``kr[rows, a0*R2 : (a0+BLOCK_A)*R2]``, built from two small loads."""
+    offs_a = a0 + tl.arange(0, BLOCK_A)
+    x1 = tl.load(f1_ptr + rows[:, None] * R1 + offs_a[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+    if HAS_F2:
+        offs_b = tl.arange(0, R2)
+        x2 = tl.load(f2_ptr + rows[:, None] * R2 + offs_b[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
+        tile = tl.reshape(x1[:, :, None] * x2[:, None, :], (BLOCK_ROWS, BLOCK_A * R2))
+    else:
+        tile = x1
+    return tile
+
+
+@triton.jit
+def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
+                 R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_F2: tl.constexpr,
+                 MODE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, SPLITS, PRECISION: tl.constexpr):
+    """MODE 0: s[split, bh] = sum over the split's tokens. MODE 1: exclusive prefix per chunk,
+    s[bh, c] = sum over tokens before chunk c. MODE 2: exclusive suffix, tokens after chunk c."""
+    pid_a = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    BLOCK_C: tl.constexpr = BLOCK_A * R2
+    R: tl.constexpr = R1 * R2
+    if MODE == 0:
+        bh = pid_z // SPLITS
+        split = pid_z % SPLITS
+    else:
+        bh = pid_z
+        split = 0
+    a0 = pid_a * BLOCK_A
+    f1_ptr += bh.to(tl.int64) * N * R1
+    f2_ptr += bh.to(tl.int64) * N * R2
+    x_ptr += bh.to(tl.int64) * N * DV
+    offs_c = a0 * R2 + tl.arange(0, BLOCK_C)
+    offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    acc = tl.zeros((BLOCK_C, BLOCK_DV), dtype=tl.float32)
+    dt = s_ptr.dtype.element_ty
+    if MODE == 0:
+        start = split * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, N)
+        for n0 in range(start, end, BLOCK_N):
+            rows = n0 + offs_n
+            ok = rows < end
+            kr = _kr_tile(f1_ptr, f2_ptr, rows, ok, a0, R1, R2, BLOCK_A, BLOCK_N, HAS_F2)
+            xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
+            acc = tl.dot(tl.trans(kr.to(xv.dtype)), xv, acc, input_precision=PRECISION)
+        out = s_ptr + (split.to(tl.int64) * (tl.num_programs(2) // SPLITS) + bh) * R * DV
+        tl.store(out + offs_c[:, None] * DV + offs_d[None, :], acc.to(dt))
+    else:
+        for i in range(0, NUM_CHUNKS):
+            if MODE == 1:
+                c = i
+            else:
+                c = NUM_CHUNKS - 1 - i
+            out = s_ptr + (bh.to(tl.int64) * NUM_CHUNKS + c) * R * DV
+            tl.store(out + offs_c[:, None] * DV + offs_d[None, :], acc.to(dt))
+            for n0 in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK_N):
+                rows = n0 + offs_n
+                ok = rows < N
+                kr = _kr_tile(f1_ptr, f2_ptr, rows, ok, a0, R1, R2, BLOCK_A, BLOCK_N, HAS_F2)
+                xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
+                acc = tl.dot(tl.trans(kr.to(xv.dtype)), xv, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _row_normaliser(f1, f2, z_ptr, R1: tl.constexpr, R2: tl.constexpr, HAS_F2: tl.constexpr,
+                    PRECISION: tl.constexpr):
+    """``sum_ab f1[:, a] f2[:, b] z[a, b]`` for a row block, in fp32."""
+    offs_a = tl.arange(0, R1)
+    if HAS_F2:
+        offs_b = tl.arange(0, R2)
+        zt = tl.load(z_ptr + offs_b[:, None] + offs_a[None, :] * R2)  # z^T, [R2, R1]
+        t = tl.dot(f2.to(tl.float32), zt, input_precision=PRECISION)
+        return tl.sum(f1.to(tl.float32) * t, 1)
+    else:
+        z = tl.load(z_ptr + offs_a)
+        return tl.sum(f1.to(tl.float32) * z[None, :], 1)
+
+
+@triton.jit
+def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den_ptr, N,
+                 R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
+                 CAUSAL: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    BLOCK_C: tl.constexpr = BLOCK_A * R2
+    R: tl.constexpr = R1 * R2
+    q1_ptr += bh * N * R1
+    q2_ptr += bh * N * R2
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    offs_d = tl.arange(0, DV)
+    if CAUSAL:
+        chunk = (pid_m * BLOCK_M) // CHUNK
+    else:
+        chunk = 0
+    s_ptr += (bh * NUM_CHUNKS + chunk) * R * DV
+    z_ptr += (bh * NUM_CHUNKS + chunk) * R
+    dt = s_ptr.dtype.element_ty
+
+    offs_r1 = tl.arange(0, R1)
+    f1 = tl.load(q1_ptr + rows[:, None] * R1 + offs_r1[None, :], mask=row_ok[:, None], other=0.0)
+    if HAS_F2:
+        offs_r2 = tl.arange(0, R2)
+        f2 = tl.load(q2_ptr + rows[:, None] * R2 + offs_r2[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        f2 = f1
+    den = _row_normaliser(f1, f2, z_ptr, R1, R2, HAS_F2, PRECISION)
+    acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    for a0 in range(0, R1, BLOCK_A):
+        kr = _kr_tile(q1_ptr, q2_ptr, rows, row_ok, a0, R1, R2, BLOCK_A, BLOCK_M, HAS_F2)
+        st = tl.load(s_ptr + (a0 * R2 + offs_c)[:, None] * DV + offs_d[None, :])
+        acc = tl.dot(kr.to(dt), st, acc, input_precision=PRECISION)
+
+    if CAUSAL:
+        k1_ptr += bh * N * R1
+        k2_ptr += bh * N * R2
+        v_ptr += bh * N * DV
+        offs_n = tl.arange(0, BLOCK_N)
+        lo = chunk * CHUNK
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, N)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + offs_n
+            col_ok = cols < N
+            y1 = tl.load(k1_ptr + cols[:, None] * R1 + offs_r1[None, :], mask=col_ok[:, None], other=0.0)
+            sim = tl.dot(f1, tl.trans(y1), input_precision=PRECISION)
+            if HAS_F2:
+                y2 = tl.load(k2_ptr + cols[:, None] * R2 + offs_r2[None, :], mask=col_ok[:, None], other=0.0)
+                sim = sim * tl.dot(f2, tl.trans(y2), input_precision=PRECISION)
+            sim = tl.where(cols[None, :] <= rows[:, None], sim, 0.0)
+            den += tl.sum(sim, 1)
+            vv = tl.load(v_ptr + cols[:, None] * DV + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            acc = tl.dot(sim.to(vv.dtype), vv, acc, input_precision=PRECISION)
+
+    out = acc / tl.where(row_ok, den, 1.0)[:, None]  # rows past N: no 0/0
+    o_ptr += bh * N * DV
+    tl.store(o_ptr + rows[:, None] * DV + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(den_ptr + bh * N + rows, den, mask=row_ok)
+
+
+@triton.jit
+def grad_kernel(x1_ptr, x2_ptr, g_ptr, wx_ptr, y1_ptr, y2_ptr, h_ptr, wy_ptr, s_ptr, z_ptr,
+                dx1_ptr, dx2_ptr, out_ptr, N,
+                R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
+                CAUSAL: tl.constexpr, QUERY_SIDE: tl.constexpr, WANT_OUT: tl.constexpr,
+                CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr):
+    """Gradients of one side's factors ``x`` through ``dkr = g @ S^T + w z``.
+
+    Query side (``x = q``, ``g = dnum``, ``w = dden``, other side ``y = k``, ``h = v``).
+    Key side (``x = k``, ``g = v``, ``w = 1``, ``y = q``, ``h = dnum``, ``wy = dden``), which
+    also writes ``out = dv = kr @ dS`` (+ the intra-chunk ``A^T dnum``).
+    """
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    BLOCK_C: tl.constexpr = BLOCK_A * R2
+    R: tl.constexpr = R1 * R2
+    x1_ptr += bh * N * R1
+    x2_ptr += bh * N * R2
+    dx1_ptr += bh * N * R1
+    dx2_ptr += bh * N * R2
+    g_ptr += bh * N * DV
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    offs_d = tl.arange(0, DV)
+    offs_r1 = tl.arange(0, R1)
+    offs_r2 = tl.arange(0, R2)
+    if CAUSAL:
+        chunk = (pid_m * BLOCK_M) // CHUNK
+    else:
+        chunk = 0
+    s_ptr += (bh * NUM_CHUNKS + chunk) * R * DV
+    z_ptr += (bh * NUM_CHUNKS + chunk) * R
+    dt = s_ptr.dtype.element_ty
+
+    f1 = tl.load(x1_ptr + rows[:, None] * R1 + offs_r1[None, :], mask=row_ok[:, None], other=0.0)
+    if HAS_F2:
+        f2 = tl.load(x2_ptr + rows[:, None] * R2 + offs_r2[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        f2 = f1
+    g = tl.load(g_ptr + rows[:, None] * DV + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if QUERY_SIDE:
+        wx = tl.load(wx_ptr + bh * N + rows, mask=row_ok, other=0.0)
+    else:
+        wx = tl.where(row_ok, 1.0, 0.0)
+
+    # normaliser part: d/df of w * f1.(f2 @ z^T), and the intra-chunk part, kept in registers
+    offs_a = tl.arange(0, R1)
+    if HAS_F2:
+        zt = tl.load(z_ptr + offs_r2[:, None] + offs_a[None, :] * R2)  # [R2, R1]
+        zz = tl.load(z_ptr + offs_a[:, None] * R2 + offs_r2[None, :])  # [R1, R2]
+        d1 = wx[:, None] * tl.dot(f2.to(tl.float32), zt, input_precision=PRECISION)
+        d2 = wx[:, None] * tl.dot(f1.to(tl.float32), zz, input_precision=PRECISION)
+    else:
+        z = tl.load(z_ptr + offs_a)
+        d1 = wx[:, None] * z[None, :]
+        d2 = tl.zeros((BLOCK_M, R2), dtype=tl.float32)
+    out_acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
+
+    if CAUSAL:
+        y1_ptr += bh * N * R1
+        y2_ptr += bh * N * R2
+        h_ptr += bh * N * DV
+        offs_n = tl.arange(0, BLOCK_N)
+        if QUERY_SIDE:
+            lo = chunk * CHUNK
+            hi = tl.minimum((pid_m + 1) * BLOCK_M, N)
+        else:
+            lo = pid_m * BLOCK_M
+            hi = tl.minimum(chunk * CHUNK + CHUNK, N)
+        for n0 in range(lo, hi, BLOCK_N):
+            cols = n0 + offs_n
+            col_ok = cols < N
+            y1 = tl.load(y1_ptr + cols[:, None] * R1 + offs_r1[None, :], mask=col_ok[:, None], other=0.0)
+            s1 = tl.dot(f1, tl.trans(y1), input_precision=PRECISION)
+            if HAS_F2:
+                y2 = tl.load(y2_ptr + cols[:, None] * R2 + offs_r2[None, :], mask=col_ok[:, None], other=0.0)
+                s2 = tl.dot(f2, tl.trans(y2), input_precision=PRECISION)
+            else:
+                s2 = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
+            hh = tl.load(h_ptr + cols[:, None] * DV + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+            da = tl.dot(g, tl.trans(hh), input_precision=PRECISION)
+            if QUERY_SIDE:
+                da += wx[:, None]
+                keep = cols[None, :] <= rows[:, None]
+            else:
+                wy = tl.load(wy_ptr + bh * N + cols, mask=col_ok, other=0.0)
+                da += wy[None, :]
+                keep = (cols[None, :] >= rows[:, None]) & row_ok[:, None]
+            da = tl.where(keep, da, 0.0)
+            d1 += tl.dot((da * s2).to(y1.dtype), y1, input_precision=PRECISION)
+            if HAS_F2:
+                d2 += tl.dot((da * s1).to(y2.dtype), y2, input_precision=PRECISION)
+            if WANT_OUT:
+                a = tl.where(keep, s1 * s2, 0.0)
+                out_acc = tl.dot(a.to(hh.dtype), hh, out_acc, input_precision=PRECISION)
+
+    # dx1 columns are owned tile by tile: park the register part in memory, add per tile
+    tl.store(dx1_ptr + rows[:, None] * R1 + offs_r1[None, :], d1, mask=row_ok[:, None])
+    tl.debug_barrier()
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_ba = tl.arange(0, BLOCK_A)
+    for a0 in range(0, R1, BLOCK_A):
+        st = tl.load(s_ptr + (a0 * R2 + offs_c)[:, None] * DV + offs_d[None, :])
+        p = tl.dot(g.to(dt), tl.trans(st), input_precision=PRECISION)  # d kr tile, [BLOCK_M, BLOCK_C]
+        if WANT_OUT:
+            kr = _kr_tile(x1_ptr, x2_ptr, rows, row_ok, a0, R1, R2, BLOCK_A, BLOCK_M, HAS_F2)
+            out_acc = tl.dot(kr.to(dt), st, out_acc, input_precision=PRECISION)
+        ptr1 = dx1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :]
+        prev = tl.load(ptr1, mask=row_ok[:, None], other=0.0)
+        if HAS_F2:
+            x2f = f2.to(tl.float32)
+            p3 = tl.reshape(p, (BLOCK_M, BLOCK_A, R2))
+            tl.store(ptr1, prev + tl.sum(p3 * x2f[:, None, :], 2), mask=row_ok[:, None])
+            x1t = tl.load(x1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :], mask=row_ok[:, None],
+                          other=0.0).to(tl.float32)
+            d2 += tl.sum(p3 * x1t[:, :, None], 1)
+        else:
+            tl.store(ptr1, prev + p, mask=row_ok[:, None])
+    if HAS_F2:
+        tl.store(dx2_ptr + rows[:, None] * R2 + offs_r2[None, :], d2, mask=row_ok[:, None])
+    if WANT_OUT:
+        out_ptr += bh * N * DV
+        tl.store(out_ptr + rows[:, None] * DV + offs_d[None, :], out_acc, mask=row_ok[:, None])

@@ -1,0 +1,167 @@
+"""Figures of a comparison: each PNG is saved beside the CSV of the numbers it shows.
+
+The heatmap and factor-count figures read the results table and never recompute a metric.
+The attention-map and monotonicity figures show raw weights of one head, which the table
+does not hold, so they read the capture and evaluate the variants there.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+
+from hla_analysis.capture.store import atomic_write_bytes  # noqa: E402
+from hla_analysis.variants import make_variant  # noqa: E402
+
+MAP_VARIANTS = ("softmax", "linear:phi=elu1", "hla:m=2,phi=affine", "hla:m=3,phi=affine", "hla:m=4,phi=affine")
+
+
+def _save(fig, table: pd.DataFrame, out_dir: Path, name: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
+    plt.close(fig)
+    atomic_write_bytes(out_dir / f"{name}.png", buffer.getvalue())
+    atomic_write_bytes(out_dir / f"{name}.csv", table.to_csv(index=False).encode())
+    return out_dir / f"{name}.png"
+
+
+def _heldout_head_kl(results: pd.DataFrame) -> pd.DataFrame:
+    held = results[(results["split"] == "heldout") & (results["metric"] == "kl_mean")]
+    return held.groupby(["variant", "layer", "head"], as_index=False)["value"].mean()
+
+
+def kl_heatmaps(results: pd.DataFrame, out_dir: Path, *, name: str = "kl_heatmaps") -> Path:
+    """Layer x head heatmaps of held-out KL: best linear variant and HLA with M = 2, 3, 4."""
+    per_head = _heldout_head_kl(results)
+    means = per_head.groupby("variant")["value"].mean()
+    linear = means[[v for v in means.index if v.startswith("linear:")]].dropna()
+    panels = []
+    if len(linear):
+        panels.append((linear.idxmin(), f"best linear: {linear.idxmin()}"))
+    for m in (2, 3, 4):
+        family = means[[v for v in means.index if v.startswith(f"hla:m={m},")]].dropna()
+        if len(family):
+            panels.append((family.idxmin(), f"HLA M={m}: {family.idxmin()}"))
+    if not panels:
+        raise ValueError("the results hold no linear or HLA variant with a finite KL to plot.")
+    chosen = per_head[per_head["variant"].isin([v for v, _ in panels])]
+    vmax = float(np.nanpercentile(chosen["value"], 98))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (variant, title) in zip(axes[0], panels):
+        grid = chosen[chosen["variant"] == variant].pivot(index="layer", columns="head", values="value")
+        im = ax.imshow(grid.to_numpy(), cmap="magma_r", vmin=0, vmax=vmax, aspect="auto")
+        ax.set_title(f"{title}\nmean {means[variant]:.3f} nats", fontsize=9)
+        ax.set_xlabel("head")
+        ax.set_ylabel("layer")
+        ax.set_xticks(range(grid.shape[1]))
+        ax.set_yticks(range(grid.shape[0]))
+        ax.tick_params(labelsize=7)
+    fig.colorbar(im, ax=axes[0].tolist(), label="held-out row KL(softmax || variant), nats")
+    fig.suptitle("Where each approximation fails: per-head KL on held-out inputs", fontsize=11)
+    return _save(fig, chosen.rename(columns={"value": "kl_mean_heldout"}), out_dir, name)
+
+
+def error_vs_factors(results: pd.DataFrame, out_dir: Path, *, name: str = "error_vs_factors") -> Path:
+    """Held-out KL against the number of HLA factors M, per layer, tied vs fitted."""
+    per_head = _heldout_head_kl(results)
+    hla = per_head[per_head["variant"].str.startswith("hla:") & per_head["variant"].str.contains("phi=affine")].copy()
+    if hla.empty:
+        raise ValueError("the results hold no affine HLA variants (hla:m=M,phi=affine[,proj=1]).")
+    hla["M"] = hla["variant"].str.extract(r"m=(\d+)").astype(int)
+    hla["family"] = np.where(hla["variant"].str.contains("proj=1|tied=0"), "fitted", "tied (1+s/M)^M")
+    table = hla.groupby(["family", "M", "layer"], as_index=False)["value"].median()
+    table = table.rename(columns={"value": "median_head_kl_heldout"})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    layers = sorted(table["layer"].unique())
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(layers)))
+    for ax, family in zip(axes, ["tied (1+s/M)^M", "fitted"]):
+        part = table[table["family"] == family]
+        for color, layer in zip(colors, layers):
+            rows = part[part["layer"] == layer].sort_values("M")
+            ax.plot(rows["M"], rows["median_head_kl_heldout"], "o-", color=color, label=f"layer {layer}")
+        ax.set_yscale("log")
+        ax.set_xlabel("number of factors M")
+        ax.set_title(f"HLA, {family}", fontsize=10)
+        ax.set_xticks(sorted(table["M"].unique()))
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("median over heads of held-out KL (nats)")
+    axes[1].legend(fontsize=7, ncol=2)
+    fig.suptitle("More factors, higher rational degree: error vs M (missing points = every row failed)", fontsize=10)
+    return _save(fig, table, out_dir, name)
+
+
+def _head_data(capture, layer: int, head: int, input_index: int, tokens: int):
+    d = capture.get(layer, input_index)
+    n = min(tokens, d["q"].shape[-2])
+    return d["q"][head, :n], d["k"][head, :n], d["scale"], d["causal"]
+
+
+def attention_maps(capture, out_dir: Path, *, layer: int, head: int, input_index: int = 0, tokens: int = 48,
+                   name: str = "attention_maps") -> Path:
+    """One head's map under softmax, linear (elu+1) and HLA M = 2, 3, 4 on the same tokens."""
+    q, k, scale, causal = _head_data(capture, layer, head, input_index, tokens)
+    rows, maps = [], []
+    for spec in MAP_VARIANTS:
+        attn = make_variant(spec).attention_map(q, k, scale=scale, causal=causal, allow_signed=True).detach()
+        maps.append((spec, attn.numpy()))
+        i, j = np.meshgrid(range(attn.shape[0]), range(attn.shape[1]), indexing="ij")
+        rows.append(pd.DataFrame({"variant": spec, "query": i.ravel(), "key": j.ravel(), "weight": attn.numpy().ravel()}))
+    vmax = float(maps[0][1].max())
+    fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.4))
+    for ax, (spec, attn) in zip(axes, maps):
+        im = ax.imshow(attn, cmap="viridis", vmin=min(0.0, float(attn.min())), vmax=vmax)
+        ax.set_title(spec, fontsize=9)
+        ax.set_xlabel("key")
+        ax.set_ylabel("query")
+    fig.colorbar(im, ax=axes.tolist(), label="attention weight", shrink=0.8)
+    fig.suptitle(f"layer {layer}, head {head}, input {input_index}: first {q.shape[0]} tokens", fontsize=10)
+    return _save(fig, pd.concat(rows, ignore_index=True), out_dir, name)
+
+
+def monotonicity(capture, out_dir: Path, *, layer: int, head: int, input_index: int = 0, tokens: int = 256,
+                 name: str = "monotonicity") -> Path:
+    """Weight against the logit q.k for one head: softmax is monotone in it, approximations may not be."""
+    q, k, scale, causal = _head_data(capture, layer, head, input_index, tokens)
+    scores = (q @ k.T * scale).numpy()
+    frames = []
+    fig, axes = plt.subplots(1, len(MAP_VARIANTS), figsize=(3.2 * len(MAP_VARIANTS), 3.2), sharex=True)
+    for ax, spec in zip(axes, MAP_VARIANTS):
+        attn = make_variant(spec).attention_map(q, k, scale=scale, causal=causal, allow_signed=True).detach().numpy()
+        keep = np.tril(np.ones_like(attn, dtype=bool)) if causal else np.ones_like(attn, dtype=bool)
+        # weights relative to the row mean, so rows of different lengths share one axis
+        rel = attn * keep.sum(-1, keepdims=True)
+        frames.append(pd.DataFrame({"variant": spec, "score": scores[keep], "weight_times_row_len": rel[keep]}))
+        ax.scatter(scores[keep], rel[keep], s=1, alpha=0.15, rasterized=True)
+        ax.set_yscale("symlog", linthresh=1e-2)
+        ax.set_title(spec, fontsize=9)
+        ax.set_xlabel("logit s = scale q.k")
+    axes[0].set_ylabel("weight x row length")
+    fig.suptitle(f"monotonicity in q.k: layer {layer}, head {head}, input {input_index}", fontsize=10)
+    return _save(fig, pd.concat(frames, ignore_index=True), out_dir, name)
+
+
+def comparison_figures(results: pd.DataFrame, capture, out_dir: str | Path) -> list[Path]:
+    """All four comparison figures; the single-head ones use the head HLA M=2 fits worst."""
+    out_dir = Path(out_dir)
+    paths = [kl_heatmaps(results, out_dir), error_vs_factors(results, out_dir)]
+    per_head = _heldout_head_kl(results)
+    target = per_head[per_head["variant"] == "hla:m=2,phi=affine"]
+    if target.empty:
+        layer, head = 0, 0
+    else:
+        worst = target.loc[target["value"].idxmax()]
+        layer, head = int(worst["layer"]), int(worst["head"])
+    held = sorted(results.loc[results["split"] == "heldout", "input"].unique())
+    index = int(held[0]) if held else 0
+    paths.append(attention_maps(capture, out_dir, layer=layer, head=head, input_index=index))
+    paths.append(monotonicity(capture, out_dir, layer=layer, head=head, input_index=index))
+    return paths

@@ -1,0 +1,77 @@
+"""Figure: exp(s) on [-a, a] and softmax rows, approximated by degree 1..8, error vs degree.
+
+Run: .venv/bin/python studies/exp_approximation.py  -> figures/exp_approximation.{png,csv}
+"""
+
+import os
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+
+from hla_analysis.numeric.exp_approximation import FAMILIES, exp_errors  # noqa: E402
+from hla_analysis.numeric.softmax_rows import draw_scores, row_errors  # noqa: E402
+
+A = 4.0  # half-width: scores of QK-normed heads mostly lie within +-4
+ROWS = dict(distribution="normal", rows=256, keys=256, scale=1.5, seed=0)
+OUT = Path(__file__).resolve().parents[1] / "figures" / "exp_approximation"
+
+
+def save_atomic(path, writer):
+    """Write through a temporary file in the same folder, then move it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
+    os.close(fd)
+    try:
+        writer(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def main():
+    scores = draw_scores(**ROWS)
+    records = []
+    for family in tqdm(FAMILIES, desc="families"):
+        for degree in [1] if family == "linear" else range(1, 9):
+            e = exp_errors(family, degree, a=A)
+            for metric in ("max_rel_error", "mean_rel_error"):
+                records.append({"target": f"exp on [-{A:g},{A:g}]", "family": family, "degree": degree,
+                                "metric": metric, "value": e[metric], "negative_weights": int(not e["positive"])})
+            r = row_errors(scores, family, degree)
+            for metric in ("mean_kl", "mean_tv"):
+                records.append({"target": f"softmax rows ({ROWS['distribution']}, sd {ROWS['scale']})",
+                                "family": family, "degree": degree, "metric": metric, "value": r[metric],
+                                "negative_weights": r["negative_weights"]})
+    table = pd.DataFrame(records)
+    save_atomic(OUT.with_suffix(".csv"), lambda p: table.to_csv(p, index=False))
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    panels = [("max_rel_error", "exp(s): max relative error"), ("mean_kl", "softmax rows: mean KL(p || approx)"),
+              ("mean_tv", "softmax rows: mean total variation")]
+    for ax, (metric, title) in zip(axes, panels):
+        sub = table[table.metric == metric]
+        for family, g in sub.groupby("family", sort=False):
+            finite = g[g.value.between(1e-300, 1e300)]
+            ax.semilogy(finite.degree, finite.value.clip(lower=1e-16), "o-" if family != "linear" else "s",
+                        label=family, ms=5)
+        ax.set_title(title)
+        ax.set_xlabel("degree (Pade/AAA type (n,n); M factors; polynomial degree)")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(f"Approximating exp on [-{A:g}, {A:g}] and softmax rows of {ROWS['keys']} N(0, {ROWS['scale']}^2) "
+                 "scores (KL = inf rows, from negative weights, are omitted)")
+    fig.tight_layout()
+    save_atomic(OUT.with_suffix(".png"), lambda p: fig.savefig(p, dpi=110, format="png"))
+    print(table.pivot_table(index=["family", "degree"], columns="metric", values="value").to_string())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,139 @@
+"""Fused Triton HLA kernels against the materialized reference.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 (root conftest.py) in fp32 on small
+shapes; N is never a multiple of the blocks, so the masked tails are exercised (the
+interpreter does no bounds checks). With CUDA the same comparisons run in bf16.
+"""
+
+import os
+
+import pytest
+import torch
+
+triton = pytest.importorskip("triton")
+
+from hla_analysis.ops import hla, hla_attention_output  # noqa: E402
+from hla_analysis.ops.triton import hla_triton, supports  # noqa: E402
+
+CUDA = torch.cuda.is_available()
+RUNNABLE = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(not RUNNABLE, reason="needs CUDA or TRITON_INTERPRET=1")
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+def _inputs(m, n, widths, dv, *, seed, dtype=torch.float32, lead=(1, 2), signed=False):
+    g = torch.Generator().manual_seed(seed)
+
+    def draw(*shape):
+        t = torch.randn(*shape, generator=g) if signed else torch.rand(*shape, generator=g) + 0.05
+        return t.to(DEVICE, dtype).requires_grad_()
+
+    qs = [draw(*lead, n, widths[i]) for i in range(m)]
+    ks = [draw(*lead, n, widths[i]) for i in range(m)]
+    v = torch.randn(*lead, n, dv, generator=g).to(DEVICE, dtype).requires_grad_()
+    return qs, ks, v
+
+
+def _compare(m, causal, *, n, widths, dv=16, mask=False, seed=0, config=None, tol=None):
+    qs, ks, v = _inputs(m, n, widths, dv, seed=seed)
+    kpm = None
+    if mask:
+        kpm = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(seed + 1)) > 0.3
+        kpm[..., 0] = True  # every causal row keeps a key
+        kpm = kpm.to(DEVICE)
+    out = hla_triton(qs, ks, v, causal=causal, key_padding_mask=kpm, config=config)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [*qs, *ks, v], grad_out)
+
+    ref_in = [t.detach().double().requires_grad_() for t in [*qs, *ks, v]]
+    ref = hla_attention_output(ref_in[:m], ref_in[m:2 * m], ref_in[-1], causal=causal, key_padding_mask=kpm)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
+    tol = tol or (1e-5 if v.dtype == torch.float32 else 2e-2)
+    names = ["out"] + [f"dq{i}" for i in range(m)] + [f"dk{i}" for i in range(m)] + ["dv"]
+    for name, got, want in zip(names, [out, *grads], [ref, *ref_grads]):
+        assert torch.isfinite(got).all(), name
+        err = float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+    if kpm is not None:  # padded keys get exactly zero gradient
+        padded = ~kpm.expand_as(v[..., 0])
+        assert grads[m][padded].abs().max() == 0
+        assert grads[-1][padded].abs().max() == 0
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_matches_reference_with_gradients(m, causal):
+    # N = 45: neither the 16-row blocks nor the 32-token chunks divide it
+    _compare(m, causal, n=45, widths=(16, 16), seed=10 * m + causal)
+
+
+def test_unequal_widths_and_padding_mask():
+    _compare(2, False, n=37, widths=(32, 16), mask=True, seed=3)
+    _compare(2, True, n=53, widths=(16, 32), mask=True, seed=4)
+
+
+def test_split_reduction_and_both_causal_state_schedules():
+    # the non-causal state summed over several token splits (partials reduced after)
+    _compare(2, False, n=70, widths=(16, 16), seed=5, config=dict(SPLITS=3))
+    # causal prefix states: one sequential sweep, or per-chunk sums then a scan
+    _compare(2, True, n=75, widths=(16, 16), seed=6, config=dict(CAUSAL_STATE="sequential"))
+    _compare(1, True, n=75, widths=(16,), seed=7, config=dict(CAUSAL_STATE="parallel"))
+
+
+def test_normaliser_state_on_its_own():
+    """Rows of an all-ones value matrix must come out exactly 1 (numerator == normaliser)."""
+    qs, ks, _ = _inputs(2, 41, (16, 16), 16, seed=8)
+    ones = torch.ones(1, 2, 41, 16, device=DEVICE)
+    for causal in (False, True):
+        out = hla_triton(qs, ks, ones, causal=causal)
+        torch.testing.assert_close(out, torch.ones_like(out), atol=1e-5, rtol=1e-5)
+
+
+def test_signed_normalisers_refused_or_returned():
+    qs, ks, v = _inputs(2, 33, (16, 16), 16, seed=9, signed=True)
+    ref = hla_attention_output(qs, ks, v, allow_signed=True)
+    den = (qs[0] @ ks[0].transpose(-1, -2) * (qs[1] @ ks[1].transpose(-1, -2))).sum(-1)
+    assert (den <= 0).any(), "test needs some non-positive normaliser"
+    with pytest.raises(ValueError, match=r"row\(s\) have a zero or negative normalizer"):
+        hla_triton(qs, ks, v)
+    out = hla_triton(qs, ks, v, allow_signed=True)
+    fine = den.abs() > 1e-2 * den.abs().max()  # rows far from a pole compare closely
+    torch.testing.assert_close(out[fine], ref[fine], atol=1e-3, rtol=1e-3)
+
+
+def test_supports_and_dispatch():
+    qs, ks, v = _inputs(2, 20, (16, 16), 16, seed=11)
+    assert supports(qs, ks, v, causal=False, key_padding_mask=None)
+    assert not supports(qs * 2, ks * 2, v, causal=False, key_padding_mask=None)  # M = 4
+    assert not supports([q[..., :12] for q in qs], [k[..., :12] for k in ks], v, causal=False,
+                        key_padding_mask=None)  # width 12
+    assert not supports(qs, ks, torch.randn(1, 2, 20, 24, device=DEVICE), causal=False, key_padding_mask=None)
+    assert not supports([q.double() for q in qs], [k.double() for k in ks], v.double(), causal=False,
+                        key_padding_mask=None)
+    with pytest.raises(ValueError, match="does not support"):
+        hla_triton(qs * 2, ks * 2, v)
+    via_hla = hla(qs, ks, v, causal=True, backend="triton")
+    torch.testing.assert_close(via_hla, hla_triton(qs, ks, v, causal=True))
+    torch.testing.assert_close(via_hla, hla(qs, ks, v, causal=True, backend="torch"), atol=1e-5, rtol=1e-4)
+
+
+def test_broadcast_leading_dims():
+    qs, ks, v = _inputs(2, 30, (16, 16), 16, seed=12, lead=(2, 1))
+    v2 = torch.randn(2, 3, 30, 16, device=DEVICE)
+    out = hla_triton(qs, ks, v2)
+    torch.testing.assert_close(out, hla_attention_output(qs, ks, v2), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="bf16 kernels need CUDA")
+@pytest.mark.parametrize("m,r,causal,n", [(2, 64, False, 1000), (2, 64, True, 2100), (2, 32, True, 777),
+                                          (1, 128, True, 1100)])
+def test_bf16_on_gpu(m, r, causal, n):
+    qs, ks, v = _inputs(m, n, (r, r), 128, seed=n, dtype=torch.bfloat16, lead=(2, 3))
+    out = hla_triton(qs, ks, v, causal=causal)
+    grads = torch.autograd.grad(out, [*qs, *ks, v], torch.ones_like(out))
+    ref_in = [t.detach().double().requires_grad_() for t in [*qs, *ks, v]]
+    ref = hla_attention_output(ref_in[:m], ref_in[m:2 * m], ref_in[-1], causal=causal)
+    ref_grads = torch.autograd.grad(ref, ref_in, torch.ones_like(ref))
+    for got, want in zip([out, *grads], [ref, *ref_grads]):
+        assert float((got.detach().double() - want.detach()).norm() / want.detach().norm()) < 2e-2
