@@ -312,7 +312,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     """Per-variant summary of held-out rows: mean and worst KL, output error, failures.
 
     ``worst`` is the largest per-head mean KL; failure rate is the mean fraction of rows
-    with a non-positive normalizer or invalid weights. Sorted by mean held-out KL.
+    with a non-positive normalizer or invalid weights. Sorted by mean held-out KL, with the
+    variants that fail on more than 1% of rows last (their KL covers surviving rows only).
     """
     held = table[table["split"] == "heldout"]
     wide = held.pivot_table(index=["variant", "input", "layer", "head"], columns="metric", values="value")
@@ -328,4 +329,6 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     })
     params = table.groupby("variant")["params_per_head"].max()
     summary["params_per_head"] = params.reindex(summary.index).fillna(0).astype(int)
-    return summary.sort_values("kl_mean")
+    # Variants that fail on more than 1% of rows go last: their KL covers the surviving rows only.
+    summary["_unreliable"] = summary["failed_rows"] > 0.01
+    return summary.sort_values(["_unreliable", "kl_mean"]).drop(columns="_unreliable")

@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="variant specs or 'default' (see `hla-analysis variants`)")
     p.add_argument("--row-stride", type=int, default=2, metavar="S",
                    help="score every S-th query row (default 2; 1 = all rows)")
+    p.add_argument("--figures", metavar="DIR", help="where figures go (default OUT/figures)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     from hla_analysis.cli.compare import add_fit_options
 
@@ -53,11 +54,13 @@ def run(args: argparse.Namespace) -> int:
     print(f"[2/3] comparing variants -> {results_path}")
     table = run_comparison(cap_dir, out=results_path, variants=args.variants, train_inputs=args.train_inputs,
                            fit=fit_config(args), row_stride=args.row_stride, progress=progress)
-    print(f"[3/3] figures -> {out / 'figures'}")
-    for path in comparison_figures(table, load_capture(cap_dir), out / "figures"):
+    figures = Path(args.figures) if args.figures else out / "figures"
+    print(f"[3/3] figures -> {figures}")
+    for path in comparison_figures(table, load_capture(cap_dir), figures):
         print(f"      {path} (+ .csv)")
     summary = summarize(table)
     summary.to_csv(out / "summary.csv")
+    summary.to_csv(figures / "compare_summary.csv")
     print()
     print_summary(summary)
     print(f"\ndone in {time.perf_counter() - started:.0f} s; results: {results_path}, summary: {out / 'summary.csv'}")

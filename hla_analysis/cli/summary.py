@@ -16,7 +16,7 @@ def print_summary(summary) -> None:
     with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
         print("held-out inputs only; sorted by mean row KL(softmax || variant), lower is better")
         print("'failed rows': fraction of rows with a non-positive normalizer or invalid weights,")
-        print("excluded from the other columns (a variant with failed rows = 1 has no KL at all)\n")
+        print("excluded from the other columns; variants failing on > 1% of rows are listed last\n")
         print(shown.to_string(na_rep="n/a"))
 
 

@@ -1,0 +1,177 @@
+"""The comparison runner on a real (small) MiniLM capture: complete, honest, resumable."""
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+import hla_analysis.compare as compare_module
+from hla_analysis.capture import capture, load_capture
+from hla_analysis.cli import main
+from hla_analysis.compare import METRICS, load_results, resolve_variants, run_comparison, summarize
+from hla_analysis.fit import FitConfig, fit_variant
+from hla_analysis.metrics import head_metrics
+from hla_analysis.variants import list_variants, make_variant
+
+FAST_FIT = FitConfig(steps=3)
+
+
+@pytest.fixture(scope="module")
+def small_capture(tmp_path_factory):
+    # 3 packed inputs of 24 tokens: two fit, one held out... the default split takes 1
+    out = tmp_path_factory.mktemp("cmp") / "cap"
+    capture("minilm", out=out, num_inputs=3, max_tokens=24, progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def default_results(small_capture, tmp_path_factory):
+    out = tmp_path_factory.mktemp("res") / "results.parquet"
+    return run_comparison(small_capture, out=out, variants="default", fit=FAST_FIT, progress=False), out
+
+
+def test_table_has_every_variant_metric_head_and_input(default_results, small_capture):
+    table, out = default_results
+    cap = load_capture(small_capture)
+    assert list(table.columns[:7]) == ["input", "layer", "head", "variant", "split", "metric", "value"]
+    expected = cap.num_inputs * cap.num_layers * cap.num_heads * len(list_variants()) * len(METRICS)
+    assert len(table) == expected
+    assert set(table["variant"]) == set(list_variants())
+    assert set(table["metric"]) == set(METRICS)
+    assert not table.duplicated(["input", "layer", "head", "variant", "metric"]).any()
+    # the file on disk is the same table; settings and fit logs sit beside it
+    pd.testing.assert_frame_equal(load_results(out), table)
+    assert out.with_name("results.fits.csv").exists() and out.with_name("results.settings.json").exists()
+    assert not out.with_name("results.parquet.parts").exists()
+
+
+def test_split_is_by_input_and_summary_uses_heldout_only(default_results):
+    table, _ = default_results
+    assert set(table.loc[table["input"] == 0, "split"]) == {"train"}
+    assert set(table.loc[table["input"] > 0, "split"]) == {"heldout"}
+    summary = summarize(table)
+    held = table[(table["split"] == "heldout") & (table["metric"] == "kl_mean")]
+    for variant in ("hla:m=2,phi=affine", "linear:phi=hedgehog"):
+        assert summary.loc[variant, "kl_mean"] == pytest.approx(held[held["variant"] == variant]["value"].mean())
+    assert summary.loc["softmax", "kl_mean"] == pytest.approx(0, abs=1e-6)
+    assert summary.loc["linear:phi=hedgehog", "params_per_head"] == 32 * 32
+
+
+def test_failures_are_counted_not_averaged(default_results):
+    table, _ = default_results
+    # identity features are sign-indefinite: real q.k < 0 rows give non-positive normalizers
+    ident = table[table["variant"] == "linear:phi=identity"].pivot_table(
+        index=["input", "layer", "head"], columns="metric", values="value", dropna=False
+    )
+    assert (ident["failed_fraction"] > 0).any()
+    everything_failed = ident["failed_fraction"] == 1
+    assert ident.loc[everything_failed, "kl_mean"].isna().all()
+    assert ident.loc[~everything_failed, "kl_mean"].notna().all()
+    # odd M with affine factors gives negative weights on real activations: flagged as well
+    odd = table[(table["variant"] == "hla:m=3,phi=affine") & (table["metric"] == "failed_fraction")]
+    assert odd["value"].max() > 0
+
+
+def test_metrics_match_a_plain_full_matrix_computation(default_results, small_capture):
+    table, _ = default_results
+    cap = load_capture(small_capture)
+    d = cap.get(2, 1)
+    spec, head = "hla:m=4,phi=affine", 5
+    p = make_variant("softmax").attention_map(d["q"][head], d["k"][head], scale=d["scale"])
+    p_hat = make_variant(spec).attention_map(d["q"][head], d["k"][head], scale=d["scale"])
+    scores = d["q"][head] @ d["k"][head].T * d["scale"]
+    want = head_metrics(p, p_hat, v=d["v"][head], scores=scores)
+    rows = table[(table["input"] == 1) & (table["layer"] == 2) & (table["head"] == head) & (table["variant"] == spec)]
+    got = dict(zip(rows["metric"], rows["value"]))
+    for name in ("kl_mean", "kl_max", "js_mean", "tv_mean", "frobenius_rel", "output_rel", "topk_recall_mean"):
+        assert got[name] == pytest.approx(want[name], rel=1e-5, abs=1e-7), name
+
+
+def test_fitting_reduces_training_loss_and_starts_from_the_tied_variant(small_capture):
+    cap = load_capture(small_capture)
+    d = cap.get(1, 0)
+    batch = {k: d[k] for k in ("q", "k", "scale", "causal")}
+    for spec in ("linear:phi=hedgehog", "hla:m=2,phi=affine,proj=1"):
+        var = make_variant(spec).bind(cap.head_dim, heads=cap.num_heads)
+        result = fit_variant(var, [batch], config=FitConfig(steps=15))
+        assert result.final_loss < result.initial_loss
+        assert len(result.losses) == 16
+    tied = fit_variant(make_variant("hla:m=2,phi=affine").bind(cap.head_dim, heads=cap.num_heads), [batch])
+    proj = fit_variant(make_variant("hla:m=2,phi=affine,proj=1").bind(cap.head_dim, heads=cap.num_heads), [batch],
+                       config=FitConfig(steps=0))
+    assert proj.initial_loss == pytest.approx(tied.initial_loss, rel=1e-6)
+
+
+def test_fitting_is_deterministic(small_capture):
+    cap = load_capture(small_capture)
+    d = cap.get(0, 0)
+    batch = {k: d[k] for k in ("q", "k", "scale", "causal")}
+    runs = [
+        fit_variant(make_variant("linear:phi=rebased").bind(cap.head_dim, heads=cap.num_heads), [batch],
+                    config=FitConfig(steps=4)).losses
+        for _ in range(2)
+    ]
+    assert runs[0] == runs[1]
+
+
+def test_resume_after_interruption(small_capture, tmp_path, monkeypatch):
+    variants = "softmax;hla:m=2,phi=affine"
+    fresh = run_comparison(small_capture, out=tmp_path / "fresh.csv", variants=variants, fit=FAST_FIT, progress=False)
+    real = compare_module._layer_rows
+    calls = []
+    crash_at = [3]
+
+    def counting(cap, layer, *args, **kwargs):
+        calls.append(layer)
+        if layer in crash_at:
+            raise KeyboardInterrupt
+        return real(cap, layer, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "_layer_rows", counting)
+    out = tmp_path / "resumed.csv"
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(small_capture, out=out, variants=variants, fit=FAST_FIT, progress=False)
+    assert not out.exists()  # no half-written table that looks whole
+    assert sorted(p.name for p in out.with_name("resumed.csv.parts").glob("layer_*")) == [
+        f"layer_{i:03d}.parquet" for i in range(3)
+    ]
+    calls.clear()
+    crash_at.clear()
+    resumed = run_comparison(small_capture, out=out, variants=variants, fit=FAST_FIT, progress=False)
+    assert calls == [3, 4, 5]  # finished layers were not recomputed
+    pd.testing.assert_frame_equal(resumed.reset_index(drop=True), fresh.reset_index(drop=True))
+    # a rerun with other settings refuses to mix in the old parts
+    (out.with_name("resumed.csv.parts")).mkdir()
+    compare_module.atomic_write_json(out.with_name("resumed.csv.parts") / "settings.json", {"key": "other"})
+    with pytest.raises(ValueError, match="other settings"):
+        run_comparison(small_capture, out=out, variants=variants, fit=FAST_FIT, progress=False)
+
+
+def test_bad_input(small_capture, tmp_path):
+    with pytest.raises(ValueError, match="unknown variant family 'flash'"):
+        resolve_variants("softmax;flash")
+    with pytest.raises(ValueError, match="no variants"):
+        resolve_variants(" ; ")
+    with pytest.raises(ValueError, match=".parquet or .csv"):
+        run_comparison(small_capture, out=tmp_path / "r.json", progress=False)
+    with pytest.raises(ValueError, match="train_inputs must be between 1 and 2"):
+        run_comparison(small_capture, out=tmp_path / "r.csv", train_inputs=3, progress=False)
+    with pytest.raises(FileNotFoundError, match="run `hla-analysis compare` first"):
+        load_results(tmp_path / "missing.parquet")
+    (tmp_path / "other.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(ValueError, match="not an hla-analysis results table"):
+        load_results(tmp_path / "other.csv")
+
+
+def test_cli_compare_and_summary(small_capture, tmp_path, capsys):
+    out = tmp_path / "cli.parquet"
+    rc = main(["compare", "--capture", str(small_capture), "--variants", "softmax", "hla:m=4,phi=affine",
+               "--out", str(out), "--fit-steps", "2", "--quiet"])
+    assert rc == 0 and out.exists()
+    assert main(["summary", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "hla:m=4,phi=affine" in text and "held-out" in text
+    assert main(["compare", "--capture", str(small_capture), "--variants", "hla:m=zero", "--out", str(out)]) == 1
+    assert "must be int" in capsys.readouterr().err
+    assert not math.isnan(summarize(load_results(out)).loc["hla:m=4,phi=affine", "kl_mean"])
