@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
+
+from hla_analysis._io import atomic_write_json
 
 TARGET_BYTES = 2 * 1000**3
 RESULT = Path(__file__).resolve().parent / "results" / "metrics_memory.json"
@@ -72,19 +72,6 @@ def child(n: int, d: int, block_rows: int, threads: int, seed: int) -> dict:
             "metrics": metrics, "torch": torch.__version__}
 
 
-def write_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=16384, help="tokens (query and key rows)")
@@ -116,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         "seconds": round(res["seconds"], 2), "metrics": res["metrics"],
         "torch": res["torch"], "python": platform.python_version(), "machine": platform.machine(),
     }
-    write_atomic(args.out, out)
+    atomic_write_json(args.out, out)
     print(f"peak RSS {out['peak_rss_mb']} MB (after imports and inputs: {out['baseline_rss_mb']} MB; "
           f"one dense float32 map: {out['dense_map_float32_mb']} MB); target <= {TARGET_BYTES / 1e6:.0f} MB: "
           f"{'OK' if out['within_target'] else 'OVER'}; {out['seconds']} s -> {args.out}")

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from hla_analysis import __version__
 from hla_analysis.capture import load_capture
-from hla_analysis.capture.store import atomic_write_bytes, atomic_write_json
+from hla_analysis._io import atomic_write_json, atomic_write_table
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
 from hla_analysis.metrics.streaming import StreamingAttentionMetrics
 from hla_analysis.variants import list_variants, make_variant
@@ -187,14 +187,6 @@ def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool) -> tu
 _EVAL_STACK = 8
 
 
-def _write_parquet(path: Path, table: pd.DataFrame) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    table.to_parquet(buffer, index=False)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
 def run_comparison(
     capture_dir: str | Path,
     *,
@@ -274,7 +266,7 @@ def run_comparison(
             fits.extend(json.loads(fit_part.read_text()))
             continue
         table, layer_fits = _layer_rows(cap, layer, config, progress=progress)
-        _write_parquet(part, table)
+        atomic_write_table(part, table)
         atomic_write_json(fit_part, layer_fits)
         tables.append(table)
         fits.extend(layer_fits)
@@ -284,12 +276,9 @@ def run_comparison(
     result["fit_steps"] = config.fit.steps
     result["fit_lr"] = config.fit.lr
     result["fit_seed"] = config.fit.seed
-    if out.suffix == ".parquet":
-        _write_parquet(out, result)
-    else:
-        atomic_write_bytes(out, result.to_csv(index=False).encode())
+    atomic_write_table(out, result)
     fits_table = pd.DataFrame(fits, columns=["layer", "variant", "params_per_head", "loss_initial", "loss_final", "steps"])
-    atomic_write_bytes(out.with_name(out.stem + ".fits.csv"), fits_table.to_csv(index=False).encode())
+    atomic_write_table(out.with_name(out.stem + ".fits.csv"), fits_table)
     atomic_write_json(out.with_name(out.stem + ".settings.json"),
                       {**settings, "seconds": round(time.perf_counter() - started, 2)})
     shutil.rmtree(parts)

@@ -7,7 +7,6 @@ does not hold, so they read the capture and evaluate the variants there.
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import matplotlib
@@ -16,9 +15,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 
-from hla_analysis.capture.store import atomic_write_bytes  # noqa: E402
+from hla_analysis._io import atomic_save_figure, atomic_write_table  # noqa: E402
 from hla_analysis.variants import make_variant  # noqa: E402
 
 _MAX_FAILED = 0.01  # a variant counts as "best" only if at most 1% of its rows failed
@@ -26,12 +24,9 @@ MAP_VARIANTS = ("softmax", "linear:phi=elu1", "hla:m=2,phi=affine", "hla:m=3,phi
 
 
 def _save(fig, table: pd.DataFrame, out_dir: Path, name: str) -> Path:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=130, bbox_inches="tight")
+    atomic_save_figure(fig, out_dir / f"{name}.png", dpi=130, bbox_inches="tight")
     plt.close(fig)
-    atomic_write_bytes(out_dir / f"{name}.png", buffer.getvalue())
-    atomic_write_bytes(out_dir / f"{name}.csv", table.to_csv(index=False).encode())
+    atomic_write_table(out_dir / f"{name}.csv", table)
     return out_dir / f"{name}.png"
 
 

@@ -3,8 +3,6 @@
 Run: .venv/bin/python studies/degree_table.py  -> figures/degree_table.{png,csv}
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from hla_analysis._io import atomic_save_figure, atomic_write_table  # noqa: E402
+
 
 from hla_analysis.numeric.degree import measure_variant_degree  # noqa: E402
 from hla_analysis.symbolic.derive import derive  # noqa: E402
@@ -21,19 +21,6 @@ from hla_analysis.variants import list_variants, make_variant  # noqa: E402
 
 TOLS = (1e-4, 1e-7, 1e-10)
 OUT = Path(__file__).resolve().parents[1] / "figures" / "degree_table"
-
-
-def save_atomic(path, writer):
-    """Write through a temporary file in the same folder, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main():
@@ -48,7 +35,7 @@ def main():
         row["note"] = form.note.split(" (decided")[0]
         rows.append(row)
     table = pd.DataFrame(rows).astype({"symbolic_degree": "Int64"})
-    save_atomic(OUT.with_suffix(".csv"), lambda p: table.to_csv(p, index=False))
+    atomic_write_table(OUT.with_suffix(".csv"), table)
     shown = table.drop(columns=["note"]).astype(object).where(table.drop(columns=["note"]).notna(), "-").astype(str)
     fig, ax = plt.subplots(figsize=(11, 0.26 * len(shown) + 0.8))
     ax.axis("off")
@@ -59,7 +46,7 @@ def main():
     ax.set_title("Rational degree of a(t) (q -> t q): derived with SymPy vs measured with AAA at three tolerances",
                  fontsize=10)
     fig.tight_layout()
-    save_atomic(OUT.with_suffix(".png"), lambda p: fig.savefig(p, dpi=120, format="png"))
+    atomic_save_figure(fig, OUT.with_suffix(".png"), dpi=120)
     print(table.to_string())
 
 

@@ -3,8 +3,6 @@
 Run: .venv/bin/python studies/exp_approximation.py  -> figures/exp_approximation.{png,csv}
 """
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from hla_analysis._io import atomic_save_figure, atomic_write_table  # noqa: E402
+
 
 from hla_analysis.numeric.exp_approximation import FAMILIES, exp_errors  # noqa: E402
 from hla_analysis.numeric.softmax_rows import draw_scores, row_errors  # noqa: E402
@@ -21,19 +21,6 @@ from hla_analysis.numeric.softmax_rows import draw_scores, row_errors  # noqa: E
 A = 4.0  # half-width: scores of QK-normed heads mostly lie within +-4
 ROWS = dict(distribution="normal", rows=256, keys=256, scale=1.5, seed=0)
 OUT = Path(__file__).resolve().parents[1] / "figures" / "exp_approximation"
-
-
-def save_atomic(path, writer):
-    """Write through a temporary file in the same folder, then move it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=path.suffix)
-    os.close(fd)
-    try:
-        writer(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main():
@@ -51,7 +38,7 @@ def main():
                                 "family": family, "degree": degree, "metric": metric, "value": r[metric],
                                 "negative_weights": r["negative_weights"]})
     table = pd.DataFrame(records)
-    save_atomic(OUT.with_suffix(".csv"), lambda p: table.to_csv(p, index=False))
+    atomic_write_table(OUT.with_suffix(".csv"), table)
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     panels = [("max_rel_error", "exp(s): max relative error"), ("mean_kl", "softmax rows: mean KL(p || approx)"),
@@ -69,7 +56,7 @@ def main():
     fig.suptitle(f"Approximating exp on [-{A:g}, {A:g}] and softmax rows of {ROWS['keys']} N(0, {ROWS['scale']}^2) "
                  "scores (KL = inf rows, from negative weights, are omitted)")
     fig.tight_layout()
-    save_atomic(OUT.with_suffix(".png"), lambda p: fig.savefig(p, dpi=110, format="png"))
+    atomic_save_figure(fig, OUT.with_suffix(".png"), dpi=110)
     print(table.pivot_table(index=["family", "degree"], columns="metric", values="value").to_string())
 
 

@@ -4,7 +4,6 @@ import math
 
 import pandas as pd
 import pytest
-import torch
 
 import hla_analysis.compare as compare_module
 from hla_analysis.capture import capture, load_capture

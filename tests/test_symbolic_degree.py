@@ -1,6 +1,5 @@
 """Symbolic derivations: degrees, Pade/Taylor, representability, efficient forms, cost model."""
 
-import numpy as np
 import pytest
 import sympy as sp
 import torch

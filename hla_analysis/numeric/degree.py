@@ -9,7 +9,6 @@ rounding; for softmax it keeps growing as ``tol`` shrinks.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
 
 import numpy as np
 from scipy.interpolate import AAA
