@@ -194,3 +194,12 @@ def test_gradcheck_causal(form):
     inputs = [t.requires_grad_() for t in (*qs, *ks, v)]
     fn = lambda a, b, c, d, e, f, v: hla([a, b, c], [d, e, f], v, causal=True, form=form, chunk_size=4)  # noqa: E731
     assert torch.autograd.gradcheck(fn, inputs)
+
+
+def test_gradcheck_tied_causal():
+    gen = torch.Generator().manual_seed(13)
+    q = (torch.rand(7, 3, generator=gen, **F64) + 0.1).requires_grad_()
+    k = (torch.rand(7, 3, generator=gen, **F64) + 0.1).requires_grad_()
+    v = torch.randn(7, 2, generator=gen, **F64, requires_grad=True)
+    fn = lambda q, k, v: hla([q] * 3, [k] * 3, v, causal=True, form="tied", chunk_size=3)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (q, k, v))
