@@ -14,6 +14,9 @@ triton = pytest.importorskip("triton")
 
 from hla_analysis.ops import hla, hla_attention_output  # noqa: E402
 from hla_analysis.ops.triton import hla_triton, supports  # noqa: E402
+from hla_analysis.ops.triton.kernels_tied import _sym_tile  # noqa: E402
+
+tl = triton.language
 
 CUDA = torch.cuda.is_available()
 RUNNABLE = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
@@ -134,6 +137,154 @@ def test_bf16_on_gpu(m, r, causal, n):
     grads = torch.autograd.grad(out, [*qs, *ks, v], torch.ones_like(out))
     ref_in = [t.detach().double().requires_grad_() for t in [*qs, *ks, v]]
     ref = hla_attention_output(ref_in[:m], ref_in[m:2 * m], ref_in[-1], causal=causal)
+    ref_grads = torch.autograd.grad(ref, ref_in, torch.ones_like(ref))
+    for got, want in zip([out, *grads], [ref, *ref_grads]):
+        assert float((got.detach().double() - want.detach()).norm() / want.detach().norm()) < 2e-2
+
+
+# ---- tied factors (M = 2, qs[0] == qs[1], ks[0] == ks[1]): symmetric-state kernels ----
+
+def _compare_tied(causal, *, n, r, dv=16, mask=False, seed=0, config=None, clone=False, tol=1e-5):
+    """Tied Triton output and gradients against the fp64 reference ``hla([q, q], [k, k], v)``."""
+    (q,), (k,), v = _inputs(1, n, (r,), dv, seed=seed)
+    kpm = None
+    if mask:
+        kpm = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(seed + 1)) > 0.3
+        kpm[..., 0] = True
+        kpm = kpm.to(DEVICE)
+    qs = [q, q.detach().clone().requires_grad_()] if clone else [q, q]
+    ks = [k, k.detach().clone().requires_grad_()] if clone else [k, k]
+    out = hla_triton(qs, ks, v, causal=causal, key_padding_mask=kpm, config=config, tied=True)
+    grad_out = torch.randn_like(out)
+    leaves = [*qs, *ks, v] if clone else [q, k, v]
+    grads = torch.autograd.grad(out, leaves, grad_out)
+
+    ref_in = [t.detach().double().requires_grad_() for t in leaves]
+    if clone:  # untied reference: each factor its own leaf
+        ref = hla_attention_output(ref_in[:2], ref_in[2:4], ref_in[4], causal=causal, key_padding_mask=kpm)
+    else:
+        ref = hla_attention_output([ref_in[0]] * 2, [ref_in[1]] * 2, ref_in[2], causal=causal, key_padding_mask=kpm)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
+    for i, (got, want) in enumerate(zip([out, *grads], [ref, *ref_grads])):
+        assert torch.isfinite(got).all(), i
+        err = float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+        assert err < tol, f"output/grad {i}: relative error {err:.2e} >= {tol}"
+    if kpm is not None:
+        padded = ~kpm.expand_as(v[..., 0])
+        assert grads[-2][padded].abs().max() == 0  # key gradient
+        assert grads[-1][padded].abs().max() == 0  # value gradient
+
+
+@pytest.fixture
+def tied_calls(monkeypatch):
+    """Counts launches of the tied state builder, to prove which path ran."""
+    from hla_analysis.ops.triton import autograd_tied
+
+    calls = []
+    real = autograd_tied.compute_sym_states
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("mode"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(autograd_tied, "compute_sym_states", spy)
+    return calls
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_tied_matches_reference_with_gradients(causal, tied_calls):
+    # N = 45: ragged against the 16-row blocks and 32-token chunks; r = 32 folds 17 rows
+    _compare_tied(causal, n=45, r=32, seed=20 + causal)
+    assert tied_calls == (["prefix", "suffix"] if causal else ["total", "total"])
+
+
+def test_tied_padding_mask_and_equal_but_distinct_factors(tied_calls):
+    _compare_tied(False, n=37, r=16, mask=True, seed=22)
+    # clones: recognised by torch.equal; each factor gets its own (half) gradient
+    _compare_tied(True, n=53, r=16, mask=True, seed=23, clone=True)
+    assert len(tied_calls) == 4
+
+
+def test_tied_mixed_tiles_splits_and_state_schedules(tied_calls):
+    # state tiles of 2 folded rows, apply/grad tiles of 1: one state padded for both
+    _compare_tied(False, n=70, r=16, seed=24, config=dict(STATE_BLOCK_C=32, SPLITS=3))
+    _compare_tied(True, n=75, r=16, seed=25, config=dict(CAUSAL_STATE="sequential", GRAD_BLOCK_C=32))
+    _compare_tied(True, n=75, r=16, seed=26, config=dict(CAUSAL_STATE="parallel", APPLY_BLOCK_C=32))
+    assert len(tied_calls) == 6
+
+
+def test_tied_detection_and_forcing(tied_calls, monkeypatch):
+    import hla_analysis.ops.triton as hla_ops_triton
+
+    (q,), (k,), v = _inputs(1, 24, (16,), 16, seed=27)
+    q2 = torch.rand_like(q)
+    from hla_analysis.ops.triton import factors_tied
+
+    assert factors_tied([q, q], [k, k]) and factors_tied([q, q.clone()], [k, k])
+    assert not factors_tied([q, q2], [k, k]) and not factors_tied([q], [k])
+    tied = hla_triton([q, q], [k, k], v, causal=True, tied=True)
+    assert tied_calls == ["prefix"]
+    untied = hla_triton([q, q], [k, k], v, causal=True)  # TIED_BY_DEFAULT is off: untied kernels
+    assert tied_calls == ["prefix"]
+    torch.testing.assert_close(tied, untied, atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="tied=True needs"):
+        hla_triton([q, q2], [k, k], v, tied=True)
+    monkeypatch.setattr(hla_ops_triton, "TIED_BY_DEFAULT", True)  # detection, through hla()
+    via_hla = hla([q, q.clone()], [k, k], v, backend="triton")
+    assert tied_calls == ["prefix", "total"]
+    torch.testing.assert_close(via_hla, hla([q, q], [k, k], v, backend="torch"), atol=1e-5, rtol=1e-4)
+    hla_triton([q, q2], [k, k], v)  # untied factors: untied kernels
+    assert len(tied_calls) == 2
+
+
+def test_tied_normaliser_on_its_own():
+    """All-ones values: every row must come out 1 (numerator == normaliser)."""
+    (q,), (k,), _ = _inputs(1, 41, (16,), 16, seed=28)
+    ones = torch.ones(1, 2, 41, 16, device=DEVICE)
+    for causal in (False, True):
+        out = hla_triton([q, q], [k, k], ones, causal=causal)
+        torch.testing.assert_close(out, torch.ones_like(out), atol=1e-5, rtol=1e-5)
+
+
+@triton.jit
+def _dump_sym_tiles(x_ptr, out_ptr, N, R: tl.constexpr, BT: tl.constexpr, TP: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.arange(0, ROWS)
+    ok = rows < N
+    for t0 in range(0, TP, BT):
+        tile = _sym_tile(x_ptr, rows, ok, t0, R, BT, ROWS)
+        cols = t0 * R + tl.arange(0, BT * R)
+        tl.store(out_ptr + rows[:, None] * (TP * R) + cols[None, :], tile, mask=ok[:, None])
+
+
+@pytest.mark.parametrize("r,block_c", [(16, 16), (16, 32), (32, 64)])
+def test_symmetric_tile_is_the_packed_square(r, block_c):
+    """The on-chip tile, dumped by a tiny kernel: sym(q).sym(k) == (q.k)^2, and its entries
+    are those of symmetric_power_features (up to order) plus zero padding."""
+    from hla_analysis.ops.tied import symmetric_power_features
+    from hla_analysis.ops.triton.autograd_tied import folded_rows
+
+    bt, tp = folded_rows(r, block_c)
+    x = torch.randn(5, r, generator=torch.Generator().manual_seed(r), dtype=torch.float32).to(DEVICE)
+    packed = torch.zeros(5, tp * r, device=DEVICE)
+    _dump_sym_tiles[(1,)](x, packed, 5, R=r, BT=bt, TP=tp, ROWS=8)
+    want = symmetric_power_features(x.double(), 2)
+    assert want.shape[-1] == r * (r + 1) // 2
+    assert int((packed[0] != 0).sum()) == r * (r + 1) // 2  # random x: no accidental zeros
+    nonzero = packed.double()[:, packed[0] != 0]
+    torch.testing.assert_close(nonzero.sort(-1).values, want.sort(-1).values, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(packed.double() @ packed.double().T, (x.double() @ x.double().T) ** 2,
+                               atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="bf16 kernels need CUDA")
+@pytest.mark.parametrize("r,causal,n", [(64, False, 1000), (64, True, 2100), (32, True, 777), (128, False, 900)])
+def test_tied_bf16_on_gpu(r, causal, n):
+    (q,), (k,), v = _inputs(1, n, (r,), 128, seed=n, dtype=torch.bfloat16, lead=(2, 3))
+    out = hla_triton([q, q], [k, k], v, causal=causal, tied=True)
+    grads = torch.autograd.grad(out, [q, k, v], torch.ones_like(out))
+    ref_in = [t.detach().double().requires_grad_() for t in [q, k, v]]
+    ref = hla_attention_output([ref_in[0]] * 2, [ref_in[1]] * 2, ref_in[2], causal=causal)
     ref_grads = torch.autograd.grad(ref, ref_in, torch.ones_like(ref))
     for got, want in zip([out, *grads], [ref, *ref_grads]):
         assert float((got.detach().double() - want.detach()).norm() / want.detach().norm()) < 2e-2

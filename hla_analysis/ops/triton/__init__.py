@@ -5,6 +5,14 @@ materialized reference) for M in {1, 2}: ``o_i = sum_j a_ij v_j`` with
 ``a_ij = prod_m s^(m)_ij / sum_l prod_m s^(m)_il``, never forming the ``r1 * r2`` Kronecker
 features in device memory. ``hla(..., backend="triton" | "auto")`` dispatches here.
 
+Tied factors (M = 2, both query factors equal and both key factors equal) can take the
+symmetric-state kernels of :mod:`.kernels_tied` (``tied=True``): ``(q.k)^2 = <sym(q), sym(k)>``
+with ``r (r + 1) / 2`` packed features built on chip, so the state is about half as large.
+They are not taken by default (``TIED_BY_DEFAULT``): on an H200 at r = 64 their forward was
+2.1x (non-causal) and 1.8x (causal) slower than the untied kernels on the same inputs
+(``benchmarks/gpu/results/h200_tied.json``), because each packed tile costs several
+CUDA-core operations per element where the Kronecker tile costs one.
+
 Without CUDA the same kernels run under ``TRITON_INTERPRET=1`` (set before import), in fp32.
 """
 
@@ -15,8 +23,13 @@ import os
 import torch
 
 from hla_analysis.ops.triton.autograd import HLAFunction, default_config
+from hla_analysis.ops.triton.autograd_tied import TiedHLAFunction, tied_config
 
-__all__ = ["supports", "hla_triton", "default_config"]
+__all__ = ["supports", "hla_triton", "default_config", "factors_tied", "TIED_BY_DEFAULT"]
+
+# Whether ``tied=None`` detects tied factors and takes the symmetric-state kernels. Off: they
+# are correct but were measured slower than the untied kernels (see the module docstring).
+TIED_BY_DEFAULT = False
 
 _WIDTHS = (16, 32, 64, 128)
 _VALUE_WIDTHS = (16, 32, 64, 128)
@@ -71,7 +84,27 @@ def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
     return True
 
 
-def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=False, chunk_size=None, config=None):
+def factors_tied(qs, ks) -> bool:
+    """Whether two factor pairs are tied: the same tensors, or equal ones (``torch.equal``).
+
+    Examples
+    --------
+    >>> q, k = torch.rand(5, 16), torch.rand(5, 16)
+    >>> factors_tied([q, q], [k, k]), factors_tied([q, q.clone()], [k, k]), factors_tied([q, k], [k, k])
+    (True, True, False)
+    """
+    qs, ks = list(qs), list(ks)
+    if len(qs) != 2 or len(ks) != 2:
+        return False
+
+    def same(a, b):
+        return a is b or (a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and torch.equal(a, b))
+
+    return same(qs[0], qs[1]) and same(ks[0], ks[1])
+
+
+def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=False, chunk_size=None, config=None,
+               tied=None):
     """HLA output with the fused Triton kernels (differentiable).
 
     Parameters
@@ -90,6 +123,11 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
         Causal chunk length (a multiple of 128 on CUDA); default picked from the state size.
     config : dict, optional
         Block-size overrides, for benchmarking (see :func:`default_config`).
+    tied : bool, optional
+        Symmetric-state kernels for tied factors (M = 2, ``qs[0] == qs[1]`` and
+        ``ks[0] == ks[1]``, by identity, else ``torch.equal``). ``True`` takes them (and
+        raises on untied factors), ``False`` never does; ``None`` detects tied factors when
+        ``TIED_BY_DEFAULT`` is set (it is not: the untied kernels were faster on an H200).
 
     Returns
     -------
@@ -125,6 +163,15 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
             f"{_WIDTHS}, dv in {_VALUE_WIDTHS}, one dtype among fp16/bf16/fp32, equal query and key "
             "counts, and CUDA tensors (or TRITON_INTERPRET=1). Use hla(..., backend='torch')."
         )
+    want_tied = TIED_BY_DEFAULT if tied is None else bool(tied)
+    use_tied = want_tied and factors_tied(qs, ks)
+    if tied and not use_tied:
+        raise ValueError("tied=True needs M = 2 with qs[0] equal to qs[1] and ks[0] equal to ks[1]; "
+                         "leave tied=None to detect it.")
+    if use_tied:
+        # equal but distinct tensors: by symmetry each factor gets half the tied gradient
+        qs = [qs[0] if qs[0] is qs[1] else 0.5 * (qs[0] + qs[1])]
+        ks = [ks[0] if ks[0] is ks[1] else 0.5 * (ks[0] + ks[1])]
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}.")
@@ -142,8 +189,8 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
 
     q1, k1 = flat(qs[0]), flat(ks[0])
     q2, k2 = (flat(qs[1]), flat(ks[1])) if len(qs) == 2 else (None, None)
-    cfg = default_config(r1=q1.shape[-1], r2=1 if q2 is None else q2.shape[-1], dv=v.shape[-1],
-                         causal=causal, dtype=work)
+    r2 = q1.shape[-1] if use_tied else (1 if q2 is None else q2.shape[-1])
+    cfg = default_config(r1=q1.shape[-1], r2=r2, dv=v.shape[-1], causal=causal, dtype=work)
     if chunk_size is not None:
         cfg["CHUNK"] = int(chunk_size)
     if config:
@@ -153,5 +200,9 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
             f"chunk_size={cfg['CHUNK']} must be a multiple of the row blocks "
             f"({cfg['APPLY_BLOCK_M']}, {cfg['GRAD_BLOCK_M']}, {cfg['BLOCK_N']})."
         )
-    out = HLAFunction.apply(q1, q2, k1, k2, flat(v), bool(causal), bool(allow_signed), cfg)
+    if use_tied:
+        cfg = tied_config(cfg, q1.shape[-1])
+        out = TiedHLAFunction.apply(q1, k1, flat(v), bool(causal), bool(allow_signed), cfg)
+    else:
+        out = HLAFunction.apply(q1, q2, k1, k2, flat(v), bool(causal), bool(allow_signed), cfg)
     return out.reshape(*lead, n, v.shape[-1]).to(out_dtype)
