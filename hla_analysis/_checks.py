@@ -12,6 +12,22 @@ import torch
 from torch import Tensor
 
 
+def check_stacked_against_values(qs, v: Tensor) -> None:
+    """Refuse the one ambiguous call: a bare tensor whose leading dims are fewer than v's.
+
+    ``hla(q, k, v)`` with ``q`` of shape ``[B, N, r]`` reads ``B`` as the factor count M. If
+    ``v`` then has more leading dims than the factors, the caller most likely meant ``B`` as a
+    batch dim; say so instead of returning a number for the other reading.
+    """
+    if isinstance(qs, Tensor) and qs.dim() >= 3 and v.dim() - 2 > qs.dim() - 3:
+        raise ValueError(
+            f"a single tensor {tuple(qs.shape)} is read as stacked factors [..., M, N, r] with "
+            f"M={qs.shape[-3]}, but v {tuple(v.shape)} has more leading dims than the factors. "
+            "For one factor with a batch dim pass [q], [k] (or use linear_attention); for stacked "
+            "factors shared across v's batch pass list(qs.unbind(-3))."
+        )
+
+
 def as_factors(factors: Tensor | Sequence[Tensor], name: str) -> list[Tensor]:
     """Turn ``[..., M, N, r]`` or a sequence of ``M`` tensors ``[..., N, r_m]`` into a list."""
     if isinstance(factors, Tensor):
@@ -63,6 +79,8 @@ def broadcast_leading(named: dict[str, Tensor]) -> torch.Size:
 def check_pair(q: Tensor, k: Tensor, *, qname: str = "q", kname: str = "k") -> None:
     """Check one query/key pair: float, finite, same width, non-empty, broadcastable."""
     for n, t in ((qname, q), (kname, k)):
+        if not isinstance(t, Tensor):
+            raise ValueError(f"{n} must be a torch.Tensor [..., N, d], got {type(t).__name__}; wrap it with torch.as_tensor.")
         if t.dim() < 2:
             raise ValueError(f"{n} must be [..., N, d], got shape {tuple(t.shape)}.")
         check_float(n, t)
@@ -186,9 +204,13 @@ def check_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | N
     if valid_rows is not None:
         bad = bad & valid_rows
     if bad.any():
+        zero = int((den == 0).sum()) if valid_rows is None else int(((den == 0) & valid_rows).sum())
         raise ValueError(
             f"{int(bad.sum())} of {den.numel()} row(s) have a zero or negative normalizer "
-            "sum_l prod_m s_il <= 0: the factor similarities are sign-indefinite. Use a positive "
-            "feature map (elu1, exp, favor, relu, or affine with an even number of tied factors), "
-            "or pass allow_signed=True to get the signed result."
+            f"sum_l prod_m s_il <= 0 ({zero} exactly zero). Negative: the factor similarities are "
+            "sign-indefinite (identity features, odd M with affine factors). Zero: a row's "
+            "similarities all vanish or underflow (relu of an all-negative query, exp of very "
+            "negative logits). Use a strictly positive feature map (elu1, favor, or affine with an "
+            "even number of tied factors), rescale q/k or use float64, or pass allow_signed=True "
+            "to get the signed result."
         )

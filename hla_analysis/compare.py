@@ -288,9 +288,14 @@ def run_comparison(
 def load_results(path: str | Path) -> pd.DataFrame:
     """Read a results table written by :func:`run_comparison`, checking its columns."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise FileNotFoundError(f"no results table at {path}; run `hla-analysis compare` first.")
-    table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if path.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"{path} is not a results table: `hla-analysis compare` writes .parquet or .csv.")
+    try:
+        table = pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    except Exception as exc:  # pandas/pyarrow raise many types for a damaged file
+        raise ValueError(f"cannot read {path} as a results table ({exc}); rerun `hla-analysis compare`.") from None
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
         raise ValueError(f"{path} is not an hla-analysis results table (missing columns {missing}).")

@@ -37,6 +37,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from hla_analysis._checks import check_pair
 from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
 from hla_analysis.ops import hla, hla_attention_map, hla_weights, softmax_attention_map, softmax_attention_output
 
@@ -51,6 +52,7 @@ _FAMILY_OPTIONS = {
     "power": {"p": int},
 }
 _MAX_FACTORS = 8
+_PHI_OPTIONS = {"favor": {"m", "seed"}, "affine": {"c"}}
 
 # The variants a comparison runs by default (issue 5); every one is a valid spec.
 DEFAULT_VARIANTS = (
@@ -91,11 +93,14 @@ def parse_spec(spec: str) -> tuple[str, dict]:
         raise ValueError(f"unknown variant family {family!r} in {spec!r}; choose one of {', '.join(FAMILIES)}.")
     allowed = _FAMILY_OPTIONS[family]
     options: dict = {}
-    for item in filter(None, (part.strip() for part in rest.split(","))):
+    items = [part.strip() for part in rest.split(",")] if rest.strip() else []
+    for item in items:
         key, eq, value = item.partition("=")
         key = key.strip()
         if not eq:
-            raise ValueError(f"cannot parse {item!r} in variant spec {spec!r}: write key=value.")
+            raise ValueError(f"cannot parse {item!r} in variant spec {spec!r}: write key=value, separated by commas.")
+        if key in options:
+            raise ValueError(f"option {key!r} is given twice in variant spec {spec!r}.")
         if key not in allowed:
             known = ", ".join(allowed) or "none"
             raise ValueError(f"variant family {family!r} has no option {key!r} (spec {spec!r}); options: {known}.")
@@ -183,6 +188,7 @@ class Variant(nn.Module):
         """Factor features ``(qs, ks)``: M tensors each; tied factors share one object."""
         if self.kind == "softmax":
             raise ValueError("softmax has no feature factors; it is not a (finite) kernel.")
+        check_pair(q, k)
         self.bind(q.shape[-1])
         root = math.sqrt(q.shape[-1] ** -0.5 if scale is None else float(scale))
         q, k = q * root, k * root
@@ -289,13 +295,16 @@ def make_variant(spec: str) -> Variant:
     Parameters
     ----------
     spec : str
-        ``softmax``, ``linear:phi=NAME[,opts]``, ``hla:m=M,phi=NAME[,c=..,tied=0]`` or ``power:p=P``.
-        Feature maps: identity, elu1, relu, exp, affine, favor, taylor, cosformer, hedgehog, rebased.
+        ``softmax``, ``linear:phi=NAME[,opts]``, ``hla:m=M,phi=NAME[,c=..,proj=1,tied=0]`` or
+        ``power:p=P``. Feature maps: identity, elu1, relu, exp, affine (option ``c``), favor
+        (options ``m`` features, ``seed``; in hla specs ``m`` is the factor count), taylor,
+        cosformer, hedgehog, rebased. Odd ``p`` is allowed: its weights can be negative.
 
     Raises
     ------
     ValueError
-        Unknown family, option or feature map; bad values (M < 1, odd power p, ...).
+        Unknown family, option or feature map; an option the feature map does not take;
+        bad values (M < 1 or > 8, c <= 0, ...).
 
     Examples
     --------
@@ -328,6 +337,20 @@ def make_variant(spec: str) -> Variant:
         raise ValueError(
             f"unknown feature map phi={options['phi']!r} in {spec!r}; choose one of {', '.join(FEATURE_MAPS)}."
         )
+    if "phi" in options:
+        # in hla specs m is the factor count, so it never reaches the feature map
+        given = {k for k in options if k in _MAP_OPTIONS and not (k == "m" and family == "hla")}
+        unknown = given - _PHI_OPTIONS.get(options["phi"], set())
+        if unknown:
+            takes = ", ".join(sorted(_PHI_OPTIONS.get(options["phi"], set()))) or "no options"
+            raise ValueError(
+                f"feature map phi={options['phi']} does not take {', '.join(sorted(unknown))} "
+                f"(spec {spec!r}); it takes {takes}."
+            )
+    if "c" in options and not (math.isfinite(options["c"]) and options["c"] > 0):
+        raise ValueError(f"c must be a finite number > 0 (similarity 1 + s/c), got {options['c']} (spec {spec!r}).")
+    if "m" in options and family == "linear" and options["m"] < 1:
+        raise ValueError(f"favor needs m >= 1 random features, got {options['m']} (spec {spec!r}).")
     return Variant(family, options, _canonical(family, options))
 
 

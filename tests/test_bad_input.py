@@ -137,6 +137,23 @@ def test_overflow_is_reported_not_nan():
         hla([q, q, q], [q, q, q], torch.ones(2, 1), form="contract")
 
 
+def test_bare_tensor_with_batched_values_is_ambiguous():
+    q = rand(2, 5, 4)  # M=2 stacked factors, or one factor with a batch of 2?
+    with pytest.raises(ValueError, match="read as stacked factors .* M=2"):
+        hla(q, q, rand(2, 5, 3))
+    assert hla([q], [q], rand(2, 5, 3)).shape == (2, 5, 3)
+
+
+def test_softmax_overflow_and_bad_scale():
+    with pytest.raises(ValueError, match="overflowed"):
+        softmax_attention_map(1e200 * rand(3, 4), 1e200 * rand(3, 4))
+    for scale in (float("nan"), float("inf"), 0.0, -1.0):
+        with pytest.raises(ValueError, match="scale must be a finite positive"):
+            softmax_attention_map(rand(3, 4), rand(3, 4), scale=scale)
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        softmax_attention_map([[1.0]], [[1.0]])
+
+
 def test_bad_options():
     q = rand(4, 2)
     with pytest.raises(ValueError, match="unknown form"):

@@ -174,3 +174,20 @@ def test_cli_compare_and_summary(small_capture, tmp_path, capsys):
     assert main(["compare", "--capture", str(small_capture), "--variants", "hla:m=zero", "--out", str(out)]) == 1
     assert "must be int" in capsys.readouterr().err
     assert not math.isnan(summarize(load_results(out)).loc["hla:m=4,phi=affine", "kl_mean"])
+
+
+def test_cli_errors_are_one_line(small_capture, tmp_path, capsys):
+    assert main(["summary", str(small_capture)]) == 1  # a directory, not a table
+    assert "no results table" in capsys.readouterr().err
+    notes = tmp_path / "notes.md"
+    notes.write_text("# not a table\n")
+    assert main(["summary", str(notes)]) == 1
+    assert "not a results table" in capsys.readouterr().err
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 garbage")
+    assert main(["summary", str(broken)]) == 1
+    assert "cannot read" in capsys.readouterr().err
+    # demo refuses bad settings before it spends time capturing
+    assert main(["demo", "--out", str(tmp_path / "d"), "--variants", "flash", "--quiet"]) == 1
+    assert "unknown variant family 'flash'" in capsys.readouterr().err
+    assert not (tmp_path / "d" / "capture").exists()

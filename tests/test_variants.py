@@ -93,6 +93,21 @@ def test_spec_parsing_and_errors():
         make_variant("hla:m=9")
     with pytest.raises(ValueError, match="non-empty string"):
         make_variant("")
+    with pytest.raises(ValueError, match="given twice"):
+        make_variant("hla:m=2,m=3")
+    with pytest.raises(ValueError, match="write key=value"):
+        make_variant("hla:m=2,,phi=affine")
+    for bad in ("hla:m=2,c=0", "hla:m=2,c=-1", "hla:m=2,c=nan"):
+        with pytest.raises(ValueError, match="finite number > 0"):
+            make_variant(bad)
+    with pytest.raises(ValueError, match="phi=elu1 does not take m"):
+        make_variant("linear:phi=elu1,m=3")
+    with pytest.raises(ValueError, match="m >= 1 random features"):
+        make_variant("linear:phi=favor,m=0")
+    with pytest.raises(ValueError, match="must be a torch.Tensor"):
+        make_variant("hla:m=2").attention_map([[1.0]], [[1.0]])
+    with pytest.raises(ValueError, match=r"\[\.\.\., N, d\]"):
+        make_variant("hla:m=2").attention_map(torch.randn(4), torch.randn(4))
     var = make_variant("hla:m=2")
     var.attention_map(*list(qkv(d=8))[:2])
     with pytest.raises(ValueError, match="built for head dim 8, got 4"):

@@ -295,6 +295,8 @@ def capture(model: str = "minilm", *, out, num_inputs: int = 8, max_tokens: int 
     from tqdm.auto import tqdm
 
     _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolerance)
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this torch has no CUDA device; use --device cpu.")
     out = Path(out)
     _prepare_out(out)
     started = time.perf_counter()

@@ -59,7 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as exc:
+    except BrokenPipeError:  # e.g. `hla-analysis derive hla | head -1`
+        sys.stderr.close()
+        return 0
+    except (ValueError, OSError, ImportError) as exc:
         # Library errors already say what went wrong and how to fix it; no traceback.
         print(f"hla-analysis {args.command}: error: {exc}", file=sys.stderr)
         return 1

@@ -46,8 +46,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--capture", required=True, metavar="DIR", help="capture directory (hla-analysis capture)")
     p.add_argument("--variants", nargs="+", default=["default"], metavar="SPEC",
-                   help="variant specs, separated by spaces or ';' (specs contain commas), or 'default' "
-                        "(see `hla-analysis variants`)")
+                   help="variant specs as separate arguments or joined with ';' (specs contain commas), "
+                        "or 'default' (see `hla-analysis variants`)")
     p.add_argument("--out", required=True, metavar="FILE", help="results table, .parquet or .csv")
     p.add_argument("--block-rows", type=int, default=256, help="query rows per streamed block (memory ~ N x this)")
     p.add_argument("--row-stride", type=int, default=1, metavar="S",
@@ -58,8 +58,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hla_analysis.compare import run_comparison, summarize
     from hla_analysis.cli.summary import print_summary
+    from hla_analysis.compare import run_comparison, summarize
 
     table = run_comparison(
         args.capture, out=args.out, variants=args.variants, train_inputs=args.train_inputs,

@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import textwrap
+
+EXAMPLES = """\
+examples:
+  hla-analysis degree hla --factors 3                  # measured 3 == symbolic 3
+  hla-analysis degree softmax --tol 1e-3 1e-6 1e-9     # grows as the tolerance tightens
+  hla-analysis degree 'linear:phi=taylor' --json
+"""
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "degree",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="measure a variant's rational degree in t with AAA and compare with the symbolic one",
-        description=(
+        description=textwrap.fill(
             "Sample a(t), the variant's own attention weights with q -> t q on random q/k "
             "(float64), fit AAA and report the smallest degree reaching each tolerance, next "
             "to the degree derived symbolically. Rational variants match; softmax and other "
             "non-rational ones grow as the tolerance tightens."
         ),
     )
-    p.add_argument("variant", metavar="VARIANT")
+    p.add_argument(
+        "variant", metavar="VARIANT",
+        help="a registry spec (see `hla-analysis variants`), or a bare family meaning its rational "
+             "member: hla = hla:m=M,phi=affine, linear = linear:phi=affine (similarity 1 + s), "
+             "power = power:p=P, softmax",
+    )
     p.add_argument("--factors", "-M", type=int, default=None, help="M for hla (default 2), p for power")
     p.add_argument("--tol", type=float, nargs="+", default=[1e-9], help="relative tolerance(s), > 0")
     p.add_argument("--t-max", type=float, default=3.0, help="sample t in (0, t_max]")

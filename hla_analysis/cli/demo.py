@@ -41,9 +41,18 @@ def run(args: argparse.Namespace) -> int:
     from hla_analysis.capture import capture, load_capture
     from hla_analysis.cli.compare import fit_config
     from hla_analysis.cli.summary import print_summary
-    from hla_analysis.compare import run_comparison, summarize
+    from hla_analysis.compare import resolve_variants, run_comparison, summarize
     from hla_analysis.report import comparison_figures
 
+    # check everything that can be checked before the capture spends its half minute
+    resolve_variants(args.variants)
+    fit_config(args)
+    if args.row_stride < 1:
+        raise ValueError(f"--row-stride must be >= 1, got {args.row_stride}.")
+    if args.num_inputs < 2:
+        raise ValueError(f"--num-inputs must be >= 2 (one to fit on, one held out), got {args.num_inputs}.")
+    if args.train_inputs is not None and not 1 <= args.train_inputs < args.num_inputs:
+        raise ValueError(f"--train-inputs must be between 1 and {args.num_inputs - 1}, got {args.train_inputs}.")
     out = Path(args.out)
     started = time.perf_counter()
     progress = not args.quiet

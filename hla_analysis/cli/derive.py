@@ -2,21 +2,38 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import textwrap
+
+EXAMPLES = """\
+examples:
+  hla-analysis derive hla --factors 3          # degrees 3 and 3
+  hla-analysis derive linear --json            # degrees 1 and 1
+  hla-analysis derive softmax                  # not rational
+  hla-analysis derive 'hla:m=2,phi=taylor' --latex
+"""
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "derive",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         help="rational form and degrees of a variant's attention weight (SymPy)",
-        description=(
+        description=textwrap.fill(
             "Derive a_1(t) = prod_m s^(m)_1(t) / sum_l prod_m s^(m)_l(t) from the variant's "
             "definition, with the query scaled q -> t q, and report numerator, denominator and "
             "their degrees in t. VARIANT is a family (hla, linear, softmax, power) or a registry "
             "spec such as 'hla:m=3,phi=affine' or 'linear:phi=taylor'."
         ),
     )
-    p.add_argument("variant", metavar="VARIANT")
+    p.add_argument(
+        "variant", metavar="VARIANT",
+        help="a registry spec (see `hla-analysis variants`), or a bare family meaning its rational "
+             "member: hla = hla:m=M,phi=affine, linear = linear:phi=affine (similarity 1 + s), "
+             "power = power:p=P, softmax",
+    )
     p.add_argument("--factors", "-M", type=int, default=None, help="M for hla (default 2), p for power")
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print one JSON object")

@@ -26,6 +26,7 @@ from hla_analysis._checks import (
     check_factor_lists,
     check_normalizers,
     check_padding_mask,
+    check_stacked_against_values,
     check_values,
 )
 from hla_analysis.ops.tied import is_tied, symmetric_power_features
@@ -156,7 +157,8 @@ def hla(
     ----------
     qs, ks : sequence of Tensor or Tensor
         ``M`` tensors ``[..., N, r_m]`` (widths may differ per factor) or one stacked
-        ``[..., M, N, r]``. Leading dims broadcast with ``v``'s.
+        ``[..., M, N, r]``. Leading dims broadcast with ``v``'s. A bare tensor is always
+        read as stacked factors (dim -3 is M): for one factor pass ``[q]``.
     v : Tensor
         Values ``[..., N, dv]``.
     causal : bool
@@ -203,6 +205,8 @@ def hla(
     >>> torch.allclose(out, hla_attention_output([q1, q2], [k1, k2], v, causal=True), atol=1e-6)
     True
     """
+    if isinstance(v, torch.Tensor):
+        check_stacked_against_values(qs, v)
     qs, ks = as_factors(qs, "qs"), as_factors(ks, "ks")
     check_factor_lists(qs, ks)
     n_queries, n_keys = qs[0].shape[-2], ks[0].shape[-2]

@@ -6,6 +6,7 @@ Each function builds the full ``[..., Nq, Nk]`` row-normalised map from its defi
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -64,9 +65,16 @@ def softmax_attention_map(
     """
     check_pair(q, k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite positive number (default 1/sqrt(d)), got {scale}.")
     scores = (q @ k.transpose(-1, -2)) * scale
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
+    if not torch.isfinite(scores).all():
+        raise ValueError(
+            f"{int((~torch.isfinite(scores)).sum())} logit(s) scale*q.k overflowed to Inf/NaN; "
+            "rescale q and k (or compute in float64)."
+        )
     allowed = allowed_keys(
         q.shape[-2], k.shape[-2], causal=causal, key_padding_mask=key_padding_mask,
         query_offset=query_offset, device=q.device,
