@@ -239,3 +239,12 @@ def test_cli_capture_summary_and_errors(tmp_path, capsys):
     assert "6 layers x 12 heads" in printed and "inputs: 2, tokens: 64" in printed and "MiB" in printed
     assert cli_main(["capture", "--out", str(tmp_path / "x"), "--text", str(tmp_path / "missing")]) == 1
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_rerun_over_a_damaged_complete_capture_reports_it(tmp_path):
+    out = tmp_path / "cap"
+    capture("minilm", out=out, num_inputs=2, max_tokens=16, progress=False)
+    victim = out / load_capture(out).manifest["inputs"][1]["file"]
+    victim.write_bytes(victim.read_bytes()[:-8])
+    with pytest.raises(ValueError, match="truncated|modified"):
+        capture("minilm", out=out, num_inputs=2, max_tokens=16, progress=False)

@@ -15,6 +15,7 @@ from hla_analysis.capture.inputs import PACKINGS, PlannedInput, plan_inputs
 from hla_analysis.capture.models import load_model
 from hla_analysis.capture.recorder import AttentionCall, AttentionRecorder
 from hla_analysis.capture.store import (
+    load_capture,
     DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, PARTIAL, atomic_save_tensors, atomic_write_json,
     file_sha256, input_file_name, read_manifest, tensor_sha256,
 )
@@ -313,8 +314,10 @@ def capture(model: str = "minilm", *, out, num_inputs: int = 8, max_tokens: int 
     if (out / MANIFEST).is_file():
         existing = read_manifest(out / MANIFEST)
         if existing.get("settings") == settings and existing.get("complete"):
+            # "already complete" must mean intact: a damaged file is reported now, not later
+            load_capture(out).verify()
             if progress:
-                print(f"{out}: capture already complete")
+                print(f"{out}: capture already complete (verified)")
             return out
         raise ValueError(f"out={str(out)!r} holds a complete capture with different settings; pass a new directory")
 
