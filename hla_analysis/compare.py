@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +158,8 @@ def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool) -> tu
     groups = _stacks(cap, layer, all_inputs, _EVAL_STACK)
     heads, dim = cap.num_heads, cap.head_dim
     rows, fits = [], []
-    bar = tqdm(config.variants, desc=f"layer {layer}", leave=False, disable=not progress)
+    # the inner bar redraws in place; in a log file (no TTY) it would only add noise
+    bar = tqdm(config.variants, desc=f"layer {layer}", leave=False, disable=not progress or not sys.stderr.isatty())
     for spec in bar:
         variant = make_variant(spec).bind(dim, heads=heads)
         params = 0

@@ -130,3 +130,14 @@ def test_per_head_parameters_match_separate_variants(spec):
     got = batched.attention_map(q, k, allow_signed=True)
     for h, single in enumerate(singles):
         torch.testing.assert_close(got[h], single.attention_map(q[h], k[h], allow_signed=True))
+
+
+def test_cli_lists_every_default_variant(capsys):
+    from hla_analysis.cli import main
+
+    assert main(["variants"]) == 0
+    out = capsys.readouterr().out
+    for spec in list_variants():
+        assert spec in out
+    power_line = next(line for line in out.splitlines() if line.startswith("power:p=2 "))
+    assert power_line.split()[-1] == "True"  # sign-blind column

@@ -10,8 +10,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "variants",
         help="list the attention variants and the spec strings that name them",
         description=(
-            "List the registered attention variants. Every command that takes a variant "
-            "accepts these spec strings, e.g. 'hla:m=3,phi=affine' or 'linear:phi=favor,m=128'."
+            "List the registered attention variants (the default set of `compare`) and the "
+            "options of each family. Every command that takes a variant accepts these spec "
+            "strings, e.g. 'hla:m=3,phi=affine' or 'linear:phi=favor,m=128'."
         ),
     )
     p.set_defaults(func=run)
@@ -27,4 +28,12 @@ def run(args: argparse.Namespace) -> int:
         factors = "-" if var.factors is None else str(var.factors)
         print(f"{spec:34} {var.kind:8} {factors:>2}  {str(var.positive):8}  {var.sign_blind}")
     print(f"\nfeature maps (phi=...): {', '.join(FEATURE_MAPS)}")
+    print(
+        "\noptions, written family:key=value,key=value:\n"
+        "  linear  phi=NAME (default elu1); phi=favor takes m=FEATURES (default 64), seed=S; phi=affine takes c\n"
+        "  hla     m=FACTORS (default 2), phi=NAME (default affine, with c=M so factors are 1 + s/M),\n"
+        "          proj=1 (one learnable d x d projection, factors stay tied), tied=0 (one per factor)\n"
+        "  power   p=POWER (default 2): weight (q.k)^p\n"
+        "positive: every weight >= 0 by construction; sign-blind: cannot tell a key k from -k"
+    )
     return 0
