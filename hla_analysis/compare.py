@@ -155,7 +155,10 @@ def _stacks(cap, layer: int, indices: list[int], size: int) -> list[tuple[list[i
 def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool) -> tuple[pd.DataFrame, list[dict]]:
     all_inputs = list(range(cap.num_inputs))
     train = [batch for _, batch in _stacks(cap, layer, all_inputs[: config.train_inputs], config.train_inputs)]
-    groups = _stacks(cap, layer, all_inputs, _EVAL_STACK)
+    # stack as many inputs as keep one [I, H, block, N] map near _MAP_ELEMENTS (long inputs: one)
+    longest = max(cap.lengths)
+    stack = max(1, min(_EVAL_STACK, _MAP_ELEMENTS // (cap.num_heads * min(config.block_rows, longest) * longest)))
+    groups = _stacks(cap, layer, all_inputs, stack)
     heads, dim = cap.num_heads, cap.head_dim
     rows, fits = [], []
     # the inner bar redraws in place; in a log file (no TTY) it would only add noise
@@ -185,8 +188,9 @@ def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool) -> tu
     return table, fits
 
 
-# inputs evaluated together; bounds memory at about 8 x heads x block_rows x N floats per map
+# inputs evaluated together (fewer Python round trips), within a memory budget per map block
 _EVAL_STACK = 8
+_MAP_ELEMENTS = 2**25  # 128 MB of float32 per [I, H, block_rows, N] map
 
 
 def run_comparison(
