@@ -41,6 +41,27 @@ def _check_block(name: str, x: Tensor) -> None:
         raise ValueError(f"{name} has dtype {x.dtype}; metrics need a floating dtype (cast with .float()).")
 
 
+def broadcast_mask(
+    name: str, mask: Tensor | None, shape: torch.Size, device: torch.device, *, default: bool, meaning: str, expect: str
+) -> Tensor:
+    """Check a bool mask and broadcast it to ``shape``; ``None`` gives a constant ``default`` mask.
+
+    ``meaning`` says what True means and ``expect`` the shape the caller should pass; both go
+    into the error message.
+    """
+    if mask is None:
+        return torch.full(shape, default, dtype=torch.bool, device=device)
+    if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, Tensor) else type(mask).__name__
+        raise ValueError(f"{name} must be a bool tensor ({meaning}), got {got}.")
+    try:
+        return torch.broadcast_to(mask.to(device), shape)
+    except RuntimeError:
+        raise ValueError(
+            f"{name} has shape {tuple(mask.shape)}, which does not broadcast to {tuple(shape)}; pass {expect}."
+        ) from None
+
+
 def broadcast_allowed(allowed: Tensor | None, shape: torch.Size, device: torch.device) -> Tensor:
     """Return ``allowed`` broadcast to ``shape`` (all True when ``allowed`` is None).
 
@@ -50,18 +71,10 @@ def broadcast_allowed(allowed: Tensor | None, shape: torch.Size, device: torch.d
     >>> broadcast_allowed(torch.tensor([True, False]), torch.Size([3, 2]), torch.device("cpu")).shape
     torch.Size([3, 2])
     """
-    if allowed is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    if not isinstance(allowed, Tensor) or allowed.dtype != torch.bool:
-        got = allowed.dtype if isinstance(allowed, Tensor) else type(allowed).__name__
-        raise ValueError(f"allowed must be a bool tensor (True = the row may attend to that key), got {got}.")
-    try:
-        return torch.broadcast_to(allowed.to(device), shape)
-    except RuntimeError:
-        raise ValueError(
-            f"allowed has shape {tuple(allowed.shape)}, which does not broadcast to the rows' shape "
-            f"{tuple(shape)}; pass a mask [..., R, N] matching the row block."
-        ) from None
+    return broadcast_mask(
+        "allowed", allowed, shape, device, default=True,
+        meaning="True = the row may attend to that key", expect="a mask [..., R, N] matching the row block",
+    )
 
 
 def check_reference(p: Tensor, allowed: Tensor, *, tol: float = 1e-3) -> None:

@@ -38,6 +38,7 @@ from hla_analysis.metrics.rows import (
     _topk_recall,
     _tv,
     broadcast_allowed,
+    broadcast_mask,
     check_reference,
     check_scores,
 )
@@ -260,15 +261,8 @@ class StreamingAttentionMetrics:
 
     @staticmethod
     def _row_mask(name: str, m: Tensor | None, row_shape: torch.Size, device: torch.device, *, default: bool) -> Tensor:
-        if m is None:
-            return torch.full(row_shape, default, dtype=torch.bool, device=device)
-        if not isinstance(m, Tensor) or m.dtype != torch.bool:
-            got = m.dtype if isinstance(m, Tensor) else type(m).__name__
-            raise ValueError(f"{name} must be a bool tensor with one entry per row [..., R], got {got}.")
-        try:
-            return torch.broadcast_to(m.to(device), row_shape)
-        except RuntimeError:
-            raise ValueError(f"{name} has shape {tuple(m.shape)} but the block has rows {tuple(row_shape)}; give one entry per row.") from None
+        return broadcast_mask(name, m, row_shape, device, default=default,
+                              meaning="one entry per row [..., R]", expect="one entry per row of the block")
 
     def compute(self) -> dict[str, float]:
         """Return metric name -> value (floats; counts are whole numbers).
