@@ -191,3 +191,11 @@ def test_cli_errors_are_one_line(small_capture, tmp_path, capsys):
     assert main(["demo", "--out", str(tmp_path / "d"), "--variants", "flash", "--quiet"]) == 1
     assert "unknown variant family 'flash'" in capsys.readouterr().err
     assert not (tmp_path / "d" / "capture").exists()
+
+
+def test_stacking_inputs_does_not_change_numbers(small_capture, tmp_path, monkeypatch):
+    variants = "softmax;hla:m=2,phi=affine;linear:phi=elu1"
+    stacked = run_comparison(small_capture, out=tmp_path / "a.csv", variants=variants, fit=FAST_FIT, progress=False)
+    monkeypatch.setattr(compare_module, "_MAP_ELEMENTS", 1)  # forces one input per evaluation
+    single = run_comparison(small_capture, out=tmp_path / "b.csv", variants=variants, fit=FAST_FIT, progress=False)
+    pd.testing.assert_frame_equal(stacked, single, rtol=1e-5, atol=1e-7)
