@@ -27,6 +27,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "capture",
         help="record q, k, v of a pretrained model on real text",
         description=DESCRIPTION,
+        epilog=(
+            "examples:\n"
+            "  hla-analysis capture --model minilm --out runs/cap --num-inputs 32 --max-tokens 256\n"
+            "  hla-analysis capture --model smollm2 --out runs/smol --max-tokens 2048 --modules 'layers\\.(0|29)\\.'\n"
+            "  hla-analysis capture --model /path/to/hf/model --text my_corpus/ --out runs/mine\n"
+            "then: hla-analysis compare --capture runs/cap --variants default --out runs/results.parquet"
+        ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", default="minilm", help="minilm, smollm2, a model folder or a hub id (default: minilm)")
