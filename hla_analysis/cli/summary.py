@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 
 
+def _fmt(x: float) -> str:
+    # rounding noise must not print as "-0.0000" (a KL is never negative)
+    return "0.0000" if abs(x) < 5e-5 else f"{x:.4f}"
+
+
 def print_summary(summary) -> None:
     import pandas as pd
 
@@ -13,7 +18,7 @@ def print_summary(summary) -> None:
         "tv_mean": "TV", "topk_recall": "top5 recall", "spearman": "spearman",
         "failed_rows": "failed rows", "params_per_head": "params/head",
     })
-    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", "{:.4f}".format):
+    with pd.option_context("display.width", 160, "display.max_columns", 20, "display.float_format", _fmt):
         print("held-out inputs only; sorted by mean row KL(softmax || variant), lower is better")
         print("'failed rows': fraction of rows with a non-positive normalizer or invalid weights,")
         print("excluded from the other columns; variants failing on > 1% of rows are listed last\n")
