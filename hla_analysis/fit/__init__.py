@@ -72,15 +72,27 @@ def row_kl_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) ->
 
     Signed variants (odd M with affine factors) can give negative weights, where the KL is
     undefined: they enter the log floored, and their total negative mass is added to the
-    loss so that the gradient pushes them back towards valid distributions.
+    loss so that the gradient pushes them back towards valid distributions. Rows whose
+    normalizer is not a positive finite number (e.g. an early causal row whose few
+    similarities all vanish) carry no distribution at all: they are left out of the mean,
+    as the evaluation leaves them out and counts them.
     """
-    total = 0.0
+    total, rows = 0.0, 0
     for batch, p in zip(batches, targets):
-        p_hat = variant.attention_map(batch["q"], batch["k"], scale=batch["scale"], causal=batch["causal"], allow_signed=True)
+        weights, den = variant.weights(batch["q"], batch["k"], scale=batch["scale"], causal=batch["causal"])
+        valid = (den > 0) & torch.isfinite(den)
+        p_hat = weights / torch.where(valid, den, torch.ones_like(den))
         log_ratio = torch.log(p.clamp_min(_LOG_FLOOR)) - torch.log(p_hat.clamp_min(_LOG_FLOOR))
         negative_mass = (-p_hat).clamp_min(0).sum(-1)
-        total = total + ((p * log_ratio).sum(-1) + negative_mass).mean()
-    return total / len(batches)
+        row_loss = (p * log_ratio).sum(-1) + negative_mass
+        valid = valid.squeeze(-1) & torch.isfinite(row_loss)
+        total = total + torch.where(valid, row_loss, torch.zeros_like(row_loss)).sum()
+        rows += int(valid.sum())
+    if rows == 0:
+        raise ValueError(
+            f"{variant.spec} has no row with a positive normalizer on the training inputs; it cannot be fitted."
+        )
+    return total / rows
 
 
 def _subsample_rows(batch: dict, stride: int) -> dict:
@@ -139,7 +151,7 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
         loss = row_kl_loss(variant, batches, targets)
         if not torch.isfinite(loss):
             raise ValueError(
-                f"fitting {variant.spec} diverged (loss {float(loss)}); lower the learning rate (lr={config.lr})."
+                f"fitting {variant.spec} diverged (loss {loss.item()}); lower the learning rate (lr={config.lr})."
             )
         loss.backward()
         optimiser.step()
