@@ -4,6 +4,7 @@ import math
 
 import pandas as pd
 import pytest
+import torch
 
 import hla_analysis.compare as compare_module
 from hla_analysis.capture import capture, load_capture
@@ -199,3 +200,20 @@ def test_stacking_inputs_does_not_change_numbers(small_capture, tmp_path, monkey
     monkeypatch.setattr(compare_module, "_MAP_ELEMENTS", 1)  # forces one input per evaluation
     single = run_comparison(small_capture, out=tmp_path / "b.csv", variants=variants, fit=FAST_FIT, progress=False)
     pd.testing.assert_frame_equal(stacked, single, rtol=1e-5, atol=1e-7)
+
+
+def test_fit_loss_skips_rows_without_a_distribution():
+    from hla_analysis.fit import row_kl_loss
+    from hla_analysis.ops import softmax_attention_map
+
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(6, 4, generator=g), torch.randn(6, 4, generator=g)
+    q[2] = -q[2].abs() - 1  # relu(q_2) = 0: row 2 has a zero normalizer
+    k = k.abs()
+    batch = {"q": q, "k": k, "scale": 0.5, "causal": False}
+    var = make_variant("linear:phi=relu")
+    target = softmax_attention_map(q, k, scale=0.5)
+    loss = row_kl_loss(var, [batch], [target])
+    keep = [0, 1, 3, 4, 5]
+    expect = row_kl_loss(var, [{**batch, "q": q[keep]}], [target[keep]])
+    assert torch.isfinite(loss) and float(loss) == pytest.approx(float(expect), rel=1e-6)
