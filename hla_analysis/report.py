@@ -79,47 +79,63 @@ def kl_heatmaps(results: pd.DataFrame, out_dir: Path, *, name: str = "kl_heatmap
 
 
 def error_vs_factors(results: pd.DataFrame, out_dir: Path, *, name: str = "error_vs_factors") -> Path:
-    """Held-out KL against the number of HLA factors M, per layer, tied vs fitted."""
-    per_head = _heldout_head_kl(results)
-    hla = per_head[per_head["variant"].str.startswith("hla:") & per_head["variant"].str.contains("phi=affine")].copy()
-    if hla.empty:
+    """Held-out KL against the number of HLA factors M, per layer, tied vs fitted.
+
+    A point whose rows failed on more than 1% (negative weights or normalizer) is drawn as a
+    hollow cross: its KL covers only the surviving rows and is not comparable.
+    """
+    held = results[results["split"] == "heldout"]
+    held = held[held["variant"].str.startswith("hla:") & held["variant"].str.contains("phi=affine")]
+    if held.empty:
         raise ValueError("the results hold no affine HLA variants (hla:m=M,phi=affine[,proj=1]).")
-    hla["M"] = hla["variant"].str.extract(r"m=(\d+)").astype(int)
-    hla["family"] = np.where(hla["variant"].str.contains("proj=1|tied=0"), "fitted", "tied (1+s/M)^M")
-    table = hla.groupby(["family", "M", "layer"], as_index=False)["value"].median()
-    table = table.rename(columns={"value": "median_head_kl_heldout"})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    per_head = held.pivot_table(index=["variant", "layer", "head"], columns="metric", values="value").reset_index()
+    per_head["M"] = per_head["variant"].str.extract(r"m=(\d+)")[0].astype(int)
+    per_head["family"] = np.where(per_head["variant"].str.contains("proj=1|tied=0"), "fitted", "tied (1+s/M)^M")
+    table = per_head.groupby(["family", "M", "layer"], as_index=False).agg(
+        median_head_kl_heldout=("kl_mean", "median"), failed_fraction=("failed_fraction", "mean")
+    )
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8), sharey=True)
     layers = sorted(table["layer"].unique())
-    colors = plt.cm.viridis(np.linspace(0, 0.9, len(layers)))
+    cmap = plt.cm.viridis
+    norm = matplotlib.colors.Normalize(vmin=min(layers), vmax=max(max(layers), min(layers) + 1))
     for ax, family in zip(axes, ["tied (1+s/M)^M", "fitted"]):
         part = table[table["family"] == family]
-        for color, layer in zip(colors, layers):
+        for layer in layers:
             rows = part[part["layer"] == layer].sort_values("M")
-            ax.plot(rows["M"], rows["median_head_kl_heldout"], "o-", color=color, label=f"layer {layer}")
+            color = cmap(norm(layer))
+            ok = rows["failed_fraction"] <= _MAX_FAILED
+            ax.plot(rows["M"][ok], rows["median_head_kl_heldout"][ok], "o-", color=color, ms=4, lw=1)
+            ax.plot(rows["M"][~ok], rows["median_head_kl_heldout"][~ok], "x", color=color, ms=6, alpha=0.7)
         ax.set_yscale("log")
         ax.set_xlabel("number of factors M")
         ax.set_title(f"HLA, {family}", fontsize=10)
         ax.set_xticks(sorted(table["M"].unique()))
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("median over heads of held-out KL (nats)")
-    axes[1].legend(fontsize=7, ncol=2)
-    fig.suptitle("More factors, higher rational degree: error vs M (missing points = every row failed)", fontsize=10)
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=axes.tolist(), label="layer")
+    fig.suptitle("Error vs number of factors M, one line per layer (x: > 1% of rows failed, "
+                 "KL over surviving rows only)", fontsize=10)
     return _save(fig, table, out_dir, name)
 
 
 def _head_data(capture, layer: int, head: int, input_index: int, tokens: int):
+    """The first ``tokens`` queries of one head with ALL keys, so every row is the real row."""
     d = capture.get(layer, input_index)
     n = min(tokens, d["q"].shape[-2])
-    return d["q"][head, :n], d["k"][head, :n], d["scale"], d["causal"]
+    return d["q"][head, :n], d["k"][head], d["scale"], d["causal"]
 
 
 def attention_maps(capture, out_dir: Path, *, layer: int, head: int, input_index: int = 0, tokens: int = 48,
                    name: str = "attention_maps") -> Path:
-    """One head's map under softmax, linear (elu+1) and HLA M = 2, 3, 4 on the same tokens."""
+    """One head's map under softmax, linear (elu+1) and HLA M = 2, 3, 4 on the same tokens.
+
+    Rows are computed over the whole sequence and the top-left ``tokens x tokens`` block is shown.
+    """
     q, k, scale, causal = _head_data(capture, layer, head, input_index, tokens)
     rows, maps = [], []
     for spec in MAP_VARIANTS:
         attn = make_variant(spec).attention_map(q, k, scale=scale, causal=causal, allow_signed=True).detach()
+        attn = attn[:, : q.shape[0]]
         maps.append((spec, attn.numpy()))
         i, j = np.meshgrid(range(attn.shape[0]), range(attn.shape[1]), indexing="ij")
         rows.append(pd.DataFrame({"variant": spec, "query": i.ravel(), "key": j.ravel(), "weight": attn.numpy().ravel()}))
@@ -134,7 +150,8 @@ def attention_maps(capture, out_dir: Path, *, layer: int, head: int, input_index
         ax.set_xlabel("key")
     axes[0].set_ylabel("query")
     fig.colorbar(im, ax=axes.tolist(), label="attention weight", shrink=0.8, extend="both")
-    fig.suptitle(f"layer {layer}, head {head}, input {input_index}: first {q.shape[0]} tokens", fontsize=10)
+    fig.suptitle(f"layer {layer}, head {head}, input {input_index}: the first {q.shape[0]} queries and keys "
+                 f"of {k.shape[0]} tokens (rows normalised over all keys)", fontsize=10)
     return _save(fig, pd.concat(rows, ignore_index=True), out_dir, name)
 
 

@@ -217,3 +217,22 @@ def test_fit_loss_skips_rows_without_a_distribution():
     keep = [0, 1, 3, 4, 5]
     expect = row_kl_loss(var, [{**batch, "q": q[keep]}], [target[keep]])
     assert torch.isfinite(loss) and float(loss) == pytest.approx(float(expect), rel=1e-6)
+
+
+def test_figures_read_the_table_and_save_their_numbers(default_results, small_capture, tmp_path):
+    from hla_analysis.report import comparison_figures
+
+    table, _ = default_results
+    paths = comparison_figures(table, load_capture(small_capture), tmp_path)
+    assert sorted(p.name for p in paths) == ["attention_maps.png", "error_vs_factors.png", "kl_heatmaps.png", "monotonicity.png"]
+    for p in paths:
+        assert p.stat().st_size > 10_000 and p.with_suffix(".csv").exists()
+    heat = pd.read_csv(tmp_path / "kl_heatmaps.csv")
+    held = table[(table["split"] == "heldout") & (table["metric"] == "kl_mean")]
+    row = heat.iloc[0]
+    expect = held[(held["variant"] == row["variant"]) & (held["layer"] == row["layer"]) & (held["head"] == row["head"])]
+    assert row["kl_mean_heldout"] == pytest.approx(expect["value"].mean())
+    maps = pd.read_csv(tmp_path / "attention_maps.csv")
+    # shown rows are the real rows (normalised over every key), cropped to the first keys
+    sums = maps[maps["variant"] == "softmax"].groupby("query")["weight"].sum().to_numpy()
+    assert (sums <= 1 + 1e-5).all() and (sums > 0).all()
