@@ -156,10 +156,29 @@ def allowed_keys(
     return allowed
 
 
+def check_mask_leading_dims(key_padding_mask: Tensor | None, *tensors: Tensor) -> None:
+    """Refuse a batch mask with fewer leading dims than the tensors it masks.
+
+    Leading dims align from the right, so a ``[B, N]`` mask against ``[B, H, N, d]`` tensors
+    would pair B with H: an error when B != H, and a silently wrong mask when B == H.
+    """
+    if key_padding_mask is None or key_padding_mask.dim() < 2:
+        return
+    lead = max(t.dim() - 2 for t in tensors)
+    if key_padding_mask.dim() - 1 < lead:
+        raise ValueError(
+            f"key_padding_mask {tuple(key_padding_mask.shape)} has fewer leading dims than the inputs "
+            f"({lead}); leading dims align from the right, so insert the missing ones, e.g. "
+            "mask[:, None, :] for inputs [B, H, N, d]."
+        )
+
+
 def check_padding_mask(
     key_padding_mask: Tensor, n_keys: int, *, causal: bool, query_offset: int = 0, n_queries: int | None = None
 ) -> None:
     """O(N) check that the mask is well formed and leaves every query row some key."""
+    if not isinstance(key_padding_mask, Tensor):
+        raise ValueError(f"key_padding_mask must be a bool tensor [..., N], got {type(key_padding_mask).__name__}.")
     if key_padding_mask.dtype != torch.bool:
         raise ValueError(
             f"key_padding_mask must be bool (True = real token, False = padding), got {key_padding_mask.dtype}."

@@ -83,6 +83,21 @@ def test_mask_that_masks_a_whole_row():
         softmax_attention_map(rand(4, 2), rand(4, 2), causal=True, key_padding_mask=left)
 
 
+def test_mask_with_too_few_leading_dims_is_refused():
+    q = rand(2, 2, 4, 3)  # [B=2, H=2, N, d]: a [B, N] mask would silently pair B with H
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    with pytest.raises(ValueError, match=r"mask\[:, None, :\]"):
+        hla([q], [q], rand(2, 2, 4, 1), key_padding_mask=mask)
+    with pytest.raises(ValueError, match="fewer leading dims"):
+        softmax_attention_map(q, q, key_padding_mask=mask)
+    with pytest.raises(ValueError, match="fewer leading dims"):
+        hla_attention_map([q], [q], key_padding_mask=mask)
+    out = hla([q], [q], rand(2, 2, 4, 1), key_padding_mask=mask[:, None, :])
+    assert out.shape == (2, 2, 4, 1)
+    # one shared 1-D mask is unambiguous
+    hla([q], [q], rand(2, 2, 4, 1), key_padding_mask=mask[0])
+
+
 def test_mask_dtype_and_length():
     with pytest.raises(ValueError, match="must be bool"):
         hla([rand(4, 2)], [rand(4, 2)], rand(4, 1), key_padding_mask=torch.ones(4))

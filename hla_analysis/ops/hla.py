@@ -25,6 +25,7 @@ from hla_analysis._checks import (
     broadcast_leading,
     check_factor_lists,
     check_normalizers,
+    check_mask_leading_dims,
     check_padding_mask,
     check_stacked_against_values,
     check_values,
@@ -220,6 +221,7 @@ def hla(
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, n_keys, causal=causal)
+        check_mask_leading_dims(key_padding_mask, *qs, *ks, v)
 
     if backend != "torch":
         from hla_analysis.ops import triton_backend

@@ -16,6 +16,7 @@ from hla_analysis._checks import (
     allowed_keys,
     as_factors,
     check_factor_lists,
+    check_mask_leading_dims,
     check_normalizers,
     check_pair,
     check_values,
@@ -64,6 +65,7 @@ def softmax_attention_map(
             [0.2689, 0.7311]])
     """
     check_pair(q, k)
+    check_mask_leading_dims(key_padding_mask, q, k)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite positive number (default 1/sqrt(d)), got {scale}.")
@@ -146,6 +148,7 @@ def hla_weights(
     """
     qs, ks = as_factors(qs, "qs"), as_factors(ks, "ks")
     check_factor_lists(qs, ks)
+    check_mask_leading_dims(key_padding_mask, *qs, *ks)
     allowed = allowed_keys(
         qs[0].shape[-2], ks[0].shape[-2], causal=causal, key_padding_mask=key_padding_mask,
         query_offset=query_offset, device=qs[0].device,
