@@ -18,7 +18,10 @@ Feature-map options (``m`` and ``seed`` for favor, ``c`` for affine) go in the s
 e.g. ``linear:phi=favor,m=128,seed=1``. Learnable HLA (fit with :mod:`hla_analysis.fit`):
 ``proj=1`` adds one projection ``W`` (d x d per head, identity at start) applied to q and k
 before the factors, which stay tied -- the same parameter budget as Hedgehog's map; ``tied=0``
-gives every factor its own projection ``W_m`` (M d^2 parameters).
+gives every factor its own projection ``W_m`` (M d^2 parameters). ``shift=1`` (affine factors
+only) adds a learnable logit shift ``b`` per head: factors ``1 + (s - b)/c``, which can move the
+zero of ``(1 + s/M)^M`` below the logits a head actually produces (heads with attention
+sinks have logits far below ``-M``, where the even power grows again).
 
 Examples
 --------
@@ -48,7 +51,7 @@ _MAP_OPTIONS = {"m": int, "seed": int, "c": float}
 _FAMILY_OPTIONS = {
     "softmax": {},
     "linear": {"phi": str, "seed": int, "c": float, "m": int},
-    "hla": {"phi": str, "seed": int, "c": float, "m": int, "tied": int, "proj": int},
+    "hla": {"phi": str, "seed": int, "c": float, "m": int, "tied": int, "proj": int, "shift": int},
     "power": {"p": int},
 }
 _MAX_FACTORS = 8
@@ -129,10 +132,12 @@ class Variant(nn.Module):
         self.factors = {"softmax": None, "linear": 1, "hla": options.get("m"), "power": options.get("p")}[family]
         self.tied = family == "power" or (family == "hla" and bool(options.get("tied", 1)))
         self.shared_proj = family == "hla" and self.tied and bool(options.get("proj", 0))
+        self.shifted = family == "hla" and bool(options.get("shift", 0))
         self.dim: int | None = None
         self.heads: int | None = None
         self.maps = nn.ModuleList()
         self.proj = nn.ParameterList()
+        self.shift: nn.Parameter | None = None
 
     # -- construction -------------------------------------------------------------
     def bind(self, dim: int, *, heads: int | None = None) -> Variant:
@@ -157,6 +162,8 @@ class Variant(nn.Module):
             n_proj = self.factors if self.kind == "hla" and not self.tied else int(self.shared_proj)
             for _ in range(n_proj):
                 self.proj.append(nn.Parameter(eye.clone()))
+            if self.shifted:
+                self.shift = nn.Parameter(torch.zeros(() if heads is None else (heads, 1, 1)))
         return self
 
     @property
@@ -201,15 +208,22 @@ class Variant(nn.Module):
             if self.shared_proj:
                 w = self.proj[0].to(q.dtype).transpose(-1, -2)
                 q, k = q @ w, k @ w
-            fq = self.maps[0](q, positions=q_pos, length=n_keys)
+            fq = self._shifted(self.maps[0], self.maps[0](q, positions=q_pos, length=n_keys))
             fk = self.maps[0](k, positions=k_pos, length=n_keys)
             return [fq] * self.factors, [fk] * self.factors
         qs, ks = [], []
         for phi, w in zip(self.maps, self.proj):
             w = w.to(q.dtype).transpose(-1, -2)
-            qs.append(phi(q @ w, positions=q_pos, length=n_keys))
+            qs.append(self._shifted(phi, phi(q @ w, positions=q_pos, length=n_keys)))
             ks.append(phi(k @ w, positions=k_pos, length=n_keys))
         return qs, ks
+
+    def _shifted(self, phi, fq: Tensor) -> Tensor:
+        """Query features ``[1 - b/c, q/sqrt(c)]``: similarity ``1 + (s - b)/c`` against ``[1, k/sqrt(c)]``."""
+        if self.shift is None:
+            return fq
+        lead = fq[..., :1] * (1 - self.shift.to(fq.dtype) / phi.c)
+        return torch.cat([lead, fq[..., 1:]], dim=-1)
 
     def attention_map(
         self,
@@ -295,7 +309,7 @@ def make_variant(spec: str) -> Variant:
     Parameters
     ----------
     spec : str
-        ``softmax``, ``linear:phi=NAME[,opts]``, ``hla:m=M,phi=NAME[,c=..,proj=1,tied=0]`` or
+        ``softmax``, ``linear:phi=NAME[,opts]``, ``hla:m=M,phi=NAME[,c=..,proj=1,tied=0,shift=1]`` or
         ``power:p=P``. Feature maps: identity, elu1, relu, exp, affine (option ``c``), favor
         (options ``m`` features, ``seed``; in hla specs ``m`` is the factor count), taylor,
         cosformer, hedgehog, rebased. Odd ``p`` is allowed: its weights can be negative.
@@ -326,7 +340,7 @@ def make_variant(spec: str) -> Variant:
                 if options["m"] < 1
                 else f"hla with m={options['m']} factors is beyond this toolkit's limit of {_MAX_FACTORS} (spec {spec!r})."
             )
-        for flag in ("tied", "proj"):
+        for flag in ("tied", "proj", "shift"):
             if options.get(flag, 0) not in (0, 1):
                 raise ValueError(f"{flag} must be 0 or 1, got {options[flag]} (spec {spec!r}).")
     elif family == "power":
@@ -347,6 +361,8 @@ def make_variant(spec: str) -> Variant:
                 f"feature map phi={options['phi']} does not take {', '.join(sorted(unknown))} "
                 f"(spec {spec!r}); it takes {takes}."
             )
+    if options.get("shift") and options.get("phi") != "affine":
+        raise ValueError(f"shift=1 needs affine factors (phi=affine), got phi={options.get('phi')} (spec {spec!r}).")
     if "c" in options and not (math.isfinite(options["c"]) and options["c"] > 0):
         raise ValueError(f"c must be a finite number > 0 (similarity 1 + s/c), got {options['c']} (spec {spec!r}).")
     if "m" in options and family == "linear" and options["m"] < 1:

@@ -141,3 +141,18 @@ def test_cli_lists_every_default_variant(capsys):
         assert spec in out
     power_line = next(line for line in out.splitlines() if line.startswith("power:p=2 "))
     assert power_line.split()[-1] == "True"  # sign-blind column
+
+
+def test_shifted_affine_factors():
+    q, k, _ = qkv()
+    var = make_variant("hla:m=4,phi=affine,shift=1").bind(8, heads=2).double()
+    torch.testing.assert_close(var.attention_map(q, k), make_variant("hla:m=4,phi=affine").attention_map(q, k))
+    with torch.no_grad():
+        var.shift.copy_(torch.tensor([-3.0, 2.0], dtype=torch.float64).view(2, 1, 1))
+    s = q @ k.transpose(-1, -2) / 8**0.5
+    w = (1 + (s - var.shift) / 4) ** 4
+    torch.testing.assert_close(var.attention_map(q, k), w / w.sum(-1, keepdim=True))
+    v = torch.randn(2, 12, 3, dtype=torch.float64)
+    torch.testing.assert_close(var(q, k, v), var.attention_map(q, k) @ v)  # still tied: symmetric state
+    with pytest.raises(ValueError, match="shift=1 needs affine"):
+        make_variant("hla:m=2,phi=exp,shift=1")

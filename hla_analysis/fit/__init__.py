@@ -64,7 +64,8 @@ class FitResult:
 
 def is_learnable(variant: Variant) -> bool:
     """Whether the variant has parameters to fit (after binding its head dim)."""
-    return variant.kind == "hla" and (not variant.tied or variant.shared_proj) or variant.phi in ("hedgehog", "rebased")
+    hla_params = not variant.tied or variant.shared_proj or variant.shifted
+    return variant.kind == "hla" and hla_params or variant.phi in ("hedgehog", "rebased")
 
 
 def row_kl_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) -> Tensor:
