@@ -236,3 +236,18 @@ def test_figures_read_the_table_and_save_their_numbers(default_results, small_ca
     # shown rows are the real rows (normalised over every key), cropped to the first keys
     sums = maps[maps["variant"] == "softmax"].groupby("query")["weight"].sum().to_numpy()
     assert (sums <= 1 + 1e-5).all() and (sums > 0).all()
+
+
+def test_shift_starts_below_every_training_logit(small_capture):
+    cap = load_capture(small_capture)
+    d = cap.get(3, 0)
+    batch = {k: d[k] for k in ("q", "k", "scale", "causal")}
+    var = make_variant("hla:m=4,phi=affine,shift=1").bind(cap.head_dim, heads=cap.num_heads)
+    fit_variant(var, [batch], config=FitConfig(steps=0, row_stride=1))
+    scores = batch["q"] @ batch["k"].transpose(-1, -2) * batch["scale"]
+    torch.testing.assert_close(var.shift.detach().flatten(), scores.flatten(-2).amin(-1))
+    # every factor 1 + (s - b)/4 >= 1, so the weight is increasing in the logit in every row
+    with torch.no_grad():
+        w = var.attention_map(batch["q"], batch["k"], scale=batch["scale"])
+    order = scores.argsort(-1)
+    assert (w.gather(-1, order).diff(dim=-1) >= -1e-7).all()

@@ -32,7 +32,8 @@ def run(args: argparse.Namespace) -> int:
         "\noptions, written family:key=value,key=value:\n"
         "  linear  phi=NAME (default elu1); phi=favor takes m=FEATURES (default 64), seed=S; phi=affine takes c\n"
         "  hla     m=FACTORS (default 2), phi=NAME (default affine, with c=M so factors are 1 + s/M),\n"
-        "          proj=1 (one learnable d x d projection, factors stay tied), tied=0 (one per factor)\n"
+        "          proj=1 (one learnable d x d projection, factors stay tied), tied=0 (one per factor),\n"
+        "          shift=1 (learnable logit shift b per head, affine only: factors 1 + (s - b)/c)\n"
         "  power   p=POWER (default 2): weight (q.k)^p\n"
         "positive: every weight >= 0 by construction; sign-blind: cannot tell a key k from -k"
     )

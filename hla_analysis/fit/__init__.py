@@ -96,6 +96,26 @@ def row_kl_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) ->
     return total / rows
 
 
+def _init_shift(variant: Variant, batches: list[dict]) -> None:
+    """Start a logit shift at each head's smallest training logit.
+
+    Factors ``1 + (s - b)/c`` are then >= 1 on every logit seen, so the weight starts
+    monotone in q.k; a shift of tens of logits is beyond what a few Adam steps could travel.
+    """
+    lowest = None
+    for b in batches:
+        scores = (b["q"] @ b["k"].transpose(-1, -2)) * b["scale"]
+        if b["causal"]:
+            n_q, n_k = scores.shape[-2:]
+            future = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).triu(n_k - n_q + 1)
+            scores = scores.masked_fill(future, float("inf"))
+        low = scores.flatten(-2).amin(-1)  # [..., H]
+        low = low.reshape(-1, low.shape[-1]).amin(0) if low.dim() > 1 else low
+        lowest = low if lowest is None else torch.minimum(lowest, low)
+    with torch.no_grad():
+        variant.shift.copy_(lowest.reshape(variant.shift.shape).to(variant.shift.dtype))
+
+
 def _subsample_rows(batch: dict, stride: int) -> dict:
     if batch["causal"] or stride == 1:
         return batch  # causal rows are not interchangeable: row i sees i + 1 keys
@@ -133,6 +153,8 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
     if not batches:
         raise ValueError("fit_variant needs at least one training input; got none.")
     batches = [_subsample_rows(b, config.row_stride) for b in batches]
+    if getattr(variant, "shift", None) is not None:
+        _init_shift(variant, batches)
     params = [p for p in variant.parameters() if p.requires_grad]
     heads = variant.heads or 1
     result = FitResult(params_per_head=sum(p.numel() for p in params) // heads)
