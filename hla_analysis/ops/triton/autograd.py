@@ -54,6 +54,20 @@ def _num_sms(device) -> int:
     return 4
 
 
+def _split_plan(n: int, programs: int, cfg: dict, device) -> tuple[int, int]:
+    """Token splits for a non-causal state reduction: ``(splits, tokens_per_split)``.
+
+    Enough splits to give about two programs per SM, each split a whole number of
+    ``STATE_BLOCK_N`` blocks and at least four of them; ``cfg["SPLITS"]`` overrides the count.
+    """
+    block = cfg["STATE_BLOCK_N"]
+    splits = cfg["SPLITS"]
+    if splits is None:
+        want = 2 * _num_sms(device)
+        splits = max(1, min(math.ceil(want / programs), n // (4 * block)))
+    tps = math.ceil(math.ceil(n / splits) / block) * block
+    return max(1, math.ceil(n / tps)), tps
+
 def _chunks(n: int, causal: bool, cfg: dict) -> int:
     return math.ceil(n / cfg["CHUNK"]) if causal else 1
 
@@ -74,12 +88,7 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict):
     grid_a, grid_d = r1 // block_a, dv // block_dv
     f2_arg = f1 if f2 is None else f2
     if mode == "total":
-        splits = cfg["SPLITS"]
-        if splits is None:
-            want = 2 * _num_sms(f1.device)
-            splits = max(1, min(math.ceil(want / (grid_a * grid_d * bh)), n // (4 * cfg["STATE_BLOCK_N"])))
-        tps = math.ceil(math.ceil(n / splits) / cfg["STATE_BLOCK_N"]) * cfg["STATE_BLOCK_N"]
-        splits = max(1, math.ceil(n / tps))
+        splits, tps = _split_plan(n, grid_a * grid_d * bh, cfg, f1.device)
         buf = torch.empty((splits, bh, r, dv), device=f1.device, dtype=f1.dtype if splits == 1 else torch.float32)
         kernels.state_kernel[(grid_a, grid_d, bh * splits)](
             f1, f2_arg, x, buf, n, tps, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,

@@ -16,7 +16,7 @@ import torch
 
 from hla_analysis._checks import check_normalizers
 from hla_analysis.ops.triton import kernels_tied
-from hla_analysis.ops.triton.autograd import _chunks, _normaliser_state, _num_sms, _precision
+from hla_analysis.ops.triton.autograd import _chunks, _normaliser_state, _num_sms, _precision, _split_plan
 
 
 def folded_rows(r: int, *block_cs: int) -> tuple[int, int]:
@@ -69,12 +69,7 @@ def compute_sym_states(f, x, w, *, mode: str, cfg: dict):
     common = dict(R=r, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BT=bt, TP=tp, CHUNK=cfg["CHUNK"],
                   PRECISION=_precision(f.dtype), num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
     if mode == "total":
-        splits = cfg["SPLITS"]
-        if splits is None:
-            want = 2 * _num_sms(f.device)
-            splits = max(1, min(math.ceil(want / (grid_t * grid_d * bh)), n // (4 * cfg["STATE_BLOCK_N"])))
-        tps = math.ceil(math.ceil(n / splits) / cfg["STATE_BLOCK_N"]) * cfg["STATE_BLOCK_N"]
-        splits = max(1, math.ceil(n / tps))
+        splits, tps = _split_plan(n, grid_t * grid_d * bh, cfg, f.device)
         buf = torch.empty((splits, bh, p, dv), device=f.device, dtype=f.dtype if splits == 1 else torch.float32)
         kernels_tied.sym_state_kernel[(grid_t, grid_d, bh * splits)](
             f, x, buf, n, tps, BLOCK_DV=block_dv, MODE=0, NUM_CHUNKS=1, SPLITS=splits, **common)
