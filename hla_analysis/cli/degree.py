@@ -6,6 +6,8 @@ import argparse
 import json
 import textwrap
 
+from hla_analysis.cli.derive import add_variant_arguments
+
 EXAMPLES = """\
 examples:
   hla-analysis degree hla --factors 3                  # measured 3 == symbolic 3
@@ -27,13 +29,7 @@ def register(subparsers) -> None:
             "non-rational ones grow as the tolerance tightens."
         ),
     )
-    p.add_argument(
-        "variant", metavar="VARIANT",
-        help="a registry spec (see `hla-analysis variants`), or a bare family meaning its rational "
-             "member: hla = hla:m=M,phi=affine, linear = linear:phi=affine (similarity 1 + s), "
-             "power = power:p=P, softmax",
-    )
-    p.add_argument("--factors", "-M", type=int, default=None, help="M for hla (default 2), p for power")
+    add_variant_arguments(p)
     p.add_argument("--tol", type=float, nargs="+", default=[1e-9], help="relative tolerance(s), > 0")
     p.add_argument("--t-max", type=float, default=3.0, help="sample t in (0, t_max]")
     p.add_argument("--json", action="store_true", help="print one JSON object")

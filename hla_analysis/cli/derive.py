@@ -15,6 +15,17 @@ examples:
 """
 
 
+def add_variant_arguments(p: argparse.ArgumentParser) -> None:
+    """VARIANT and --factors, read the same way by `derive` and `degree`."""
+    p.add_argument(
+        "variant", metavar="VARIANT",
+        help="a registry spec (see `hla-analysis variants`), or a bare family meaning its rational "
+             "member: hla = hla:m=M,phi=affine, linear = linear:phi=affine (similarity 1 + s), "
+             "power = power:p=P, softmax",
+    )
+    p.add_argument("--factors", "-M", type=int, default=None, help="M for hla (default 2), p for power")
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "derive",
@@ -28,13 +39,7 @@ def register(subparsers) -> None:
             "spec such as 'hla:m=3,phi=affine' or 'linear:phi=taylor'."
         ),
     )
-    p.add_argument(
-        "variant", metavar="VARIANT",
-        help="a registry spec (see `hla-analysis variants`), or a bare family meaning its rational "
-             "member: hla = hla:m=M,phi=affine, linear = linear:phi=affine (similarity 1 + s), "
-             "power = power:p=P, softmax",
-    )
-    p.add_argument("--factors", "-M", type=int, default=None, help="M for hla (default 2), p for power")
+    add_variant_arguments(p)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print one JSON object")
     fmt.add_argument("--latex", action="store_true", help="print a LaTeX formula")
