@@ -83,6 +83,19 @@ def test_split_reduction_and_both_causal_state_schedules():
     _compare(1, True, n=75, widths=(16,), seed=7, config=dict(CAUSAL_STATE="parallel"))
 
 
+@pytest.mark.parametrize("config", [
+    dict(PER_A=False),  # Khatri-Rao tiles of BLOCK_A rows, reshaped
+    dict(PER_A=True, STATE_BA=1, STATE_TRANS=True),
+    dict(PER_A=True, STATE_BA=4, STATE_TRANS=False, SPLITS=2),
+], ids=["tiles", "cols-ba1-trans", "cols-ba4-split"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_both_khatri_rao_schedules(config, causal):
+    """Column-at-a-time and tile kernels, each against the reference (unequal widths, masked)."""
+    _compare(2, causal, n=51, widths=(16, 32), mask=True, seed=20 + causal, config=config)
+    if causal:
+        _compare(2, True, n=75, widths=(32, 16), seed=22, config=dict(config, CAUSAL_STATE="parallel"))
+
+
 def test_normaliser_state_on_its_own():
     """Rows of an all-ones value matrix must come out exactly 1 (numerator == normaliser)."""
     qs, ks, _ = _inputs(2, 41, (16, 16), 16, seed=8)

@@ -27,12 +27,14 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
         block_c = 16 if r2 == 1 else max(r2, 16)
         return dict(STATE_BLOCK_N=16, STATE_BLOCK_C=block_c, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=16,
                     APPLY_BLOCK_C=block_c, GRAD_BLOCK_M=16, GRAD_BLOCK_C=block_c, BLOCK_N=16, CHUNK=32,
-                    SPLITS=None, STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=1)
+                    SPLITS=None, STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=1,
+                    PER_A=True, STATE_BA=2, STATE_TRANS=False)
     r = r1 * r2
     if dtype == torch.float32:  # 4-byte tiles: half the blocks, or shared memory overflows
         return dict(STATE_BLOCK_N=32, STATE_BLOCK_C=64, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=64, APPLY_BLOCK_C=64,
                     GRAD_BLOCK_M=64, GRAD_BLOCK_C=64, BLOCK_N=32, CHUNK=512, SPLITS=None,
-                    STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=2)
+                    STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=2,
+                    PER_A=True, STATE_BA=1, STATE_TRANS=False)
     return dict(
         # picked by the block-size sweep in benchmarks/gpu/bench_hla.py (H200, r = 64, N = 32760)
         STATE_BLOCK_N=128, STATE_BLOCK_C=128, STATE_BLOCK_DV=dv,
@@ -40,6 +42,8 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
         GRAD_BLOCK_M=128, GRAD_BLOCK_C=64,
         BLOCK_N=64, CHUNK=1024 if r >= 2048 else 512, SPLITS=None,
         STATE_WARPS=8, APPLY_WARPS=8, GRAD_WARPS=8, STAGES=3,
+        # M = 2: Khatri-Rao operands one column of f1 at a time (see kernels.py)
+        PER_A=True, STATE_BA=2, STATE_TRANS=False,
     )
 
 
@@ -72,10 +76,21 @@ def _chunks(n: int, causal: bool, cfg: dict) -> int:
     return math.ceil(n / cfg["CHUNK"]) if causal else 1
 
 
-def compute_states(f1, f2, x, w, *, mode: str, cfg: dict):
+def per_a(cfg: dict, f2) -> bool:
+    """Whether the column-at-a-time kernels run (M = 2 only; see :mod:`.kernels`)."""
+    return bool(cfg.get("PER_A")) and f2 is not None
+
+
+def transposed(f1, f2, cfg: dict):
+    """``f1`` as ``[BH, R1, N]`` for the column-at-a-time kernels, else ``None``."""
+    return f1.transpose(1, 2).contiguous() if per_a(cfg, f2) else None
+
+
+def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None):
     """``S`` and ``z`` of factors ``(f1, f2)`` against rows ``x`` (weights ``w`` for ``z``).
 
     mode: "total" (one state), "prefix" (exclusive, per chunk), "suffix" (exclusive, per chunk).
+    ``f1t``: ``f1`` transposed (:func:`transposed`), needed when :func:`per_a`.
     """
     bh, n, r1 = f1.shape
     r2 = 1 if f2 is None else f2.shape[-1]
@@ -83,14 +98,19 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict):
     r = r1 * r2
     causal = mode != "total"
     nc = _chunks(n, causal, cfg)
-    block_a = _block_a(cfg["STATE_BLOCK_C"], r1, r2)
+    cols = per_a(cfg, f2)
+    block_a = min(cfg["STATE_BA"], r1) if cols else _block_a(cfg["STATE_BLOCK_C"], r1, r2)
     block_dv = min(cfg["STATE_BLOCK_DV"], dv)
+    if cols:
+        state = _cols_launcher(f1t, cfg, block_a)
+    else:
+        state = kernels.state_kernel
     grid_a, grid_d = r1 // block_a, dv // block_dv
     f2_arg = f1 if f2 is None else f2
     if mode == "total":
         splits, tps = _split_plan(n, grid_a * grid_d * bh, cfg, f1.device)
         buf = torch.empty((splits, bh, r, dv), device=f1.device, dtype=f1.dtype if splits == 1 else torch.float32)
-        kernels.state_kernel[(grid_a, grid_d, bh * splits)](
+        state[(grid_a, grid_d, bh * splits)](
             f1, f2_arg, x, buf, n, tps, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,
             BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=0, CHUNK=cfg["CHUNK"], NUM_CHUNKS=1, SPLITS=splits, PRECISION=_precision(f1.dtype),
             num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
@@ -106,7 +126,7 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict):
             # too few programs for one sequential sweep (small states): sum each chunk in
             # parallel, then scan the chunk sums (cheap because the state is small)
             buf = torch.empty((nc, bh, r, dv), device=f1.device, dtype=torch.float32)
-            kernels.state_kernel[(grid_a, grid_d, bh * nc)](
+            state[(grid_a, grid_d, bh * nc)](
                 f1, f2_arg, x, buf, n, cfg["CHUNK"], R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"],
                 BLOCK_A=block_a, BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=0, CHUNK=cfg["CHUNK"],
                 NUM_CHUNKS=1, SPLITS=nc, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"],
@@ -116,11 +136,25 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict):
             s = s.transpose(0, 1).to(f1.dtype).contiguous()
             return s, _normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
         s = torch.empty((bh, nc, r, dv), device=f1.device, dtype=f1.dtype)
-        kernels.state_kernel[(grid_a, grid_d, bh)](
+        state[(grid_a, grid_d, bh)](
             f1, f2_arg, x, s, n, n, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,
             BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=1 if mode == "prefix" else 2, CHUNK=cfg["CHUNK"],
             NUM_CHUNKS=nc, SPLITS=1, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
     return s, _normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
+
+
+class _cols_launcher:
+    """:func:`kernels.state_cols_kernel` behind the launch signature of ``state_kernel``."""
+
+    def __init__(self, f1t, cfg, block_a):
+        if block_a not in (1, 2, 4):
+            raise ValueError(f"STATE_BA must be 1, 2 or 4, got {block_a}")
+        self.f1t, self.trans = f1t, bool(cfg["STATE_TRANS"])
+
+    def __getitem__(self, grid):
+        def launch(f1, f2, x, s, n, tps, *, BLOCK_A, HAS_F2, **kw):
+            kernels.state_cols_kernel[grid](self.f1t, f2, x, s, n, tps, BA=BLOCK_A, TRANS=self.trans, **kw)
+        return launch
 
 
 def _normaliser_state(f1, f2, w, *, nc: int, mode: str, chunk: int):
@@ -150,7 +184,7 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict):
+def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None):
     bh, n, r1 = q1.shape
     r2 = 1 if q2 is None else q2.shape[-1]
     dv = v.shape[-1]
@@ -158,14 +192,14 @@ def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict):
     den = torch.empty((bh, n), device=v.device, dtype=torch.float32)
     bm = cfg["APPLY_BLOCK_M"]
     kernels.apply_kernel[(math.ceil(n / bm), bh)](
-        q1, q1 if q2 is None else q2, k1, k1 if k2 is None else k2, v, s, z, o, den, n,
+        q1, q1 if q2 is None else q2, k1, k1 if k2 is None else k2, v, s, z, o, den, q1 if q1t is None else q1t, n,
         R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["APPLY_BLOCK_C"], r1, r2),
         HAS_F2=q2 is not None, CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],
-        PRECISION=_precision(v.dtype), num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
+        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2), num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
     return o, den
 
 
-def factor_grads(x1, x2, g, wx, y1, y2, h, wy, s, z, *, causal: bool, query_side: bool, cfg: dict):
+def factor_grads(x1, x2, g, wx, y1, y2, h, wy, s, z, *, causal: bool, query_side: bool, cfg: dict, x1t=None):
     """fp32 gradients of one side's factors (and, for the key side, of the values)."""
     bh, n, r1 = x1.shape
     r2 = 1 if x2 is None else x2.shape[-1]
@@ -175,13 +209,17 @@ def factor_grads(x1, x2, g, wx, y1, y2, h, wy, s, z, *, causal: bool, query_side
     out = torch.empty((bh, n, dv), device=x1.device, dtype=torch.float32) if not query_side else dx1
     bm = cfg["GRAD_BLOCK_M"]
     dummy = g
+    cols = per_a(cfg, x2)
+    dx1t = torch.empty((bh, r1, n), device=x1.device, dtype=torch.float32) if cols else dx1
     kernels.grad_kernel[(math.ceil(n / bm), bh)](
         x1, x1 if x2 is None else x2, g, dummy if wx is None else wx, y1, y1 if y2 is None else y2, h,
-        dummy if wy is None else wy, s, z, dx1, dx2, out, n,
+        dummy if wy is None else wy, s, z, dx1, dx2, out, x1 if x1t is None else x1t, dx1t, n,
         R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["GRAD_BLOCK_C"], r1, r2),
         HAS_F2=x2 is not None, CAUSAL=causal, QUERY_SIDE=query_side, WANT_OUT=not query_side,
-        CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1], PRECISION=_precision(g.dtype),
+        CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1], PRECISION=_precision(g.dtype), PER_A=cols,
         num_warps=cfg["GRAD_WARPS"], num_stages=cfg["STAGES"])
+    if cols:
+        dx1 += dx1t.transpose(1, 2)
     return dx1, (dx2 if x2 is not None else None), (out if not query_side else None)
 
 
@@ -190,25 +228,26 @@ class HLAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q1, q2, k1, k2, v, causal, allow_signed, cfg):
-        s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg)
-        o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg)
+        q1t, k1t = transposed(q1, q2, cfg), transposed(k1, k2, cfg)
+        s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
+        o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t)
         check_normalizers(den, allow_signed=allow_signed)
-        ctx.save_for_backward(q1, q2, k1, k2, v, o, den, s, z)
+        ctx.save_for_backward(q1, q2, k1, k2, v, o, den, s, z, q1t, k1t)
         ctx.causal, ctx.cfg = causal, cfg
         return o
 
     @staticmethod
     def backward(ctx, grad):
-        q1, q2, k1, k2, v, o, den, s, z = ctx.saved_tensors
+        q1, q2, k1, k2, v, o, den, s, z, q1t, k1t = ctx.saved_tensors
         causal, cfg = ctx.causal, ctx.cfg
         grad = grad.contiguous()
         # o = num / den:  d num = g / den,  d den = -(g . o) / den
         dnum = (grad.float() / den[..., None]).to(v.dtype)
         dden = (-(grad.float() * o.float()).sum(-1) / den).contiguous()
-        ds, dz = compute_states(q1, q2, dnum, dden, mode="suffix" if causal else "total", cfg=cfg)
+        ds, dz = compute_states(q1, q2, dnum, dden, mode="suffix" if causal else "total", cfg=cfg, f1t=q1t)
         dq1, dq2, _ = factor_grads(q1, q2, dnum, dden, k1, k2, v, None, s, z,
-                                   causal=causal, query_side=True, cfg=cfg)
+                                   causal=causal, query_side=True, cfg=cfg, x1t=q1t)
         dk1, dk2, dv = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
-                                    causal=causal, query_side=False, cfg=cfg)
+                                    causal=causal, query_side=False, cfg=cfg, x1t=k1t)
         cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
         return (cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1), cast(dv, v), None, None, None)

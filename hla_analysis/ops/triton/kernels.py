@@ -16,6 +16,16 @@ Three kernels cover forward and backward, causal and not:
 
 The normaliser state ``z`` (``R1 x R2`` per chunk) is a small matrix product done by the
 caller; in-kernel it enters through ``f1 . (f2 @ z^T)`` once per program, not per tile.
+
+Two ways to feed the tensor cores with Khatri-Rao tiles (M = 2):
+
+* tiles (``PER_A = False``): a ``[rows, BLOCK_A * R2]`` tile built as a 3-D broadcast product
+  and reshaped, so one MMA has ``K = BLOCK_A * R2``;
+* columns (``PER_A = True``, :func:`state_cols_kernel` for the state): one ``a`` at a time,
+  ``kr[:, a, :] = f1[:, a] * f2``, a row-scaled copy of the ``f2`` tile with the same layout
+  (no reshape), ``K = R2``. The column ``f1[:, a]`` is read from a transposed copy
+  ``f1t [R1, N]`` so that it is one contiguous load. On an H200 this was faster (see
+  ``benchmarks/gpu/README.md``).
 """
 
 import triton
@@ -92,6 +102,105 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
 
 
 @triton.jit
+def _cols_step(acc, f2, f1t_ptr, a, N, rows, ok, xv, TRANS: tl.constexpr, PRECISION: tl.constexpr):
+    """``acc += kr[rows, a, :]^T x`` (``[R2, DV]``), or its transpose when ``TRANS``."""
+    c = tl.load(f1t_ptr + a * N + rows, mask=ok, other=0.0)
+    kc = (f2 * c[:, None]).to(xv.dtype)
+    if TRANS:
+        return tl.dot(tl.trans(xv), kc, acc, input_precision=PRECISION)
+    else:
+        return tl.dot(tl.trans(kc), xv, acc, input_precision=PRECISION)
+
+
+@triton.jit
+def _cols_tokens(acc0, acc1, acc2, acc3, f1t_ptr, f2_ptr, x_ptr, a0, N, lo, hi, offs_n, offs_d,
+                 R2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, BA: tl.constexpr,
+                 TRANS: tl.constexpr, PRECISION: tl.constexpr):
+    """Add tokens ``[lo, hi)`` to the ``BA`` accumulators of ``a = a0 .. a0 + BA - 1``."""
+    offs_b = tl.arange(0, R2)
+    for n0 in range(lo, hi, BLOCK_N):
+        rows = n0 + offs_n
+        ok = rows < hi
+        f2 = tl.load(f2_ptr + rows[:, None] * R2 + offs_b[None, :], mask=ok[:, None], other=0.0)
+        xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
+        f2 = f2.to(xv.dtype)
+        acc0 = _cols_step(acc0, f2, f1t_ptr, a0, N, rows, ok, xv, TRANS, PRECISION)
+        if BA > 1:
+            acc1 = _cols_step(acc1, f2, f1t_ptr, a0 + 1, N, rows, ok, xv, TRANS, PRECISION)
+        if BA > 2:
+            acc2 = _cols_step(acc2, f2, f1t_ptr, a0 + 2, N, rows, ok, xv, TRANS, PRECISION)
+            acc3 = _cols_step(acc3, f2, f1t_ptr, a0 + 3, N, rows, ok, xv, TRANS, PRECISION)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def _cols_store(out, acc0, acc1, acc2, acc3, a0, offs_d, R2: tl.constexpr, DV: tl.constexpr,
+                BA: tl.constexpr, TRANS: tl.constexpr):
+    dt = out.dtype.element_ty
+    offs_b = tl.arange(0, R2)
+    if TRANS:  # accumulators are [BLOCK_DV, R2]
+        ptrs = out + (a0 * R2 + offs_b)[None, :] * DV + offs_d[:, None]
+    else:
+        ptrs = out + (a0 * R2 + offs_b)[:, None] * DV + offs_d[None, :]
+    tl.store(ptrs, acc0.to(dt))
+    if BA > 1:
+        tl.store(ptrs + R2 * DV, acc1.to(dt))
+    if BA > 2:
+        tl.store(ptrs + 2 * R2 * DV, acc2.to(dt))
+        tl.store(ptrs + 3 * R2 * DV, acc3.to(dt))
+
+
+@triton.jit
+def state_cols_kernel(f1t_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
+                      R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BA: tl.constexpr, BLOCK_DV: tl.constexpr, TRANS: tl.constexpr,
+                      MODE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, SPLITS, PRECISION: tl.constexpr):
+    """:func:`state_kernel` (same modes and output) from ``BA`` columns ``a`` per program
+    (``BA`` in {1, 2, 4}, one ``[R2, BLOCK_DV]`` accumulator each); ``f1t`` is ``[BH, R1, N]``."""
+    pid_a = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    pid_z = tl.program_id(2)
+    R: tl.constexpr = R1 * R2
+    if MODE == 0:
+        bh = pid_z // SPLITS
+        split = pid_z % SPLITS
+    else:
+        bh = pid_z
+        split = 0
+    a0 = pid_a * BA
+    f1t_ptr += bh.to(tl.int64) * N * R1
+    f2_ptr += bh.to(tl.int64) * N * R2
+    x_ptr += bh.to(tl.int64) * N * DV
+    offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    offs_n = tl.arange(0, BLOCK_N)
+    if TRANS:
+        acc0 = tl.zeros((BLOCK_DV, R2), dtype=tl.float32)
+    else:
+        acc0 = tl.zeros((R2, BLOCK_DV), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    if MODE == 0:
+        start = split * tokens_per_split
+        end = tl.minimum(start + tokens_per_split, N)
+        acc0, acc1, acc2, acc3 = _cols_tokens(acc0, acc1, acc2, acc3, f1t_ptr, f2_ptr, x_ptr, a0, N, start, end,
+                                              offs_n, offs_d, R2, DV, BLOCK_N, BA, TRANS, PRECISION)
+        out = s_ptr + (split.to(tl.int64) * (tl.num_programs(2) // SPLITS) + bh) * R * DV
+        _cols_store(out, acc0, acc1, acc2, acc3, a0, offs_d, R2, DV, BA, TRANS)
+    else:
+        for i in range(0, NUM_CHUNKS):
+            if MODE == 1:
+                c = i
+            else:
+                c = NUM_CHUNKS - 1 - i
+            out = s_ptr + (bh.to(tl.int64) * NUM_CHUNKS + c) * R * DV
+            _cols_store(out, acc0, acc1, acc2, acc3, a0, offs_d, R2, DV, BA, TRANS)
+            acc0, acc1, acc2, acc3 = _cols_tokens(acc0, acc1, acc2, acc3, f1t_ptr, f2_ptr, x_ptr, a0, N, c * CHUNK,
+                                                  tl.minimum(c * CHUNK + CHUNK, N), offs_n, offs_d, R2, DV,
+                                                  BLOCK_N, BA, TRANS, PRECISION)
+
+
+@triton.jit
 def _row_normaliser(f1, f2, z_ptr, R1: tl.constexpr, R2: tl.constexpr, HAS_F2: tl.constexpr,
                     PRECISION: tl.constexpr):
     """``sum_ab f1[:, a] f2[:, b] z[a, b]`` for a row block, in fp32."""
@@ -107,10 +216,11 @@ def _row_normaliser(f1, f2, z_ptr, R1: tl.constexpr, R2: tl.constexpr, HAS_F2: t
 
 
 @triton.jit
-def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den_ptr, N,
+def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den_ptr, q1t_ptr, N,
                  R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
-                 CAUSAL: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr):
+                 CAUSAL: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr,
+                 PER_A: tl.constexpr):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     BLOCK_C: tl.constexpr = BLOCK_A * R2
@@ -137,11 +247,19 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
         f2 = f1
     den = _row_normaliser(f1, f2, z_ptr, R1, R2, HAS_F2, PRECISION)
     acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
-    offs_c = tl.arange(0, BLOCK_C)
-    for a0 in range(0, R1, BLOCK_A):
-        kr = _kr_tile(q1_ptr, q2_ptr, rows, row_ok, a0, R1, R2, BLOCK_A, BLOCK_M, HAS_F2)
-        st = tl.load(s_ptr + (a0 * R2 + offs_c)[:, None] * DV + offs_d[None, :])
-        acc = tl.dot(kr.to(dt), st, acc, input_precision=PRECISION)
+    if PER_A:
+        q1t_ptr += bh * N * R1
+        f2c = f2.to(dt)
+        for a in range(0, R1):
+            c = tl.load(q1t_ptr + a * N + rows, mask=row_ok, other=0.0)
+            st = tl.load(s_ptr + (a * R2 + offs_r2)[:, None] * DV + offs_d[None, :])
+            acc = tl.dot((f2c * c[:, None]).to(dt), st, acc, input_precision=PRECISION)
+    else:
+        offs_c = tl.arange(0, BLOCK_C)
+        for a0 in range(0, R1, BLOCK_A):
+            kr = _kr_tile(q1_ptr, q2_ptr, rows, row_ok, a0, R1, R2, BLOCK_A, BLOCK_M, HAS_F2)
+            st = tl.load(s_ptr + (a0 * R2 + offs_c)[:, None] * DV + offs_d[None, :])
+            acc = tl.dot(kr.to(dt), st, acc, input_precision=PRECISION)
 
     if CAUSAL:
         k1_ptr += bh * N * R1
@@ -171,16 +289,19 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
 
 @triton.jit
 def grad_kernel(x1_ptr, x2_ptr, g_ptr, wx_ptr, y1_ptr, y2_ptr, h_ptr, wy_ptr, s_ptr, z_ptr,
-                dx1_ptr, dx2_ptr, out_ptr, N,
+                dx1_ptr, dx2_ptr, out_ptr, x1t_ptr, dx1t_ptr, N,
                 R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
                 CAUSAL: tl.constexpr, QUERY_SIDE: tl.constexpr, WANT_OUT: tl.constexpr,
-                CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr):
+                CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr, PER_A: tl.constexpr):
     """Gradients of one side's factors ``x`` through ``dkr = g @ S^T + w z``.
 
     Query side (``x = q``, ``g = dnum``, ``w = dden``, other side ``y = k``, ``h = v``).
     Key side (``x = k``, ``g = v``, ``w = 1``, ``y = q``, ``h = dnum``, ``wy = dden``), which
     also writes ``out = dv = kr @ dS`` (+ the intra-chunk ``A^T dnum``).
+
+    ``PER_A``: the state part of ``d x1`` goes to ``dx1t [BH, R1, N]`` one column at a time
+    (the caller adds it to ``dx1``, which then holds the register part only).
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
@@ -266,28 +387,43 @@ def grad_kernel(x1_ptr, x2_ptr, g_ptr, wx_ptr, y1_ptr, y2_ptr, h_ptr, wy_ptr, s_
                 a = tl.where(keep, s1 * s2, 0.0)
                 out_acc = tl.dot(a.to(hh.dtype), hh, out_acc, input_precision=PRECISION)
 
-    # dx1 columns are owned tile by tile: park the register part in memory, add per tile
     tl.store(dx1_ptr + rows[:, None] * R1 + offs_r1[None, :], d1, mask=row_ok[:, None])
-    tl.debug_barrier()
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_ba = tl.arange(0, BLOCK_A)
-    for a0 in range(0, R1, BLOCK_A):
-        st = tl.load(s_ptr + (a0 * R2 + offs_c)[:, None] * DV + offs_d[None, :])
-        p = tl.dot(g.to(dt), tl.trans(st), input_precision=PRECISION)  # d kr tile, [BLOCK_M, BLOCK_C]
-        if WANT_OUT:
-            kr = _kr_tile(x1_ptr, x2_ptr, rows, row_ok, a0, R1, R2, BLOCK_A, BLOCK_M, HAS_F2)
-            out_acc = tl.dot(kr.to(dt), st, out_acc, input_precision=PRECISION)
-        ptr1 = dx1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :]
-        prev = tl.load(ptr1, mask=row_ok[:, None], other=0.0)
-        if HAS_F2:
-            x2f = f2.to(tl.float32)
-            p3 = tl.reshape(p, (BLOCK_M, BLOCK_A, R2))
-            tl.store(ptr1, prev + tl.sum(p3 * x2f[:, None, :], 2), mask=row_ok[:, None])
-            x1t = tl.load(x1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :], mask=row_ok[:, None],
-                          other=0.0).to(tl.float32)
-            d2 += tl.sum(p3 * x1t[:, :, None], 1)
-        else:
-            tl.store(ptr1, prev + p, mask=row_ok[:, None])
+    if PER_A:
+        x1t_ptr += bh * N * R1
+        dx1t_ptr += bh * N * R1
+        x2f = f2.to(tl.float32)
+        f2c = f2.to(dt)
+        gc = g.to(dt)
+        for ia in range(0, R1):
+            st = tl.load(s_ptr + (ia * R2 + offs_r2)[:, None] * DV + offs_d[None, :])
+            p = tl.dot(gc, tl.trans(st), input_precision=PRECISION)  # d kr[:, ia, :], [BLOCK_M, R2]
+            c = tl.load(x1t_ptr + ia * N + rows, mask=row_ok, other=0.0)
+            if WANT_OUT:
+                out_acc = tl.dot((f2c * c[:, None]).to(dt), st, out_acc, input_precision=PRECISION)
+            tl.store(dx1t_ptr + ia * N + rows, tl.sum(p * x2f, 1), mask=row_ok)
+            d2 += p * c.to(tl.float32)[:, None]
+    else:
+        # dx1 columns are owned tile by tile: the register part is parked in memory, add per tile
+        tl.debug_barrier()
+        offs_c = tl.arange(0, BLOCK_C)
+        offs_ba = tl.arange(0, BLOCK_A)
+        for a0 in range(0, R1, BLOCK_A):
+            st = tl.load(s_ptr + (a0 * R2 + offs_c)[:, None] * DV + offs_d[None, :])
+            p = tl.dot(g.to(dt), tl.trans(st), input_precision=PRECISION)  # d kr tile, [BLOCK_M, BLOCK_C]
+            if WANT_OUT:
+                kr = _kr_tile(x1_ptr, x2_ptr, rows, row_ok, a0, R1, R2, BLOCK_A, BLOCK_M, HAS_F2)
+                out_acc = tl.dot(kr.to(dt), st, out_acc, input_precision=PRECISION)
+            ptr1 = dx1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :]
+            prev = tl.load(ptr1, mask=row_ok[:, None], other=0.0)
+            if HAS_F2:
+                x2f = f2.to(tl.float32)
+                p3 = tl.reshape(p, (BLOCK_M, BLOCK_A, R2))
+                tl.store(ptr1, prev + tl.sum(p3 * x2f[:, None, :], 2), mask=row_ok[:, None])
+                x1t = tl.load(x1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :], mask=row_ok[:, None],
+                              other=0.0).to(tl.float32)
+                d2 += tl.sum(p3 * x1t[:, :, None], 1)
+            else:
+                tl.store(ptr1, prev + p, mask=row_ok[:, None])
     if HAS_F2:
         tl.store(dx2_ptr + rows[:, None] * R2 + offs_r2[None, :], d2, mask=row_ok[:, None])
     if WANT_OUT:
