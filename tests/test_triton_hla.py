@@ -85,15 +85,28 @@ def test_split_reduction_and_both_causal_state_schedules():
 
 @pytest.mark.parametrize("config", [
     dict(PER_A=False),  # Khatri-Rao tiles of BLOCK_A rows, reshaped
-    dict(PER_A=True, STATE_BA=1, STATE_TRANS=True),
-    dict(PER_A=True, STATE_BA=4, STATE_TRANS=False, SPLITS=2),
-], ids=["tiles", "cols-ba1-trans", "cols-ba4-split"])
+    dict(PER_A=True, STATE_BA=1, STATE_TRANS=1),
+    dict(PER_A=True, STATE_BA=2, STATE_TRANS=2),
+    dict(PER_A=True, STATE_BA=4, STATE_TRANS=0, SPLITS=2),
+], ids=["tiles", "cols-ba1-trans-v", "cols-ba2-load-t", "cols-ba4-split"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_both_khatri_rao_schedules(config, causal):
     """Column-at-a-time and tile kernels, each against the reference (unequal widths, masked)."""
     _compare(2, causal, n=51, widths=(16, 32), mask=True, seed=20 + causal, config=config)
     if causal:
         _compare(2, True, n=75, widths=(32, 16), seed=22, config=dict(config, CAUSAL_STATE="parallel"))
+
+
+@pytest.mark.parametrize("shape", [(2, 37, 16), (1, 16, 45), (3, 5, 7)])
+def test_tiled_transpose_and_transpose_add(shape):
+    from hla_analysis.ops.triton.autograd import transpose
+
+    src = torch.randn(*shape, device=DEVICE)
+    torch.testing.assert_close(transpose(src), src.transpose(1, 2), atol=0, rtol=0)
+    dst = torch.randn(shape[0], shape[2], shape[1], device=DEVICE)
+    want = dst + src.transpose(1, 2)
+    assert transpose(src, dst) is dst
+    torch.testing.assert_close(dst, want, atol=0, rtol=0)
 
 
 def test_normaliser_state_on_its_own():

@@ -28,13 +28,13 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
         return dict(STATE_BLOCK_N=16, STATE_BLOCK_C=block_c, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=16,
                     APPLY_BLOCK_C=block_c, GRAD_BLOCK_M=16, GRAD_BLOCK_C=block_c, BLOCK_N=16, CHUNK=32,
                     SPLITS=None, STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=1,
-                    PER_A=True, STATE_BA=2, STATE_TRANS=False)
+                    PER_A=True, STATE_BA=2, STATE_TRANS=0)
     r = r1 * r2
     if dtype == torch.float32:  # 4-byte tiles: half the blocks, or shared memory overflows
         return dict(STATE_BLOCK_N=32, STATE_BLOCK_C=64, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=64, APPLY_BLOCK_C=64,
                     GRAD_BLOCK_M=64, GRAD_BLOCK_C=64, BLOCK_N=32, CHUNK=512, SPLITS=None,
                     STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=2,
-                    PER_A=True, STATE_BA=1, STATE_TRANS=False)
+                    PER_A=True, STATE_BA=1, STATE_TRANS=0)
     return dict(
         # picked by the block-size sweep in benchmarks/gpu/bench_hla.py (H200, r = 64, N = 32760)
         STATE_BLOCK_N=128, STATE_BLOCK_C=128, STATE_BLOCK_DV=dv,
@@ -43,7 +43,7 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
         BLOCK_N=64, CHUNK=1024 if r >= 2048 else 512, SPLITS=None,
         STATE_WARPS=8, APPLY_WARPS=8, GRAD_WARPS=8, STAGES=3,
         # M = 2: Khatri-Rao operands one column of f1 at a time (see kernels.py)
-        PER_A=True, STATE_BA=2, STATE_TRANS=False,
+        PER_A=True, STATE_BA=2, STATE_TRANS=0,
     )
 
 
@@ -81,9 +81,24 @@ def per_a(cfg: dict, f2) -> bool:
     return bool(cfg.get("PER_A")) and f2 is not None
 
 
+def transpose(src, dst=None):
+    """``src [Z, A, B]`` transposed to ``[Z, B, A]`` (contiguous), or added into ``dst``.
+
+    A tiled kernel: both the reads and the writes are coalesced, unlike a strided copy.
+    """
+    z, a, b = src.shape
+    add = dst is not None
+    if dst is None:
+        dst = torch.empty((z, b, a), device=src.device, dtype=src.dtype)
+    block = 16 if _interpreting() else 64
+    kernels.transpose_kernel[(math.ceil(a / block), math.ceil(b / block), z)](
+        src, dst, a, b, ADD=add, BLOCK_A=block, BLOCK_B=block)
+    return dst
+
+
 def transposed(f1, f2, cfg: dict):
     """``f1`` as ``[BH, R1, N]`` for the column-at-a-time kernels, else ``None``."""
-    return f1.transpose(1, 2).contiguous() if per_a(cfg, f2) else None
+    return transpose(f1) if per_a(cfg, f2) else None
 
 
 def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None):
@@ -149,7 +164,7 @@ class _cols_launcher:
     def __init__(self, f1t, cfg, block_a):
         if block_a not in (1, 2, 4):
             raise ValueError(f"STATE_BA must be 1, 2 or 4, got {block_a}")
-        self.f1t, self.trans = f1t, bool(cfg["STATE_TRANS"])
+        self.f1t, self.trans = f1t, int(cfg["STATE_TRANS"])
 
     def __getitem__(self, grid):
         def launch(f1, f2, x, s, n, tps, *, BLOCK_A, HAS_F2, **kw):
@@ -219,7 +234,7 @@ def factor_grads(x1, x2, g, wx, y1, y2, h, wy, s, z, *, causal: bool, query_side
         CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1], PRECISION=_precision(g.dtype), PER_A=cols,
         num_warps=cfg["GRAD_WARPS"], num_stages=cfg["STAGES"])
     if cols:
-        dx1 += dx1t.transpose(1, 2)
+        transpose(dx1t, dx1)
     return dx1, (dx2 if x2 is not None else None), (out if not query_side else None)
 
 

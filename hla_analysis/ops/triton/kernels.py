@@ -102,11 +102,33 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
 
 
 @triton.jit
+def transpose_kernel(src_ptr, dst_ptr, A, B, ADD: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """``dst[z] (+)= src[z]^T`` for ``src [Z, A, B]``, ``dst [Z, B, A]``, both contiguous."""
+    pid_a = tl.program_id(0)
+    pid_b = tl.program_id(1)
+    z = tl.program_id(2).to(tl.int64)
+    offs_a = pid_a * BLOCK_A + tl.arange(0, BLOCK_A)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+    ok = (offs_a[:, None] < A) & (offs_b[None, :] < B)
+    tile = tl.load(src_ptr + z * A * B + offs_a[:, None] * B + offs_b[None, :], mask=ok, other=0.0)
+    dst = dst_ptr + z * A * B + offs_b[None, :] * A + offs_a[:, None]
+    if ADD:
+        tile += tl.load(dst, mask=ok, other=0.0)
+    tl.store(dst, tile.to(dst_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
 def _cols_step(acc, f2, f1t_ptr, a, N, rows, ok, xv, TRANS: tl.constexpr, PRECISION: tl.constexpr):
-    """``acc += kr[rows, a, :]^T x`` (``[R2, DV]``), or its transpose when ``TRANS``."""
+    """``acc += kr[rows, a, :]^T x`` (``[R2, DV]``; ``[DV, R2]`` when ``TRANS == 1``).
+
+    ``TRANS`` 0: ``f2`` is ``[BLOCK_N, R2]``, the scaled copy is transposed for the MMA;
+    1: the values are transposed instead; 2: ``f2`` was loaded transposed, ``[R2, BLOCK_N]``.
+    """
     c = tl.load(f1t_ptr + a * N + rows, mask=ok, other=0.0)
+    if TRANS == 2:
+        return tl.dot((f2 * c[None, :]).to(xv.dtype), xv, acc, input_precision=PRECISION)
     kc = (f2 * c[:, None]).to(xv.dtype)
-    if TRANS:
+    if TRANS == 1:
         return tl.dot(tl.trans(xv), kc, acc, input_precision=PRECISION)
     else:
         return tl.dot(tl.trans(kc), xv, acc, input_precision=PRECISION)
@@ -121,7 +143,10 @@ def _cols_tokens(acc0, acc1, acc2, acc3, f1t_ptr, f2_ptr, x_ptr, a0, N, lo, hi, 
     for n0 in range(lo, hi, BLOCK_N):
         rows = n0 + offs_n
         ok = rows < hi
-        f2 = tl.load(f2_ptr + rows[:, None] * R2 + offs_b[None, :], mask=ok[:, None], other=0.0)
+        if TRANS == 2:
+            f2 = tl.load(f2_ptr + rows[None, :] * R2 + offs_b[:, None], mask=ok[None, :], other=0.0)
+        else:
+            f2 = tl.load(f2_ptr + rows[:, None] * R2 + offs_b[None, :], mask=ok[:, None], other=0.0)
         xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
         f2 = f2.to(xv.dtype)
         acc0 = _cols_step(acc0, f2, f1t_ptr, a0, N, rows, ok, xv, TRANS, PRECISION)
@@ -138,7 +163,7 @@ def _cols_store(out, acc0, acc1, acc2, acc3, a0, offs_d, R2: tl.constexpr, DV: t
                 BA: tl.constexpr, TRANS: tl.constexpr):
     dt = out.dtype.element_ty
     offs_b = tl.arange(0, R2)
-    if TRANS:  # accumulators are [BLOCK_DV, R2]
+    if TRANS == 1:  # accumulators are [BLOCK_DV, R2]
         ptrs = out + (a0 * R2 + offs_b)[None, :] * DV + offs_d[:, None]
     else:
         ptrs = out + (a0 * R2 + offs_b)[:, None] * DV + offs_d[None, :]
@@ -173,7 +198,7 @@ def state_cols_kernel(f1t_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
     x_ptr += bh.to(tl.int64) * N * DV
     offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    if TRANS:
+    if TRANS == 1:
         acc0 = tl.zeros((BLOCK_DV, R2), dtype=tl.float32)
     else:
         acc0 = tl.zeros((R2, BLOCK_DV), dtype=tl.float32)
