@@ -6,6 +6,7 @@ toolkit never returns a silent NaN or a silently wrong number.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -208,6 +209,11 @@ def check_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | N
     ``den`` holds sum_l prod_m s_il for every query row; ``valid_rows`` (bool, broadcastable)
     marks rows whose result is used.
     """
+    if valid_rows is None and den.numel() and den.is_floating_point():
+        # fast path, one reduction and one device sync: min/max propagate NaN
+        lo, hi = torch.stack(torch.aminmax(den.detach())).tolist()
+        if math.isfinite(lo) and math.isfinite(hi) and (allow_signed or lo > 0):
+            return
     nonfinite = ~torch.isfinite(den)
     if valid_rows is not None:
         nonfinite = nonfinite & valid_rows

@@ -190,7 +190,7 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     q1, k1 = flat(qs[0]), flat(ks[0])
     q2, k2 = (flat(qs[1]), flat(ks[1])) if len(qs) == 2 else (None, None)
     r2 = q1.shape[-1] if use_tied else (1 if q2 is None else q2.shape[-1])
-    cfg = default_config(r1=q1.shape[-1], r2=r2, dv=v.shape[-1], causal=causal, dtype=work)
+    cfg = default_config(r1=q1.shape[-1], r2=r2, dv=v.shape[-1], causal=causal, dtype=work, tied=use_tied)
     if chunk_size is not None:
         cfg["CHUNK"] = int(chunk_size)
     if config:

@@ -20,9 +20,15 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtype) -> dict:
-    """Block sizes for one problem; small ones under the interpreter (each program costs
-    interpreter time, and these keep the CPU tests short)."""
+def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtype, tied: bool = False) -> dict:
+    """Block sizes and schedule for one problem.
+
+    Small blocks under the interpreter (each program costs interpreter time; the CPU tests
+    stay short, and they take the column kernels so that CI covers them). On a GPU, bf16/fp16
+    non-causal M = 2 problems with ``r2 >= 32`` take the column-at-a-time kernels
+    (``PER_A``), everything else the tile kernels; each choice was the faster one in
+    ``benchmarks/gpu/tune_hla.py`` on an H200 (``benchmarks/gpu/results/``).
+    """
     if _interpreting():
         block_c = 16 if r2 == 1 else max(r2, 16)
         return dict(STATE_BLOCK_N=16, STATE_BLOCK_C=block_c, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=16,
@@ -34,17 +40,22 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
         return dict(STATE_BLOCK_N=32, STATE_BLOCK_C=64, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=64, APPLY_BLOCK_C=64,
                     GRAD_BLOCK_M=64, GRAD_BLOCK_C=64, BLOCK_N=32, CHUNK=512, SPLITS=None,
                     STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=2,
-                    PER_A=True, STATE_BA=1, STATE_TRANS=0)
-    return dict(
-        # picked by the block-size sweep in benchmarks/gpu/bench_hla.py (H200, r = 64, N = 32760)
+                    PER_A=False, STATE_BA=1, STATE_TRANS=0)
+    cfg = dict(
+        # tile kernels: picked by the block-size sweep of session 1 (H200, r = 64, N = 32760)
         STATE_BLOCK_N=128, STATE_BLOCK_C=128, STATE_BLOCK_DV=dv,
         APPLY_BLOCK_M=128, APPLY_BLOCK_C=128,
         GRAD_BLOCK_M=128, GRAD_BLOCK_C=64,
         BLOCK_N=64, CHUNK=1024 if r >= 2048 else 512, SPLITS=None,
         STATE_WARPS=8, APPLY_WARPS=8, GRAD_WARPS=8, STAGES=3,
-        # M = 2: Khatri-Rao operands one column of f1 at a time (see kernels.py)
-        PER_A=True, STATE_BA=2, STATE_TRANS=0,
+        PER_A=False, STATE_BA=2, STATE_TRANS=0,
     )
+    if not causal and not tied and r2 >= 32:
+        # column kernels (benchmarks/gpu/tune_hla.py, H200, r = 64, N = 32760): four columns per
+        # state program (two at r2 = 128, or the accumulators spill), values as the shared operand
+        cfg.update(PER_A=True, STATE_BA=4 if r2 <= 64 else 2, STATE_WARPS=8, STATE_TRANS=1,
+                   APPLY_WARPS=4, GRAD_BLOCK_M=64, GRAD_WARPS=4)
+    return cfg
 
 
 def _block_a(block_c: int, r1: int, r2: int) -> int:
@@ -210,7 +221,7 @@ def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None):
         q1, q1 if q2 is None else q2, k1, k1 if k2 is None else k2, v, s, z, o, den, q1 if q1t is None else q1t, n,
         R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["APPLY_BLOCK_C"], r1, r2),
         HAS_F2=q2 is not None, CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],
-        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2), num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
+        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
     return o, den
 
 

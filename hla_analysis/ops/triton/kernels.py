@@ -126,12 +126,12 @@ def _cols_step(acc, f2, f1t_ptr, a, N, rows, ok, xv, TRANS: tl.constexpr, PRECIS
     """
     c = tl.load(f1t_ptr + a * N + rows, mask=ok, other=0.0)
     if TRANS == 2:
-        return tl.dot((f2 * c[None, :]).to(xv.dtype), xv, acc, input_precision=PRECISION)
-    kc = (f2 * c[:, None]).to(xv.dtype)
-    if TRANS == 1:
-        return tl.dot(tl.trans(xv), kc, acc, input_precision=PRECISION)
+        acc = tl.dot((f2 * c[None, :]).to(xv.dtype), xv, acc, input_precision=PRECISION)
+    elif TRANS == 1:
+        acc = tl.dot(tl.trans(xv), (f2 * c[:, None]).to(xv.dtype), acc, input_precision=PRECISION)
     else:
-        return tl.dot(tl.trans(kc), xv, acc, input_precision=PRECISION)
+        acc = tl.dot(tl.trans((f2 * c[:, None]).to(xv.dtype)), xv, acc, input_precision=PRECISION)
+    return acc
 
 
 @triton.jit
@@ -246,6 +246,10 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
                  BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
                  CAUSAL: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr,
                  PER_A: tl.constexpr):
+    """``PER_A`` (non-causal only): Khatri-Rao columns one ``a`` at a time, ``q1t = q1^T``.
+    With the intra-chunk loop after it, Triton 3.6 produced NaNs on an H200 (not under the
+    interpreter), so the launcher never combines ``PER_A`` with ``CAUSAL``."""
+    tl.static_assert(not (PER_A and CAUSAL), "PER_A apply is non-causal only")
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     BLOCK_C: tl.constexpr = BLOCK_A * R2
