@@ -87,8 +87,9 @@ def test_split_reduction_and_both_causal_state_schedules():
     dict(PER_A=False),  # Khatri-Rao tiles of BLOCK_A rows, reshaped
     dict(PER_A=True, STATE_BA=1, STATE_TRANS=1),
     dict(PER_A=True, STATE_BA=2, STATE_TRANS=2),
+    dict(PER_A=True, STATE_BA=2, STATE_TRANS=3),
     dict(PER_A=True, STATE_BA=4, STATE_TRANS=0, SPLITS=2),
-], ids=["tiles", "cols-ba1-trans-v", "cols-ba2-load-t", "cols-ba4-split"])
+], ids=["tiles", "cols-ba1-trans-v", "cols-ba2-load-t", "cols-ba2-scale-v", "cols-ba4-split"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_both_khatri_rao_schedules(config, causal):
     """Column-at-a-time and tile kernels, each against the reference (unequal widths, masked)."""

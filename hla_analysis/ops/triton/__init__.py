@@ -78,10 +78,17 @@ def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
     if key_padding_mask is not None and key_padding_mask.shape[-1] != n_k:
         return False
     try:
-        torch.broadcast_shapes(*[t.shape[:-2] for t in tensors])
+        _lead_shape(tensors)
     except RuntimeError:
         return False
     return True
+
+
+def _lead_shape(tensors) -> torch.Size:
+    """The broadcast leading shape (all but the last two dims); equal shapes skip the
+    general rule, which costs tens of microseconds per call."""
+    shapes = {t.shape[:-2] for t in tensors}
+    return shapes.pop() if len(shapes) == 1 else torch.broadcast_shapes(*shapes)
 
 
 def factors_tied(qs, ks) -> bool:
@@ -180,7 +187,7 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
         ks = [ks[0] * key_padding_mask[..., None].to(ks[0].dtype), *ks[1:]]
     out_dtype = v.dtype
     work = torch.bfloat16 if v.dtype == torch.float16 else v.dtype
-    lead = torch.broadcast_shapes(*[t.shape[:-2] for t in [*qs, *ks, v]])
+    lead = _lead_shape([*qs, *ks, v])
     n = v.shape[-2]
 
     def flat(t):

@@ -254,8 +254,9 @@ class HLAFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q1, q2, k1, k2, v, causal, allow_signed, cfg):
-        q1t, k1t = transposed(q1, q2, cfg), transposed(k1, k2, cfg)
+        k1t = transposed(k1, k2, cfg)
         s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
+        q1t = transposed(q1, q2, cfg)  # launched while the state kernel runs
         o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t)
         check_normalizers(den, allow_signed=allow_signed)
         ctx.save_for_backward(q1, q2, k1, k2, v, o, den, s, z, q1t, k1t)

@@ -122,10 +122,14 @@ def _cols_step(acc, f2, f1t_ptr, a, N, rows, ok, xv, TRANS: tl.constexpr, PRECIS
     """``acc += kr[rows, a, :]^T x`` (``[R2, DV]``; ``[DV, R2]`` when ``TRANS == 1``).
 
     ``TRANS`` 0: ``f2`` is ``[BLOCK_N, R2]``, the scaled copy is transposed for the MMA;
-    1: the values are transposed instead; 2: ``f2`` was loaded transposed, ``[R2, BLOCK_N]``.
+    1: the values are transposed instead; 2: ``f2`` was loaded transposed, ``[R2, BLOCK_N]``;
+    3: the values were loaded transposed and are scaled instead (``acc^T += (c x)^T f2``), so
+    the per-column operand is the MMA's register operand and ``f2`` the shared one.
     """
     c = tl.load(f1t_ptr + a * N + rows, mask=ok, other=0.0)
-    if TRANS == 2:
+    if TRANS == 3:  # xv is [BLOCK_DV, BLOCK_N]: scale the values along the tokens instead
+        acc = tl.dot((xv * c[None, :]).to(f2.dtype), f2, acc, input_precision=PRECISION)
+    elif TRANS == 2:
         acc = tl.dot((f2 * c[None, :]).to(xv.dtype), xv, acc, input_precision=PRECISION)
     elif TRANS == 1:
         acc = tl.dot(tl.trans(xv), (f2 * c[:, None]).to(xv.dtype), acc, input_precision=PRECISION)
@@ -147,7 +151,10 @@ def _cols_tokens(acc0, acc1, acc2, acc3, f1t_ptr, f2_ptr, x_ptr, a0, N, lo, hi, 
             f2 = tl.load(f2_ptr + rows[None, :] * R2 + offs_b[:, None], mask=ok[None, :], other=0.0)
         else:
             f2 = tl.load(f2_ptr + rows[:, None] * R2 + offs_b[None, :], mask=ok[:, None], other=0.0)
-        xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
+        if TRANS == 3:
+            xv = tl.load(x_ptr + rows[None, :] * DV + offs_d[:, None], mask=ok[None, :], other=0.0)
+        else:
+            xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
         f2 = f2.to(xv.dtype)
         acc0 = _cols_step(acc0, f2, f1t_ptr, a0, N, rows, ok, xv, TRANS, PRECISION)
         if BA > 1:
@@ -163,7 +170,7 @@ def _cols_store(out, acc0, acc1, acc2, acc3, a0, offs_d, R2: tl.constexpr, DV: t
                 BA: tl.constexpr, TRANS: tl.constexpr):
     dt = out.dtype.element_ty
     offs_b = tl.arange(0, R2)
-    if TRANS == 1:  # accumulators are [BLOCK_DV, R2]
+    if TRANS == 1 or TRANS == 3:  # accumulators are [BLOCK_DV, R2]
         ptrs = out + (a0 * R2 + offs_b)[None, :] * DV + offs_d[:, None]
     else:
         ptrs = out + (a0 * R2 + offs_b)[:, None] * DV + offs_d[None, :]
@@ -198,7 +205,7 @@ def state_cols_kernel(f1t_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
     x_ptr += bh.to(tl.int64) * N * DV
     offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    if TRANS == 1:
+    if TRANS == 1 or TRANS == 3:
         acc0 = tl.zeros((BLOCK_DV, R2), dtype=tl.float32)
     else:
         acc0 = tl.zeros((R2, BLOCK_DV), dtype=tl.float32)
