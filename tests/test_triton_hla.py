@@ -89,7 +89,10 @@ def test_split_reduction_and_both_causal_state_schedules():
     dict(PER_A=True, STATE_BA=2, STATE_TRANS=2),
     dict(PER_A=True, STATE_BA=2, STATE_TRANS=3),
     dict(PER_A=True, STATE_BA=4, STATE_TRANS=0, SPLITS=2),
-], ids=["tiles", "cols-ba1-trans-v", "cols-ba2-load-t", "cols-ba2-scale-v", "cols-ba4-split"])
+    dict(PER_A=True, STATE_KERNEL="tiles", STATE_TILES_T=True),
+    dict(PER_A=False, STATE_TILES_T=True, STATE_BLOCK_C=64),
+], ids=["tiles", "cols-ba1-trans-v", "cols-ba2-load-t", "cols-ba2-scale-v", "cols-ba4-split", "cols-tile-state-t",
+        "tiles-state-t"])
 @pytest.mark.parametrize("causal", [False, True])
 def test_both_khatri_rao_schedules(config, causal):
     """Column-at-a-time and tile kernels, each against the reference (unequal widths, masked)."""

@@ -39,15 +39,15 @@ BH, DV = 12, 128
 
 STATE_VARIANTS = {
     "cols_ba4_w8_t1": dict(STATE_BA=4, STATE_WARPS=8, STATE_TRANS=1),
-    "cols_ba2_w4_t3": dict(STATE_BA=2, STATE_WARPS=4, STATE_TRANS=3),
-    "cols_ba2_w8_t3": dict(STATE_BA=2, STATE_WARPS=8, STATE_TRANS=3),
-    "cols_ba4_w8_t3": dict(STATE_BA=4, STATE_WARPS=8, STATE_TRANS=3),
-    "cols_ba4_w4_t3": dict(STATE_BA=4, STATE_WARPS=4, STATE_TRANS=3),
-    "cols_ba1_w4_t3": dict(STATE_BA=1, STATE_WARPS=4, STATE_TRANS=3),
-    "cols_ba2_w4_t3_bn64": dict(STATE_BA=2, STATE_WARPS=4, STATE_TRANS=3, STATE_BLOCK_N=64),
-    "cols_ba4_w8_t3_bn64": dict(STATE_BA=4, STATE_WARPS=8, STATE_TRANS=3, STATE_BLOCK_N=64),
-    "cols_ba2_w4_t3_s4": dict(STATE_BA=2, STATE_WARPS=4, STATE_TRANS=3, STAGES=4),
-    "cols_ba4_w8_t3_s2": dict(STATE_BA=4, STATE_WARPS=8, STATE_TRANS=3, STAGES=2),
+    "tilesT_c128_w8": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=128, STATE_WARPS=8),
+    "tilesT_c128_w4": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=128, STATE_WARPS=4),
+    "tilesT_c256_w8": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=256, STATE_WARPS=8),
+    "tilesT_c256_w8_bn64": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=256, STATE_WARPS=8,
+                                STATE_BLOCK_N=64),
+    "tilesT_c256_w8_s2": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=256, STATE_WARPS=8, STAGES=2),
+    "tilesT_c128_w8_bn64": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=128, STATE_WARPS=8,
+                                STATE_BLOCK_N=64),
+    "tilesT_c64_w4": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=64, STATE_WARPS=4),
 }
 APPLY_VARIANTS = {
     "tiles_m128": dict(PER_A=False),
@@ -178,8 +178,9 @@ def main():
 
     stages = set(args.stages.split(","))
     row = _skip_unless(stages, row)
-    for over, causal, r in [({}, False, 64), (dict(STATE_BA=2, STATE_WARPS=4, STATE_TRANS=3), False, 64),
-                            (dict(STATE_BA=2, STATE_WARPS=8, STATE_TRANS=3), False, 128)]:
+    for over, causal, r in [(dict(STATE_KERNEL="tiles", STATE_TILES_T=True), False, 64),
+                            (dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=256), False, 32),
+                            (dict(STATE_KERNEL="tiles", STATE_TILES_T=True), False, 128)]:
         try:
             errs = check(over, causal, r=r)
             ok = all(math.isfinite(e) and e < 2e-2 for e in errs)

@@ -124,13 +124,13 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None):
     r = r1 * r2
     causal = mode != "total"
     nc = _chunks(n, causal, cfg)
-    cols = per_a(cfg, f2)
+    cols = per_a(cfg, f2) and cfg.get("STATE_KERNEL", "cols") == "cols"
     block_a = min(cfg["STATE_BA"], r1) if cols else _block_a(cfg["STATE_BLOCK_C"], r1, r2)
     block_dv = min(cfg["STATE_BLOCK_DV"], dv)
     if cols:
         state = _cols_launcher(f1t, cfg, block_a)
     else:
-        state = kernels.state_kernel
+        state = _tiles_launcher(bool(cfg.get("STATE_TILES_T", False)))
     grid_a, grid_d = r1 // block_a, dv // block_dv
     f2_arg = f1 if f2 is None else f2
     if mode == "total":
@@ -167,6 +167,18 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None):
             BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=1 if mode == "prefix" else 2, CHUNK=cfg["CHUNK"],
             NUM_CHUNKS=nc, SPLITS=1, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
     return s, _normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
+
+
+class _tiles_launcher:
+    """:func:`kernels.state_kernel`, with its ``TRANS`` option bound."""
+
+    def __init__(self, trans: bool):
+        self.trans = trans
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            kernels.state_kernel[grid](*args, TRANS=self.trans, **kw)
+        return launch
 
 
 class _cols_launcher:

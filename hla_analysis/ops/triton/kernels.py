@@ -48,12 +48,25 @@ def _kr_tile(f1_ptr, f2_ptr, rows, row_ok, a0, R1: tl.constexpr, R2: tl.constexp
 
 
 @triton.jit
+def _state_mma(acc, kr, xv, TRANS: tl.constexpr, PRECISION: tl.constexpr):
+    if TRANS:
+        acc = tl.dot(tl.trans(xv), kr.to(xv.dtype), acc, input_precision=PRECISION)
+    else:
+        acc = tl.dot(tl.trans(kr.to(xv.dtype)), xv, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
                  R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_F2: tl.constexpr,
-                 MODE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, SPLITS, PRECISION: tl.constexpr):
+                 MODE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, SPLITS, PRECISION: tl.constexpr,
+                 TRANS: tl.constexpr = False):
     """MODE 0: s[split, bh] = sum over the split's tokens. MODE 1: exclusive prefix per chunk,
-    s[bh, c] = sum over tokens before chunk c. MODE 2: exclusive suffix, tokens after chunk c."""
+    s[bh, c] = sum over tokens before chunk c. MODE 2: exclusive suffix, tokens after chunk c.
+
+    ``TRANS``: accumulate ``S^T`` (``x^T kr``): the values are the MMA's A operand, read from
+    shared memory as loaded, and the Khatri-Rao tile its B operand, one wide MMA per block."""
     pid_a = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_z = tl.program_id(2)
@@ -72,7 +85,12 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
     offs_c = a0 * R2 + tl.arange(0, BLOCK_C)
     offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    acc = tl.zeros((BLOCK_C, BLOCK_DV), dtype=tl.float32)
+    if TRANS:
+        acc = tl.zeros((BLOCK_DV, BLOCK_C), dtype=tl.float32)
+        out_offs = offs_c[None, :] * DV + offs_d[:, None]
+    else:
+        acc = tl.zeros((BLOCK_C, BLOCK_DV), dtype=tl.float32)
+        out_offs = offs_c[:, None] * DV + offs_d[None, :]
     dt = s_ptr.dtype.element_ty
     if MODE == 0:
         start = split * tokens_per_split
@@ -82,9 +100,9 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
             ok = rows < end
             kr = _kr_tile(f1_ptr, f2_ptr, rows, ok, a0, R1, R2, BLOCK_A, BLOCK_N, HAS_F2)
             xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
-            acc = tl.dot(tl.trans(kr.to(xv.dtype)), xv, acc, input_precision=PRECISION)
+            acc = _state_mma(acc, kr, xv, TRANS, PRECISION)
         out = s_ptr + (split.to(tl.int64) * (tl.num_programs(2) // SPLITS) + bh) * R * DV
-        tl.store(out + offs_c[:, None] * DV + offs_d[None, :], acc.to(dt))
+        tl.store(out + out_offs, acc.to(dt))
     else:
         for i in range(0, NUM_CHUNKS):
             if MODE == 1:
@@ -92,13 +110,13 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
             else:
                 c = NUM_CHUNKS - 1 - i
             out = s_ptr + (bh.to(tl.int64) * NUM_CHUNKS + c) * R * DV
-            tl.store(out + offs_c[:, None] * DV + offs_d[None, :], acc.to(dt))
+            tl.store(out + out_offs, acc.to(dt))
             for n0 in range(c * CHUNK, c * CHUNK + CHUNK, BLOCK_N):
                 rows = n0 + offs_n
                 ok = rows < N
                 kr = _kr_tile(f1_ptr, f2_ptr, rows, ok, a0, R1, R2, BLOCK_A, BLOCK_N, HAS_F2)
                 xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
-                acc = tl.dot(tl.trans(kr.to(xv.dtype)), xv, acc, input_precision=PRECISION)
+                acc = _state_mma(acc, kr, xv, TRANS, PRECISION)
 
 
 @triton.jit
