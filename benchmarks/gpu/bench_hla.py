@@ -255,7 +255,7 @@ def priority(results, peak, cfg, budget_end):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--mode", choices=("smoke", "full", "priority"), default="full",
+    ap.add_argument("--mode", choices=("smoke", "full", "priority", "anchors"), default="full",
                     help="priority: the headline rows first (all N), linear-time anchors after; "
                          "for a short lease, since fla and retention spend minutes autotuning")
     ap.add_argument("--skip-checks", action="store_true")
@@ -296,6 +296,22 @@ def main():
     if args.mode == "priority":
         priority(results, peak, cfg, budget_end)
         save()
+        return
+    if args.mode == "anchors":  # power retention and unfused torch, beside the headline rows again
+        for n in NS[1:]:
+            measure(results, peak, "sdpa_cudnn", lambda: case_sdpa(n, "cudnn"), n, dict(d=128, causal=False), budget_end)
+            for causal in (False, True):
+                measure(results, peak, "triton_hla", lambda: case_hla(n, 2, 64, causal, "triton", cfg), n,
+                        dict(m=2, r=64, causal=causal), budget_end)
+        for n in (32760, 75600, 8192):
+            measure(results, peak, "power_retention_deg2", lambda: case_power(n, 64, 1024), n,
+                    dict(d=64, chunk=1024, causal=True), budget_end)
+            save()
+        for r, causal in ((64, False), (64, True), (32, False), (32, True)):
+            for n in NS:
+                measure(results, peak, "torch_hla", lambda: case_hla(n, 2, r, causal, "torch"), n,
+                        dict(m=2, r=r, causal=causal), budget_end)
+                save()
         return
     if args.mode == "smoke":
         sweep(results, peak, budget_end)
