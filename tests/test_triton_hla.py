@@ -159,11 +159,14 @@ def test_broadcast_leading_dims():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="bf16 kernels need CUDA")
-@pytest.mark.parametrize("m,r,causal,n", [(2, 64, False, 1000), (2, 64, True, 2100), (2, 32, True, 777),
-                                          (1, 128, True, 1100)])
-def test_bf16_on_gpu(m, r, causal, n):
+@pytest.mark.parametrize("m,r,causal,n,config", [
+    (2, 64, False, 1000, None), (2, 64, False, 1000, dict(PER_A=False)), (2, 128, False, 1200, None),
+    (2, 32, False, 999, None), (2, 64, True, 2100, None), (2, 64, True, 2100, dict(PER_A=True)),
+    (2, 32, True, 777, None), (1, 128, True, 1100, None)])
+def test_bf16_on_gpu(m, r, causal, n, config):
+    """Default schedules (column kernels when non-causal) and the other one, in bf16."""
     qs, ks, v = _inputs(m, n, (r, r), 128, seed=n, dtype=torch.bfloat16, lead=(2, 3))
-    out = hla_triton(qs, ks, v, causal=causal)
+    out = hla_triton(qs, ks, v, causal=causal, config=config)
     grads = torch.autograd.grad(out, [*qs, *ks, v], torch.ones_like(out))
     ref_in = [t.detach().double().requires_grad_() for t in [*qs, *ks, v]]
     ref = hla_attention_output(ref_in[:m], ref_in[m:2 * m], ref_in[-1], causal=causal)

@@ -28,6 +28,15 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
     non-causal M = 2 problems with ``r2 >= 32`` take the column-at-a-time kernels
     (``PER_A``), everything else the tile kernels; each choice was the faster one in
     ``benchmarks/gpu/tune_hla.py`` on an H200 (``benchmarks/gpu/results/``).
+
+    Keys (overridable through ``hla_triton(..., config=...)``): ``*_BLOCK_*`` tile sizes,
+    ``*_WARPS``, ``STAGES`` (software pipelining), ``CHUNK`` (causal chunk), ``SPLITS``
+    (token splits of the non-causal state; ``None`` = about two programs per SM),
+    ``CAUSAL_STATE`` ("auto" | "sequential" | "parallel"), ``PER_A`` (column kernels, M = 2;
+    the causal apply always uses tiles), ``STATE_BA`` (columns per state program: 1, 2 or 4),
+    ``STATE_TRANS`` (operand orientation of the column state kernel, 0-3, see
+    :func:`kernels._cols_step`), ``STATE_KERNEL`` ("cols" | "tiles": the state kernel when
+    ``PER_A``) and ``STATE_TILES_T`` (the tile state kernel accumulates ``S^T``).
     """
     if _interpreting():
         block_c = 16 if r2 == 1 else max(r2, 16)
