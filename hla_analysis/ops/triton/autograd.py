@@ -136,16 +136,23 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None):
     cols = per_a(cfg, f2) and cfg.get("STATE_KERNEL", "cols") == "cols"
     block_a = min(cfg["STATE_BA"], r1) if cols else _block_a(cfg["STATE_BLOCK_C"], r1, r2)
     block_dv = min(cfg["STATE_BLOCK_DV"], dv)
-    if cols:
-        state = _cols_launcher(f1t, cfg, block_a)
-    else:
-        state = _tiles_launcher(bool(cfg.get("STATE_TILES_T", False)))
+    if cols and block_a not in (1, 2, 4):
+        raise ValueError(f"STATE_BA must be 1, 2 or 4, got {block_a}")
+
+    def state(grid, f1, f2, x, s, n, tps, *, BLOCK_A, HAS_F2, **kw):
+        """One launch of the state kernel chosen above, both behind one signature."""
+        if cols:
+            kernels.state_cols_kernel[grid](f1t, f2, x, s, n, tps, BA=BLOCK_A, TRANS=int(cfg["STATE_TRANS"]), **kw)
+        else:
+            kernels.state_kernel[grid](f1, f2, x, s, n, tps, BLOCK_A=BLOCK_A, HAS_F2=HAS_F2,
+                                       TRANS=bool(cfg.get("STATE_TILES_T", False)), **kw)
+
     grid_a, grid_d = r1 // block_a, dv // block_dv
     f2_arg = f1 if f2 is None else f2
     if mode == "total":
         splits, tps = _split_plan(n, grid_a * grid_d * bh, cfg, f1.device)
         buf = torch.empty((splits, bh, r, dv), device=f1.device, dtype=f1.dtype if splits == 1 else torch.float32)
-        state[(grid_a, grid_d, bh * splits)](
+        state((grid_a, grid_d, bh * splits),
             f1, f2_arg, x, buf, n, tps, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,
             BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=0, CHUNK=cfg["CHUNK"], NUM_CHUNKS=1, SPLITS=splits, PRECISION=_precision(f1.dtype),
             num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
@@ -161,7 +168,7 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None):
             # too few programs for one sequential sweep (small states): sum each chunk in
             # parallel, then scan the chunk sums (cheap because the state is small)
             buf = torch.empty((nc, bh, r, dv), device=f1.device, dtype=torch.float32)
-            state[(grid_a, grid_d, bh * nc)](
+            state((grid_a, grid_d, bh * nc),
                 f1, f2_arg, x, buf, n, cfg["CHUNK"], R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"],
                 BLOCK_A=block_a, BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=0, CHUNK=cfg["CHUNK"],
                 NUM_CHUNKS=1, SPLITS=nc, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"],
@@ -171,37 +178,11 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None):
             s = s.transpose(0, 1).to(f1.dtype).contiguous()
             return s, _normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
         s = torch.empty((bh, nc, r, dv), device=f1.device, dtype=f1.dtype)
-        state[(grid_a, grid_d, bh)](
+        state((grid_a, grid_d, bh),
             f1, f2_arg, x, s, n, n, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,
             BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=1 if mode == "prefix" else 2, CHUNK=cfg["CHUNK"],
             NUM_CHUNKS=nc, SPLITS=1, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
     return s, _normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
-
-
-class _tiles_launcher:
-    """:func:`kernels.state_kernel`, with its ``TRANS`` option bound."""
-
-    def __init__(self, trans: bool):
-        self.trans = trans
-
-    def __getitem__(self, grid):
-        def launch(*args, **kw):
-            kernels.state_kernel[grid](*args, TRANS=self.trans, **kw)
-        return launch
-
-
-class _cols_launcher:
-    """:func:`kernels.state_cols_kernel` behind the launch signature of ``state_kernel``."""
-
-    def __init__(self, f1t, cfg, block_a):
-        if block_a not in (1, 2, 4):
-            raise ValueError(f"STATE_BA must be 1, 2 or 4, got {block_a}")
-        self.f1t, self.trans = f1t, int(cfg["STATE_TRANS"])
-
-    def __getitem__(self, grid):
-        def launch(f1, f2, x, s, n, tps, *, BLOCK_A, HAS_F2, **kw):
-            kernels.state_cols_kernel[grid](self.f1t, f2, x, s, n, tps, BA=BLOCK_A, TRANS=self.trans, **kw)
-        return launch
 
 
 def _normaliser_state(f1, f2, w, *, nc: int, mode: str, chunk: int):
