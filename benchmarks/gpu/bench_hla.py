@@ -253,6 +253,19 @@ def priority(results, peak, cfg, budget_end):
     measure(results, peak, "torch_hla", lambda: case_hla(n, 2, 64, True, "torch"), n, dict(m=2, r=64, causal=True), budget_end)
 
 
+def slow_anchors(results, peak, budget_end, save, *, power_ns):
+    """Power retention (minutes of autotuning), then every unfused torch row; saved per row."""
+    for n in power_ns:
+        measure(results, peak, "power_retention_deg2", lambda: case_power(n, 64, 1024), n,
+                dict(d=64, chunk=1024, causal=True), budget_end)
+        save()
+    for r, causal in ((64, False), (64, True), (32, False), (32, True)):
+        for n in NS:
+            measure(results, peak, "torch_hla", lambda: case_hla(n, 2, r, causal, "torch"), n,
+                    dict(m=2, r=r, causal=causal), budget_end)
+            save()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--mode", choices=("smoke", "full", "priority", "anchors"), default="full",
@@ -303,15 +316,7 @@ def main():
             for causal in (False, True):
                 measure(results, peak, "triton_hla", lambda: case_hla(n, 2, 64, causal, "triton", cfg), n,
                         dict(m=2, r=64, causal=causal), budget_end)
-        for n in (32760, 75600, 8192):
-            measure(results, peak, "power_retention_deg2", lambda: case_power(n, 64, 1024), n,
-                    dict(d=64, chunk=1024, causal=True), budget_end)
-            save()
-        for r, causal in ((64, False), (64, True), (32, False), (32, True)):
-            for n in NS:
-                measure(results, peak, "torch_hla", lambda: case_hla(n, 2, r, causal, "torch"), n,
-                        dict(m=2, r=r, causal=causal), budget_end)
-                save()
+        slow_anchors(results, peak, budget_end, save, power_ns=(32760, 75600, 8192))
         return
     if args.mode == "smoke":
         sweep(results, peak, budget_end)
@@ -339,15 +344,7 @@ def main():
             measure(results, peak, "fla_chunk_linear_attn", lambda: case_fla(n, kdim), n,
                     dict(k=kdim, causal=True), budget_end)
         save()
-    for n in NS:
-        measure(results, peak, "power_retention_deg2", lambda: case_power(n, 64, 1024), n,
-                dict(d=64, chunk=1024, causal=True), budget_end)
-        save()
-    for r, causal in ((64, False), (64, True), (32, False), (32, True)):
-        for n in NS:
-            measure(results, peak, "torch_hla", lambda: case_hla(n, 2, r, causal, "torch"), n,
-                    dict(m=2, r=r, causal=causal), budget_end)
-            save()
+    slow_anchors(results, peak, budget_end, save, power_ns=NS)
     save()
 
 
