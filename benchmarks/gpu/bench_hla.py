@@ -145,11 +145,26 @@ def case_hla(n, m, r, causal, backend, config=None):
 
 
 # ---------------------------------------------------------------- correctness
-def check_correctness():
-    """bf16 Triton HLA (forward and gradients) against the fp64 reference, fresh inputs."""
+def reference_errors(qs, ks, v, *, causal, key_padding_mask=None, config=None):
+    """Relative errors of the Triton output and of every gradient (a random upstream
+    gradient) against the fp64 materialized reference."""
     from hla_analysis.ops import hla_attention_output
     from hla_analysis.ops.triton import hla_triton
 
+    m = len(qs)
+    out = hla_triton(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask, config=config)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [*qs, *ks, v], g)
+    ref_in = [t.detach().double().requires_grad_() for t in [*qs, *ks, v]]
+    ref = hla_attention_output(ref_in[:m], ref_in[m:2 * m], ref_in[-1], causal=causal,
+                               key_padding_mask=key_padding_mask)
+    ref_grads = torch.autograd.grad(ref, ref_in, g.double())
+    return [float((a.detach().double() - b.detach()).norm() / b.detach().norm())
+            for a, b in zip([out, *grads], [ref, *ref_grads])]
+
+
+def check_correctness():
+    """bf16 Triton HLA (forward and gradients) against the fp64 reference, fresh inputs."""
     rows = []
     torch.manual_seed(0)
     for m, r, causal, n, masked, dtype in [
@@ -166,17 +181,11 @@ def check_correctness():
         if kpm is not None:
             kpm[..., 0] = True
         try:
-            out = hla_triton(qs, ks, v, causal=causal, key_padding_mask=kpm)
-            g = torch.randn_like(out)
-            grads = torch.autograd.grad(out, [*qs, *ks, v], g)
+            errs = reference_errors(qs, ks, v, causal=causal, key_padding_mask=kpm)
         except Exception as exc:  # noqa: BLE001  (recorded as a failed check)
             rows.append(dict(m=m, r=r, causal=causal, n=n, dtype=str(dtype), ok=False, error=repr(exc)[:300]))
             print(f"check m={m} r={r} causal={causal} n={n} {dtype}: ERROR {exc!r}"[:400], flush=True)
             continue
-        ref_in = [t.detach().double().requires_grad_() for t in [*qs, *ks, v]]
-        ref = hla_attention_output(ref_in[:m], ref_in[m:2 * m], ref_in[-1], causal=causal, key_padding_mask=kpm)
-        ref_grads = torch.autograd.grad(ref, ref_in, g.double())
-        errs = [float((a.detach().double() - b.detach()).norm() / b.detach().norm()) for a, b in zip([out, *grads], [ref, *ref_grads])]
         tol = 2e-2 if dtype != torch.float32 else 1e-4
         ok = all(math.isfinite(e) and e < tol for e in errs)
         rows.append(dict(m=m, r=r, causal=causal, n=n, masked=masked, dtype=str(dtype), rel_errors=errs, tol=tol, ok=ok))

@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 
-from bench_hla import matmul_peak, timed  # noqa: E402
+from bench_hla import matmul_peak, reference_errors, timed  # noqa: E402
 
 from hla_analysis.ops.triton import autograd as ag  # noqa: E402
 from hla_analysis.ops.triton import hla_triton  # noqa: E402
@@ -116,19 +116,11 @@ def inputs(n, r, seed=0):
 
 def check(over, causal, n=1000, r=64):
     """Relative errors (output, then gradients) against the fp64 reference."""
-    from hla_analysis.ops import hla_attention_output
-
     torch.manual_seed(n)
     qs = [(torch.rand(2, 3, n, r, device="cuda") + 0.05).bfloat16().requires_grad_() for _ in range(2)]
     ks = [(torch.rand(2, 3, n, r, device="cuda") + 0.05).bfloat16().requires_grad_() for _ in range(2)]
     v = torch.randn(2, 3, n, DV, device="cuda").bfloat16().requires_grad_()
-    out = hla_triton(qs, ks, v, causal=causal, config=over)
-    g = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [*qs, *ks, v], g)
-    ref_in = [t.detach().double().requires_grad_() for t in [*qs, *ks, v]]
-    ref = hla_attention_output(ref_in[:2], ref_in[2:4], ref_in[-1], causal=causal)
-    ref_grads = torch.autograd.grad(ref, ref_in, g.double())
-    return [float((a.double() - b).norm() / b.norm()) for a, b in zip([out, *grads], [ref, *ref_grads])]
+    return reference_errors(qs, ks, v, causal=causal, config=over)
 
 
 def _skip_unless(stages, row):
