@@ -7,6 +7,7 @@ half-written file that looks complete.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -59,3 +60,43 @@ def atomic_save_figure(fig, path: str | Path, **savefig_kwargs) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format=Path(path).suffix.lstrip(".") or "png", **savefig_kwargs)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+LOCK_NAME = ".hla-analysis.lock"
+
+
+@contextlib.contextmanager
+def exclusive_output_lock(folder: str | Path, *, command: str):
+    """Hold an exclusive ``fcntl.flock`` on ``folder/.hla-analysis.lock`` while writing there.
+
+    A second writer into the same folder fails at once with a one-line ``ValueError``
+    instead of interleaving its files with ours. The lock dies with the process (even on
+    SIGKILL), so a crashed run never leaves a stale lock behind.
+
+    Parameters
+    ----------
+    folder : str or Path
+        The output folder (created if missing).
+    command : str
+        The command taking the lock, named in the error (e.g. ``"capture"``).
+
+    Raises
+    ------
+    ValueError
+        If another process holds the lock on ``folder``.
+    """
+    import fcntl
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_NAME, "a+")
+    try:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another hla-analysis process is writing to {folder} (lock {folder / LOCK_NAME}); "
+                f"wait for it to finish or give {command} a different output path") from None
+        yield folder
+    finally:
+        handle.close()  # closing the descriptor releases the lock
