@@ -7,10 +7,105 @@ toolkit never returns a silent NaN or a silently wrong number.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
+
+# -- one host sync per call --------------------------------------------------------------
+# The public operators check values (NaN/Inf, normalisers, outputs) through a CheckBatch:
+# each check adds a 0-d bool flag computed on the device, and the batch reads all flags
+# with a single .item() at the end. Only when a flag is down do the detailed checks run
+# (which input, how many rows), in the order they were added, so the first problem found
+# is the one reported. A flag may be down without a problem (a sum that overflowed); then
+# every detailed check passes and the result is returned.
+
+_state = threading.local()
+
+
+class CheckBatch:
+    """Value checks of one public call, resolved with at most one host sync."""
+
+    def __init__(self, *, enabled: bool = True):
+        self.enabled = enabled
+        self.flags: list[Tensor] = []
+        self.diagnoses: list[Callable[[], None]] = []
+
+    def add(self, flag: Tensor | None, diagnose: Callable[[], None]) -> None:
+        """``flag``: 0-d bool, True when fine (None: the problem shows in a later flag)."""
+        if not self.enabled:
+            return
+        if flag is not None:
+            self.flags.append(flag.reshape(()).to(device=self.flags[0].device if self.flags else flag.device))
+        self.diagnoses.append(diagnose)
+
+    def resolve(self) -> None:
+        if not self.flags:
+            return
+        if bool(torch.stack(self.flags).all()):  # the one host sync
+            return
+        for diagnose in self.diagnoses:
+            diagnose()
+
+
+def _current() -> CheckBatch | None:
+    return getattr(_state, "batch", None)
+
+
+@contextmanager
+def check_batch() -> Iterator[CheckBatch]:
+    """The active batch, or a new one resolved when the outermost block exits without error."""
+    outer = _current()
+    if outer is not None:
+        yield outer
+        return
+    batch = CheckBatch(enabled=getattr(_state, "enabled", True))
+    _state.batch = batch
+    try:
+        yield batch
+    finally:
+        _state.batch = None
+    batch.resolve()
+
+
+@contextmanager
+def checks_disabled() -> Iterator[None]:
+    """Internal switch for benchmarks: skip the value checks of the public operators.
+
+    Shape and option checks still run; NaN/Inf inputs, bad normalisers and overflowed
+    outputs then go unnoticed. Never use it outside timing code.
+    """
+    before = getattr(_state, "enabled", True)
+    _state.enabled = False
+    try:
+        yield
+    finally:
+        _state.enabled = before
+
+
+def all_finite_flag(x: Tensor) -> Tensor:
+    """0-d bool on the device, False if ``x`` has a NaN/Inf (or a sum that overflows).
+
+    A sum is non-finite whenever one term is (Inf + finite = Inf, Inf - Inf = NaN), so one
+    cheap reduction replaces ``isfinite(x).all()`` without building a bool tensor.
+    """
+    return torch.isfinite(x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)))
+
+
+def require_finite(name: str, x: Tensor, *, propagates: bool = False) -> None:
+    """:func:`check_finite`, deferred to the active batch if there is one.
+
+    ``propagates=True`` says a NaN/Inf in ``x`` always reaches a later flagged tensor (the
+    normaliser or the output: IEEE products and sums keep NaN/Inf, also times zero), so no
+    flag of its own is needed and the detailed check runs only once something is wrong.
+    """
+    batch = _current()
+    if batch is None:
+        check_finite(name, x)
+    else:
+        batch.add(None if propagates else all_finite_flag(x), lambda: check_finite(name, x))
 
 
 def check_stacked_against_values(qs, v: Tensor) -> None:
@@ -65,6 +160,26 @@ def check_finite(name: str, x: Tensor) -> None:
         )
 
 
+def check_scale(scale, dim: int) -> float:
+    """The logit scale as a float: ``1/sqrt(dim)`` by default, else finite and > 0.
+
+    Zero would make every logit 0 (a uniform map that ignores q and k); a negative scale
+    reverses the ranking of keys.
+    """
+    if scale is None:
+        return dim ** -0.5
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise ValueError(f"scale must be a number (default 1/sqrt(d)), got {scale!r}.") from None
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"scale must be a finite positive number (default 1/sqrt(d) = {dim ** -0.5:.4g}), got {value}; "
+            "0 would give a uniform map that ignores q and k, a negative scale reverses the key order."
+        )
+    return value
+
+
 def broadcast_leading(named: dict[str, Tensor]) -> torch.Size:
     """The broadcast of all leading (batch/head) dims, with an error naming the culprits."""
     try:
@@ -77,8 +192,14 @@ def broadcast_leading(named: dict[str, Tensor]) -> torch.Size:
         ) from None
 
 
-def check_pair(q: Tensor, k: Tensor, *, qname: str = "q", kname: str = "k") -> None:
-    """Check one query/key pair: float, finite, same width, non-empty, broadcastable."""
+def check_pair(
+    q: Tensor, k: Tensor, *, qname: str = "q", kname: str = "k", propagates: bool = False
+) -> None:
+    """Check one query/key pair: float, finite, same width and dtype, non-empty, d >= 1.
+
+    The finiteness check is deferred to the active :class:`CheckBatch` if there is one
+    (``propagates``: see :func:`require_finite`).
+    """
     for n, t in ((qname, q), (kname, k)):
         if not isinstance(t, Tensor):
             raise ValueError(f"{n} must be a torch.Tensor [..., N, d], got {type(t).__name__}; wrap it with torch.as_tensor.")
@@ -92,11 +213,21 @@ def check_pair(q: Tensor, k: Tensor, *, qname: str = "q", kname: str = "k") -> N
             f"{qname} has feature width {q.shape[-1]} but {kname} has {k.shape[-1]} "
             f"(shapes {tuple(q.shape)} and {tuple(k.shape)}); they must match."
         )
+    if q.shape[-1] == 0:
+        raise ValueError(
+            f"{qname} and {kname} have feature width 0 (shapes {tuple(q.shape)}, {tuple(k.shape)}); "
+            "pass at least one feature per token (d >= 1)."
+        )
+    if q.dtype != k.dtype:
+        raise ValueError(
+            f"{qname} is {q.dtype} but {kname} is {k.dtype}; cast both to one floating dtype "
+            f"(e.g. {kname}.to({qname}.dtype))."
+        )
     for n, t in ((qname, q), (kname, k)):
-        check_finite(n, t)
+        require_finite(n, t, propagates=propagates)
 
 
-def check_factor_lists(qs: list[Tensor], ks: list[Tensor]) -> None:
+def check_factor_lists(qs: list[Tensor], ks: list[Tensor], *, propagates: bool = False) -> None:
     if len(qs) != len(ks):
         raise ValueError(
             f"qs has M={len(qs)} factor(s) but ks has M={len(ks)}; every query factor needs a key factor."
@@ -113,17 +244,19 @@ def check_factor_lists(qs: list[Tensor], ks: list[Tensor]) -> None:
         if (id(fq), id(fk)) in seen:  # tied factors: one check per distinct tensor pair
             continue
         seen.add((id(fq), id(fk)))
-        check_pair(fq, fk, qname=f"qs[{m}]", kname=f"ks[{m}]")
+        check_pair(fq, fk, qname=f"qs[{m}]", kname=f"ks[{m}]", propagates=propagates)
     broadcast_leading({**{f"qs[{m}]": f for m, f in enumerate(qs)}, **{f"ks[{m}]": f for m, f in enumerate(ks)}})
 
 
-def check_values(v: Tensor, n_keys: int) -> None:
+def check_values(v: Tensor, n_keys: int, *, propagates: bool = False) -> None:
+    if not isinstance(v, Tensor):
+        raise ValueError(f"v must be a torch.Tensor [..., N, dv], got {type(v).__name__}; wrap it with torch.as_tensor.")
     if v.dim() < 2 or v.shape[-2] != n_keys:
         raise ValueError(
             f"v must be [..., N, dv] with N = {n_keys} (the number of keys), got shape {tuple(v.shape)}."
         )
     check_float("v", v)
-    check_finite("v", v)
+    require_finite("v", v, propagates=propagates)
 
 
 def allowed_keys(
@@ -158,19 +291,42 @@ def allowed_keys(
 
 
 def check_mask_leading_dims(key_padding_mask: Tensor | None, *tensors: Tensor) -> None:
-    """Refuse a batch mask with fewer leading dims than the tensors it masks.
+    """Refuse a mask whose leading dims do not line up with the tensors it masks.
 
     Leading dims align from the right, so a ``[B, N]`` mask against ``[B, H, N, d]`` tensors
-    would pair B with H: an error when B != H, and a silently wrong mask when B == H.
+    would pair B with H (an error when B != H, a silently wrong mask when B == H), and a
+    mask with more leading dims than the inputs, or a larger size where they have 1, would
+    silently add a batch dim to the output.
     """
-    if key_padding_mask is None or key_padding_mask.dim() < 2:
+    if key_padding_mask is None:
         return
+    if not isinstance(key_padding_mask, Tensor):
+        raise ValueError(f"key_padding_mask must be a bool tensor [..., N], got {type(key_padding_mask).__name__}.")
+    if key_padding_mask.dim() == 0:
+        raise ValueError("key_padding_mask is a 0-d tensor; pass one bool per key, shape [..., N].")
     lead = max(t.dim() - 2 for t in tensors)
-    if key_padding_mask.dim() - 1 < lead:
+    mask_lead = key_padding_mask.dim() - 1
+    if mask_lead > lead:
+        raise ValueError(
+            f"key_padding_mask {tuple(key_padding_mask.shape)} has more leading dims ({mask_lead}) than the "
+            f"inputs ({lead}, shapes {', '.join(str(tuple(t.shape)) for t in tensors)}); it would add a batch "
+            "dim to the output. Give one mask row per sequence of the inputs (e.g. [N] for unbatched inputs)."
+        )
+    if key_padding_mask.dim() >= 2 and mask_lead < lead:
         raise ValueError(
             f"key_padding_mask {tuple(key_padding_mask.shape)} has fewer leading dims than the inputs "
             f"({lead}); leading dims align from the right, so insert the missing ones, e.g. "
             "mask[:, None, :] for inputs [B, H, N, d]."
+        )
+    inputs = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors))
+    try:
+        joint = torch.broadcast_shapes(inputs, key_padding_mask.shape[:-1])
+    except RuntimeError:
+        joint = None
+    if joint != inputs:
+        raise ValueError(
+            f"key_padding_mask leading dims {tuple(key_padding_mask.shape[:-1])} do not match the inputs' "
+            f"{tuple(inputs)}; give each its size or 1 (mask [..., N] with the inputs' batch/head dims)."
         )
 
 
@@ -184,6 +340,8 @@ def check_padding_mask(
         raise ValueError(
             f"key_padding_mask must be bool (True = real token, False = padding), got {key_padding_mask.dtype}."
         )
+    if key_padding_mask.dim() == 0:
+        raise ValueError("key_padding_mask is a 0-d tensor; pass one bool per key, shape [..., N].")
     if key_padding_mask.shape[-1] != n_keys:
         raise ValueError(
             f"key_padding_mask has {key_padding_mask.shape[-1]} entries per row but there are {n_keys} keys."
@@ -195,6 +353,14 @@ def check_padding_mask(
         empty = ~seen[..., query_offset : query_offset + n_queries]
     else:
         empty = ~key_padding_mask.any(-1, keepdim=True)
+    batch = _current()
+    if batch is None:
+        _refuse_empty_rows(empty)
+    else:
+        batch.add(~empty.any(), lambda: _refuse_empty_rows(empty))
+
+
+def _refuse_empty_rows(empty: Tensor) -> None:
     if empty.any():
         raise ValueError(
             f"key_padding_mask leaves {int(empty.sum())} query row(s) with no key to attend to "
@@ -203,17 +369,31 @@ def check_padding_mask(
         )
 
 
+def normalizers_flag(den: Tensor, *, allow_signed: bool) -> Tensor:
+    """0-d bool: every normaliser finite, and > 0 unless ``allow_signed`` (NaN fails both)."""
+    lo, hi = torch.aminmax(den.detach())
+    if allow_signed:
+        return torch.isfinite(lo) & torch.isfinite(hi)
+    return (lo > 0) & (hi < math.inf)
+
+
 def check_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | None = None) -> None:
     """Refuse zero, negative or overflowed HLA/linear-attention normalizers.
 
     ``den`` holds sum_l prod_m s_il for every query row; ``valid_rows`` (bool, broadcastable)
-    marks rows whose result is used.
+    marks rows whose result is used. Deferred to the active :class:`CheckBatch` if any.
     """
+    batch = _current()
+    if batch is not None and valid_rows is None and den.numel() and den.is_floating_point():
+        batch.add(normalizers_flag(den, allow_signed=allow_signed), lambda: _diagnose_normalizers(den, allow_signed=allow_signed))
+        return
     if valid_rows is None and den.numel() and den.is_floating_point():
-        # fast path, one reduction and one device sync: min/max propagate NaN
-        lo, hi = torch.stack(torch.aminmax(den.detach())).tolist()
-        if math.isfinite(lo) and math.isfinite(hi) and (allow_signed or lo > 0):
+        if bool(normalizers_flag(den, allow_signed=allow_signed)):  # one device sync
             return
+    _diagnose_normalizers(den, allow_signed=allow_signed, valid_rows=valid_rows)
+
+
+def _diagnose_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | None = None) -> None:
     nonfinite = ~torch.isfinite(den)
     if valid_rows is not None:
         nonfinite = nonfinite & valid_rows
@@ -239,3 +419,106 @@ def check_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | N
             "even number of tied factors), rescale q/k or use float64, or pass allow_signed=True "
             "to get the signed result."
         )
+
+
+def check_output(out: Tensor, den: Tensor | None = None, *, allow_signed: bool = False, what: str = "output") -> None:
+    """Refuse NaN/Inf in a result computed from finite inputs (e.g. |v| near the dtype's max).
+
+    With ``allow_signed`` a zero normaliser ``den`` (``[..., R, 1]``) may leave Inf/NaN in
+    its row: that is the documented signed result, not an overflow.
+    """
+    batch = _current()
+    if batch is None:
+        _diagnose_output(out, den, allow_signed=allow_signed, what=what)
+    else:
+        batch.add(all_finite_flag(out), lambda: _diagnose_output(out, den, allow_signed=allow_signed, what=what))
+
+
+def _diagnose_output(out: Tensor, den: Tensor | None, *, allow_signed: bool, what: str) -> None:
+    bad = ~torch.isfinite(out.detach())
+    if allow_signed and den is not None:
+        bad = bad & (den.detach() != 0)
+    if bad.any():
+        raise ValueError(
+            f"{int(bad.sum())} of {out.numel()} {what} value(s) overflowed to Inf/NaN although every "
+            f"input is finite: the weighted sums exceed the range of {out.dtype}. Rescale v (or q/k), "
+            "or compute in float64."
+        )
+
+
+def check_nonnegative_weights(weights: Tensor, *, allow_signed: bool) -> None:
+    """Refuse negative weights in a materialised map (a positive normaliser does not exclude them).
+
+    ``weights`` are the unnormalised ``[..., Nq, Nk]`` weights, masked entries zero.
+    """
+    if allow_signed or not weights.numel():
+        return
+    batch = _current()
+    if batch is None:
+        _diagnose_negative_weights(weights)
+    else:
+        batch.add(weights.detach().amin() >= 0, lambda: _diagnose_negative_weights(weights))
+
+
+def _diagnose_negative_weights(weights: Tensor) -> None:
+    negative = weights.detach() < 0
+    if negative.any():
+        rows = negative.any(-1)
+        raise ValueError(
+            f"{int(rows.sum())} of {rows.numel()} row(s) have negative weights ({int(negative.sum())} "
+            "entries), so the map is not a distribution even where the row normalizer is positive. The "
+            "factor similarities are sign-indefinite (identity features, an odd number of affine "
+            "factors, logits below -c). Use a positive feature map or an even number of tied factors, "
+            "or pass allow_signed=True to get the signed map."
+        )
+
+
+def nonnegative_weights_flag(qs: Sequence[Tensor], ks: Sequence[Tensor]) -> Tensor | None:
+    """Certificate that every HLA weight ``prod_m qs[m]_i . ks[m]_j`` is >= 0, in O(N r).
+
+    ``None`` when it holds by construction: each sign-indefinite factor pair occurs an even
+    number of times (tied factors, the same tensor objects), so their product is a square.
+    Otherwise a 0-d bool that is True when every remaining factor has features >= 0 (two
+    reductions per factor); False means "may be negative".
+    """
+    counts: dict[tuple[int, int], int] = {}
+    pairs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+    for fq, fk in zip(qs, ks):
+        key = (id(fq), id(fk))
+        counts[key] = counts.get(key, 0) + 1
+        pairs[key] = (fq, fk)
+    flags = []
+    for key, count in counts.items():
+        if count % 2 == 0:
+            continue
+        fq, fk = pairs[key]
+        flags.append((fq.detach().amin() >= 0) & (fk.detach().amin() >= 0))
+    if not flags:
+        return None
+    return torch.stack(flags).all()
+
+
+def check_hla_signs(qs: Sequence[Tensor], ks: Sequence[Tensor], *, allow_signed: bool) -> None:
+    """Refuse factors whose weights may be negative unless ``allow_signed`` (O(N) forms)."""
+    if allow_signed:
+        return
+    batch = _current()
+    flag = nonnegative_weights_flag(qs, ks) if batch is None or batch.enabled else None
+    if flag is None:
+        return
+
+    def refuse():
+        if not bool(flag):
+            raise ValueError(
+                "these factor features can give negative attention weights (an odd number of "
+                "sign-indefinite factors, e.g. identity features or phi=affine with odd m), and the "
+                "O(N) form cannot check each weight without building the N x N map. Use a positive "
+                "feature map or an even number of tied factors, check the map with "
+                "hla_attention_map / Variant.attention_map, or pass allow_signed=True to accept "
+                "signed weights."
+            )
+
+    if batch is None:
+        refuse()
+    else:
+        batch.add(flag, refuse)

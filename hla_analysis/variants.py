@@ -40,7 +40,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from hla_analysis._checks import check_pair
+from hla_analysis._checks import check_batch, check_pair, check_scale
 from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
 from hla_analysis.ops import hla, hla_attention_map, hla_weights, softmax_attention_map, softmax_attention_output
 
@@ -195,9 +195,9 @@ class Variant(nn.Module):
         """Factor features ``(qs, ks)``: M tensors each; tied factors share one object."""
         if self.kind == "softmax":
             raise ValueError("softmax has no feature factors; it is not a (finite) kernel.")
-        check_pair(q, k)
+        check_pair(q, k)  # NaN/Inf: a flag of its own, since e.g. relu(-inf) = 0 hides it
         self.bind(q.shape[-1])
-        root = math.sqrt(q.shape[-1] ** -0.5 if scale is None else float(scale))
+        root = math.sqrt(check_scale(scale, q.shape[-1]))
         q, k = q * root, k * root
         n_keys = k.shape[-2]
         q_pos = torch.arange(query_offset, query_offset + q.shape[-2], device=q.device)
@@ -236,16 +236,21 @@ class Variant(nn.Module):
         query_offset: int = 0,
         allow_signed: bool = False,
     ) -> Tensor:
-        """Row-normalised ``[..., Nq, Nk]`` map of this variant (materialized; for analysis)."""
+        """Row-normalised ``[..., Nq, Nk]`` map of this variant (materialized; for analysis).
+
+        Negative weights or a non-positive row normaliser raise a ``ValueError`` unless
+        ``allow_signed=True`` (as in :func:`~hla_analysis.ops.hla_attention_map`).
+        """
         if self.kind == "softmax":
             return softmax_attention_map(
                 q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
             )
-        qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
-        return hla_attention_map(
-            qs, ks, causal=causal, key_padding_mask=key_padding_mask,
-            query_offset=query_offset, allow_signed=allow_signed,
-        )
+        with check_batch():
+            qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
+            return hla_attention_map(
+                qs, ks, causal=causal, key_padding_mask=key_padding_mask,
+                query_offset=query_offset, allow_signed=allow_signed,
+            )
 
     def weights(
         self,
@@ -284,14 +289,20 @@ class Variant(nn.Module):
         form: str = "auto",
         backend: str = "auto",
     ) -> Tensor:
-        """Attention output ``[..., N, dv]``; O(N) for every family but softmax."""
+        """Attention output ``[..., N, dv]``; O(N) for every family but softmax.
+
+        Checks as in :func:`~hla_analysis.ops.hla`, with one host sync per call: variants
+        that are not positive by construction (``positive`` is False) may raise for
+        weights that could be negative unless ``allow_signed=True``.
+        """
         if self.kind == "softmax":
             return softmax_attention_output(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
-        qs, ks = self.features(q, k, scale=scale)
-        return hla(
-            qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
-            allow_signed=allow_signed, form=form, backend=backend,
-        )
+        with check_batch():  # the input flags and hla's join one host sync
+            qs, ks = self.features(q, k, scale=scale)
+            return hla(
+                qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+                allow_signed=allow_signed, form=form, backend=backend,
+            )
 
     def extra_repr(self) -> str:
         return f"spec={self.spec!r}"

@@ -23,9 +23,12 @@ from torch import Tensor
 from hla_analysis._checks import (
     as_factors,
     broadcast_leading,
+    check_batch,
     check_factor_lists,
-    check_normalizers,
+    check_hla_signs,
     check_mask_leading_dims,
+    check_normalizers,
+    check_output,
     check_padding_mask,
     check_stacked_against_values,
     check_values,
@@ -175,9 +178,12 @@ def hla(
     chunk_size : int
         Tokens per chunk (chunked forms) or per block (state reduction).
     allow_signed : bool
-        Sign-indefinite features can give a zero or negative normalizer. By default that
-        raises a ``ValueError`` naming how many rows are affected. With ``allow_signed=True``
-        the signed ratio is returned as is; a zero normalizer then yields Inf/NaN in its row.
+        Sign-indefinite features can give negative weights and a zero or negative
+        normalizer. By default both raise a ``ValueError``: a non-positive normalizer with
+        the number of rows affected, and features that may give negative weights (an odd
+        number of factor pairs with a negative feature; tied pairs multiply to squares)
+        since this O(N) form never sees single weights. With ``allow_signed=True`` the
+        signed ratio is returned as is; a zero normalizer then yields Inf/NaN in its row.
     backend : str
         ``"torch"``, ``"triton"`` (fused GPU kernels, M <= 2) or ``"auto"`` (Triton when it
         supports the inputs, else torch).
@@ -190,8 +196,10 @@ def hla(
     Raises
     ------
     ValueError
-        Mismatched shapes or factor counts, empty sequences, NaN/Inf inputs, a mask that
-        leaves a row with no key, or a non-positive normalizer (unless ``allow_signed``).
+        Mismatched shapes, dtypes or factor counts, empty sequences or features, NaN/Inf
+        inputs, a mask that does not fit the inputs or leaves a row with no key, an output
+        that overflows to Inf, or (unless ``allow_signed``) a non-positive normalizer or
+        features that may give negative weights. Value checks cost one host sync per call.
 
     Examples
     --------
@@ -206,12 +214,27 @@ def hla(
     >>> torch.allclose(out, hla_attention_output([q1, q2], [k1, k2], v, causal=True), atol=1e-6)
     True
     """
+    with check_batch():
+        return _hla_checked(
+            qs, ks, v, causal=causal, key_padding_mask=key_padding_mask, form=form,
+            chunk_size=chunk_size, allow_signed=allow_signed, backend=backend,
+        )
+
+
+def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow_signed, backend) -> Tensor:
+    """:func:`hla` inside a :class:`~hla_analysis._checks.CheckBatch`: value checks are flags.
+
+    NaN/Inf in qs, ks or v always reach the normaliser or the output (IEEE products and
+    sums keep them, also against the zeroed values of padded keys), so those inputs get no
+    flag of their own: the normaliser and output flags catch them, and only then does the
+    detailed diagnosis name the input.
+    """
     if isinstance(v, torch.Tensor):
         check_stacked_against_values(qs, v)
     qs, ks = as_factors(qs, "qs"), as_factors(ks, "ks")
-    check_factor_lists(qs, ks)
+    check_factor_lists(qs, ks, propagates=True)
     n_queries, n_keys = qs[0].shape[-2], ks[0].shape[-2]
-    check_values(v, n_keys)
+    check_values(v, n_keys, propagates=True)
     broadcast_leading({"qs[0]": qs[0], "ks[0]": ks[0], "v": v})
     if causal and n_queries != n_keys:
         raise ValueError(f"causal HLA needs as many queries as keys, got {n_queries} and {n_keys}.")
@@ -220,16 +243,20 @@ def hla(
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
     if key_padding_mask is not None:
-        check_padding_mask(key_padding_mask, n_keys, causal=causal)
         check_mask_leading_dims(key_padding_mask, *qs, *ks, v)
+        check_padding_mask(key_padding_mask, n_keys, causal=causal)
 
     if backend != "torch":
         from hla_analysis.ops import triton_backend
 
         explicit = backend == "triton"
         if triton_backend.usable(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask, explicit=explicit):
-            return triton_backend.run(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
-                                      allow_signed=allow_signed)
+            # the kernels' own normaliser check joins this call's batch (no sync of its own)
+            out = triton_backend.run(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+                                     allow_signed=allow_signed)
+            check_hla_signs(qs, ks, allow_signed=allow_signed)
+            check_output(out, allow_signed=allow_signed)
+            return out
         if explicit:
             raise ValueError(triton_backend.why_not(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask))
 
@@ -237,6 +264,7 @@ def hla(
     form = _resolve_form(form, causal=causal, tied=tied, num_factors=len(qs))
     if form == "tied" and not tied:
         raise ValueError("form='tied' needs all query factors equal and all key factors equal; use form='auto'.")
+    signs = (qs, ks)  # before the casts below, which would break tied factors' identity
     work = torch.promote_types(v.dtype, torch.float32)
     qs = [q.to(work) for q in qs]
     ks = [k.to(work) for k in ks]
@@ -259,7 +287,10 @@ def hla(
 
     num, den = out[..., :-1], out[..., -1:]
     check_normalizers(den, allow_signed=allow_signed)
-    return (num / den).to(v.dtype)
+    check_hla_signs(*signs, allow_signed=allow_signed)
+    result = (num / den).to(v.dtype)
+    check_output(result, den, allow_signed=allow_signed)
+    return result
 
 
 def linear_attention(

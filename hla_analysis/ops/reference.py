@@ -6,7 +6,6 @@ Each function builds the full ``[..., Nq, Nk]`` row-normalised map from its defi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -15,10 +14,14 @@ from torch import Tensor
 from hla_analysis._checks import (
     allowed_keys,
     as_factors,
+    check_batch,
     check_factor_lists,
     check_mask_leading_dims,
+    check_nonnegative_weights,
     check_normalizers,
+    check_output,
     check_pair,
+    check_scale,
     check_values,
 )
 
@@ -66,9 +69,7 @@ def softmax_attention_map(
     """
     check_pair(q, k)
     check_mask_leading_dims(key_padding_mask, q, k)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not (math.isfinite(scale) and scale > 0):
-        raise ValueError(f"scale must be a finite positive number (default 1/sqrt(d)), got {scale}.")
+    scale = check_scale(scale, q.shape[-1])
     scores = (q @ k.transpose(-1, -2)) * scale
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
@@ -107,8 +108,9 @@ def hla_attention_map(
     causal, key_padding_mask, query_offset
         As in :func:`softmax_attention_map`.
     allow_signed : bool
-        With sign-indefinite features a row normalizer can be zero or negative. By default
-        that raises; with ``allow_signed=True`` the signed ratio is returned as is (a zero
+        With sign-indefinite features weights can be negative and a row normalizer zero or
+        negative. By default either raises (negative weights also under a positive
+        normalizer); with ``allow_signed=True`` the signed ratio is returned as is (a zero
         normalizer then gives Inf/NaN in that row, by the caller's choice).
 
     Returns
@@ -126,11 +128,15 @@ def hla_attention_map(
     tensor([[0.5000, 0.5000],
             [0.1000, 0.9000]])
     """
-    weights, den = hla_weights(
-        qs, ks, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
-    )
-    check_normalizers(den, allow_signed=allow_signed)
-    return weights / den
+    with check_batch():
+        weights, den = hla_weights(
+            qs, ks, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
+        )
+        check_normalizers(den, allow_signed=allow_signed)
+        check_nonnegative_weights(weights, allow_signed=allow_signed)
+        attention = weights / den
+        check_output(attention, den, allow_signed=allow_signed, what="attention weight")
+        return attention
 
 
 def hla_weights(
@@ -187,9 +193,12 @@ def kernel_attention_map(
     )
 
 
-def _apply(attention: Tensor, v: Tensor) -> Tensor:
+def _apply(attention: Tensor, v: Tensor, *, allow_signed: bool = False) -> Tensor:
     check_values(v, attention.shape[-1])
-    return attention @ v.to(attention.dtype)
+    out = attention @ v.to(attention.dtype)
+    if not allow_signed:  # signed maps may carry the Inf/NaN rows of zero normalizers
+        check_output(out)
+    return out
 
 
 def softmax_attention_output(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tensor:
@@ -199,9 +208,9 @@ def softmax_attention_output(q: Tensor, k: Tensor, v: Tensor, **kwargs) -> Tenso
 
 def hla_attention_output(qs, ks, v: Tensor, **kwargs) -> Tensor:
     """``hla_attention_map(qs, ks, **kwargs) @ v``: the reference HLA output [..., Nq, dv]."""
-    return _apply(hla_attention_map(qs, ks, **kwargs), v)
+    return _apply(hla_attention_map(qs, ks, **kwargs), v, allow_signed=kwargs.get("allow_signed", False))
 
 
 def kernel_attention_output(fq: Tensor, fk: Tensor, v: Tensor, **kwargs) -> Tensor:
     """``kernel_attention_map(fq, fk, **kwargs) @ v``: the reference linear-attention output."""
-    return _apply(kernel_attention_map(fq, fk, **kwargs), v)
+    return _apply(kernel_attention_map(fq, fk, **kwargs), v, allow_signed=kwargs.get("allow_signed", False))
