@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of a failure")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", title="commands")
     for module in _subcommand_modules():
         module.register(sub)
@@ -52,8 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Exit 0 on success, 2 for bad usage, 1 for a failure.
+
+    A failure prints one line (``hla-analysis COMMAND: error: ...``); ``--debug`` (before
+    the command) re-raises it with its traceback.
+    """
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(argv)  # bad usage: argparse prints one line and exits 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
@@ -62,9 +68,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # e.g. `hla-analysis derive hla | head -1`
         sys.stderr.close()
         return 0
-    except (ValueError, OSError, ImportError) as exc:
-        # Library errors already say what went wrong and how to fix it; no traceback.
-        print(f"hla-analysis {args.command}: error: {exc}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"hla-analysis {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if args.debug:
+            raise
+        # Library errors (ValueError) already say what went wrong and how to fix it; other
+        # failures (a bad --device, a torch error) get their type named, never a traceback.
+        kind = "" if isinstance(exc, (ValueError, OSError, ImportError)) else f"{type(exc).__name__}: "
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"hla-analysis {args.command}: error: {kind}{message} (rerun with --debug for the traceback)",
+              file=sys.stderr)
         return 1
 
 
