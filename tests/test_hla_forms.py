@@ -20,7 +20,12 @@ from hla_analysis.ops import (
 )
 
 F64 = dict(dtype=torch.float64)
-TIGHT = dict(rtol=1e-10, atol=1e-12)
+# float64 forms of <= 16 tokens, M <= 4 factors of width <= 4: every output is a ratio of
+# sums of <= 16 * 4**4 rounded products of positive terms (features >= 0.1, so no
+# cancellation in the normaliser), each off by <= eps relative; 2**16 eps covers those sums
+# with a wide margin for the |v| mixing in the numerator, and is still ~1e-11.
+EPS = torch.finfo(torch.float64).eps
+TIGHT = dict(rtol=2**16 * EPS, atol=2**16 * EPS)
 
 
 def positive_factors(lead, n, widths, *, gen):
