@@ -19,8 +19,25 @@ import pandas as pd  # noqa: E402
 from hla_analysis._io import atomic_save_figure, atomic_write_table  # noqa: E402
 from hla_analysis.variants import make_variant  # noqa: E402
 
+_CSV_POINTS = 1500  # scatter points per variant kept in a figure's CSV (< 1 MB in all)
+_CSV_SEED = 0
 _MAX_FAILED = 0.01  # a variant counts as "best" only if at most 1% of its rows failed
 MAP_VARIANTS = ("softmax", "linear:phi=elu1", "hla:m=2,phi=affine", "hla:m=3,phi=affine", "hla:m=4,phi=affine")
+
+
+def sample_scatter(table: pd.DataFrame, *, by: str = "variant", points: int = _CSV_POINTS,
+                   seed: int = _CSV_SEED) -> pd.DataFrame:
+    """At most ``points`` rows per ``by`` group, drawn uniformly with a fixed seed.
+
+    The figure plots every point; its CSV keeps this sample, and says so in a ``sample``
+    column (``"k/n seed s"``: k of n points, uniform), so the file stays small.
+    """
+    parts = []
+    for _, group in table.groupby(by, sort=False):
+        n = len(group)
+        keep = group.sample(n=min(points, n), random_state=seed).sort_index() if n > points else group
+        parts.append(keep.assign(sample=f"{len(keep)}/{n} seed {seed}"))
+    return pd.concat(parts, ignore_index=True)
 
 
 def _save(fig, table: pd.DataFrame, out_dir: Path, name: str) -> Path:
@@ -174,7 +191,7 @@ def monotonicity(capture, out_dir: Path, *, layer: int, head: int, input_index: 
         ax.set_xlabel("logit s = scale q.k")
     axes[0].set_ylabel("weight x row length")
     fig.suptitle(f"monotonicity in q.k: layer {layer}, head {head}, input {input_index}", fontsize=10)
-    return _save(fig, pd.concat(frames, ignore_index=True), out_dir, name)
+    return _save(fig, sample_scatter(pd.concat(frames, ignore_index=True)), out_dir, name)
 
 
 def comparison_figures(results: pd.DataFrame, capture, out_dir: str | Path) -> list[Path]:

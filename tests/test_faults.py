@@ -207,3 +207,23 @@ def test_cli_bad_usage_exits_2():
 def test_cli_debug_shows_the_traceback():
     with pytest.raises(Exception):
         main(["--debug", "capture", "--model", "minilm", "--device", "bogus", "--out", "/nonexistent/dir/x"])
+
+
+# -- packaging -----------------------------------------------------------------------------
+
+
+def test_figure_csvs_stay_small_and_say_when_sampled():
+    from pathlib import Path
+
+    import pandas as pd
+
+    from hla_analysis.report import sample_scatter
+
+    figures = Path(__file__).resolve().parents[1] / "figures"
+    for csv in figures.rglob("*.csv"):
+        assert csv.stat().st_size < 1_000_000, f"{csv} is {csv.stat().st_size} bytes; sample it (report.sample_scatter)"
+    table = pd.DataFrame({"variant": ["a"] * 50 + ["b"] * 3, "score": range(53)})
+    sampled = sample_scatter(table, points=10, seed=0)
+    assert list(sampled.groupby("variant").size()) == [10, 3]
+    assert set(sampled["sample"]) == {"10/50 seed 0", "3/3 seed 0"}
+    assert sampled.equals(sample_scatter(table, points=10, seed=0))  # fixed seed: same rows
