@@ -62,3 +62,18 @@ def test_normalised_error_closed_form_matches_brute_force():
         # c grid step 1.4e-3 moves the error by at most that much relative
         assert brute <= closed + 2 * (cs[100] - cs[0]) / cs[0]
     assert normalised_relative_error(1 + s / 3, np.exp(s)) == 1.0  # negative weights: the infimum 1
+
+
+def test_cli_half_line_degree_and_approx(capsys):
+    import json
+
+    from hla_analysis.cli import main
+
+    assert main(["degree", "hla", "--factors", "3", "--interval", "-inf", "0", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["measured_degree"] == {"1e-09": 3}  # Möbius keeps the type
+    assert main(["approx", "--interval", "-inf", "0", "--family", "minimax_nn", "--degree", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert abs(row["max_abs_error"] / 7.36e-3 - 1) < 0.01
+    assert main(["approx", "--interval", "-inf", "0", "--normalised"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "finite interval" in err and "Traceback" not in err
