@@ -13,6 +13,7 @@ examples:
   hla-analysis degree hla --factors 3                  # measured 3 == symbolic 3
   hla-analysis degree softmax --tol 1e-3 1e-6 1e-9     # grows as the tolerance tightens
   hla-analysis degree 'linear:phi=taylor' --json
+  hla-analysis degree hla --factors 2 --interval -inf 0   # t on the half-line (Möbius-mapped)
 """
 
 
@@ -32,6 +33,9 @@ def register(subparsers) -> None:
     add_variant_arguments(p)
     p.add_argument("--tol", type=float, nargs="+", default=[1e-9], help="relative tolerance(s), > 0")
     p.add_argument("--t-max", type=float, default=3.0, help="sample t in (0, t_max]")
+    from hla_analysis.cli.approx import interval_argument
+
+    interval_argument(p)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -47,12 +51,13 @@ def run(args) -> int:
     spec = resolve_spec(args.variant, factors=args.factors)
     form = derive(spec)
     var = make_variant(spec)
-    measured = {f"{tol:g}": measure_variant_degree(var, tol=tol, t_max=args.t_max) for tol in args.tol}
+    measured = {f"{tol:g}": measure_variant_degree(var, tol=tol, t_max=args.t_max,
+                                                           interval=args.interval) for tol in args.tol}
     if args.json:
         print(json.dumps({"variant": spec, "rational": form.rational, "symbolic_degree": form.degree,
                           "measured_degree": measured}))
         return 0
-    print(f"variant:          {spec}")
+    print(f"variant:          {spec}" + (f"  (t in {args.interval[0]}..{args.interval[1]})" if args.interval else ""))
     print(f"symbolic degree:  {form.degree if form.rational else 'not rational'}")
     for tol, deg in measured.items():
         agree = "" if not form.rational else ("  (matches)" if deg == form.degree else "  (MISMATCH)")

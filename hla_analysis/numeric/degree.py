@@ -52,11 +52,14 @@ def measured_degree(values: np.ndarray, points: np.ndarray, *, tol: float = 1e-9
 
 
 def sample_variant(variant, *, t_max: float = 3.0, samples: int = 300, tokens: int = 6, head_dim: int = 4,
-                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   seed: int = 0, interval=None) -> tuple[np.ndarray, np.ndarray]:
     """``a(t)`` of a registry variant: a random mix of one query row's weights, ``q -> t q``.
 
     Runs the variant's own ``attention_map`` in float64 on random Gaussian q/k
-    (``allow_signed`` so odd affine products are measured, not refused).
+    (``allow_signed`` so odd affine products are measured, not refused). ``interval`` (e.g.
+    ``(-np.inf, 0)``) replaces ``(0, t_max]``; on a half-line the returned points are the Möbius
+    variable in [-1, 1] (:class:`~hla_analysis.numeric.intervals.Interval`), which keeps a type
+    ``(n, n)`` rational of type ``(n, n)``, so the AAA degree measured on them is the degree in t.
     """
     import torch
 
@@ -66,12 +69,22 @@ def sample_variant(variant, *, t_max: float = 3.0, samples: int = 300, tokens: i
     q = torch.randn(1, head_dim, generator=gen, dtype=torch.float64)
     k = torch.randn(tokens, head_dim, generator=gen, dtype=torch.float64)
     mix = torch.randn(tokens, generator=gen, dtype=torch.float64)
-    ts = np.linspace(t_max / samples, t_max, samples)
+    if interval is not None:
+        from hla_analysis.numeric.intervals import Interval
+
+        iv = Interval.parse(interval)
+        ts = iv.sample(samples)
+        ts = ts[ts != 0.0]  # t = 0 makes every row uniform, a removable but useless sample
+    else:
+        ts = np.linspace(t_max / samples, t_max, samples)
     with torch.no_grad():
         batch = torch.as_tensor(ts, dtype=torch.float64)[:, None, None] * q  # [T, 1, d]
         kwargs = {} if variant.kind == "softmax" else {"allow_signed": True}
         weights = variant.attention_map(batch, k.expand(len(ts), -1, -1), **kwargs)[:, 0, :]
-    return ts, (weights @ mix).numpy()
+    values = (weights @ mix).numpy()
+    if interval is not None and not iv.bounded:
+        return iv.to_unit(ts), values
+    return ts, values
 
 
 def measure_variant_degree(variant, *, tol: float = 1e-9, seeds: int = 2, **sample_kwargs) -> int:
