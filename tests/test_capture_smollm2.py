@@ -85,7 +85,8 @@ def test_smollm2_softmax_matches_model_causal_every_layer_and_head(smollm2_captu
             # grouped key/value heads are shared by consecutive query heads
             assert torch.equal(d["k"][0], d["k"][2]) and torch.equal(d["v"][3], d["v"][5])
             assert not torch.equal(d["k"][0], d["k"][3])
-        d = cap.get(checked_layer, i)
+        d = cap.get(checked_layer, i, as_recorded=True)  # undo the canonical scale split
+        assert d["scale"] == pytest.approx(64 ** -0.5)
         q = projections["q_proj"][0].view(n, 9, 64).transpose(0, 1)
         k = projections["k_proj"][0].view(n, 3, 64).transpose(0, 1)
         v = projections["v_proj"][0].view(n, 3, 64).transpose(0, 1)

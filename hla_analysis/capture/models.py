@@ -148,7 +148,9 @@ def resolve_model(model: str, *, progress: bool = False) -> tuple[str, str]:
     (True, 'sentence-transformers/all-MiniLM-L6-v2')
     """
     if not isinstance(model, (str, os.PathLike)) or not str(model).strip():
-        raise ValueError(f"model must be 'minilm', 'smollm2', a local model folder or a hub id, got {model!r}")
+        raise ValueError(
+            f"model must be 'minilm', 'smollm2', a local model folder, a hub id or a torch.nn.Module, got {model!r}"
+        )
     model = str(model)
     if model == "minilm":
         return str(minilm_path()), EMBEDDED_MODELS["minilm"][1]
@@ -157,18 +159,61 @@ def resolve_model(model: str, *, progress: bool = False) -> tuple[str, str]:
     return model, model
 
 
-def load_model(model: str, *, device: str = "cpu", progress: bool = False) -> LoadedModel:
-    """Load a model (eager attention, float32, eval mode) and its tokenizer.
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.splitlines()[0].strip()
+
+
+def _check_weights_format(path: str, model: str) -> None:
+    """Refuse a local folder whose weights exist only as pickles (``*.bin``, ``*.pt``, ``*.ckpt``)."""
+    folder = Path(path)
+    if not folder.exists():
+        return  # a hub id: from_pretrained(use_safetensors=True) reads safetensors or fails
+    if not folder.is_dir():
+        raise ValueError(f"model {path!r} is a file; pass the folder that holds config.json and the weights")
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model folder {path!r} has no config.json; pass a Hugging Face model folder (save_pretrained)")
+    if not any(folder.glob("*.safetensors")):
+        pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in folder.glob(pattern))
+        found = f" (only {', '.join(pickles[:2])}, which would be unpickled)" if pickles else ""
+        raise ValueError(
+            f"model folder {path!r} has no .safetensors weights{found}; re-save it with "
+            "model.save_pretrained(folder) (safetensors is the default) and pass that folder"
+        )
+
+
+def _load_tokenizer(path: str, model: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... with multi-line text
+        raise ValueError(
+            f"could not load a tokenizer for model {model!r} ({_first_line(exc)}); to capture text the folder "
+            "needs tokenizer files, otherwise pass inputs= (dicts of forward arguments such as pixel_values), "
+            "or on the command line --inputs FILE.safetensors or --image-dir DIR"
+        ) from None
+
+
+def load_model(model, *, device: str = "cpu", progress: bool = False, tokenizer: bool = True,
+               submodule: str | None = None) -> LoadedModel:
+    """Load a model (eager attention, float32, eval mode) and, if asked, its tokenizer.
 
     Parameters
     ----------
     model : str
         ``"minilm"``, ``"smollm2"``, a local folder or a hub id (``HF_HUB_OFFLINE=1``
-        makes hub ids resolve from the local cache only).
+        makes hub ids resolve from the local cache only). Weights are read from
+        safetensors files only, never unpickled.
     device : str
         Torch device to run on.
     progress : bool
         Print a line before a slow one-off conversion.
+    tokenizer : bool
+        Load the tokenizer too (needed only to capture text).
+    submodule : str, optional
+        Dotted attribute path of the part to keep, e.g. ``"encoder"`` for the encoder of
+        an encoder-decoder model.
 
     Raises
     ------
@@ -176,7 +221,7 @@ def load_model(model: str, *, device: str = "cpu", progress: bool = False) -> Lo
         If the package that ships the model (or transformers) is missing; the message
         names the pip command.
     ValueError
-        If the model cannot be loaded.
+        If the model cannot be loaded (one line saying why and what to pass).
 
     Examples
     --------
@@ -186,25 +231,48 @@ def load_model(model: str, *, device: str = "cpu", progress: bool = False) -> Lo
     """
     path, source = resolve_model(model, progress=progress)
     _require_transformers()
+    _check_weights_format(path, model)
     import torch
-    from transformers import AutoModel, AutoTokenizer
+    from transformers import AutoModel
 
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a per-tensor "Loading weights" bar is noise here
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
         # AutoModel gives the bare backbone: attention is all we record, and skipping a
         # language-model head saves a 49k-wide projection per token for SmolLM2.
-        net = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32)
-    except OSError as exc:
+        net = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32,
+                                        use_safetensors=True)
+    except Exception as exc:  # a broken folder raises OSError, ValueError, KeyError, JSONDecodeError...
         raise ValueError(
-            f"could not load model {model!r} ({exc}); pass 'minilm', 'smollm2', a local folder with "
-            "config.json and weights, or a hub id that is in the local Hugging Face cache"
+            f"could not load model {model!r} ({_first_line(exc)}); pass 'minilm', 'smollm2', a local folder with "
+            "config.json and safetensors weights, or a hub id that is in the local Hugging Face cache"
         ) from None
     finally:
+        hf_logging.set_verbosity(verbosity)
         if bars:
             hf_logging.enable_progress_bar()
+    tok = _load_tokenizer(path, model) if tokenizer else None
+    if submodule:
+        net = select_submodule(net, submodule)
     net = net.to(device).eval()
-    return LoadedModel(name=model, source=source, model=net, tokenizer=tokenizer)
+    return LoadedModel(name=str(model) + (f":{submodule}" if submodule else ""), source=source, model=net,
+                       tokenizer=tok)
+
+
+def select_submodule(net, submodule: str):
+    """``net.<submodule>`` for a dotted path such as ``"encoder"``; one-line error listing the children."""
+    part = net
+    for attr in submodule.split("."):
+        child = getattr(part, attr, None)
+        if not hasattr(child, "named_modules"):
+            children = ", ".join(name for name, _ in part.named_children()) or "none"
+            raise ValueError(
+                f"{type(part).__name__} has no submodule {attr!r} (its children: {children}); "
+                "pass one of those to submodule= / --submodule"
+            )
+        part = child
+    return part

@@ -11,7 +11,6 @@ specific to one architecture.
 
 from __future__ import annotations
 
-import contextlib
 import contextvars
 import re
 import sys
@@ -24,6 +23,14 @@ IMPLEMENTATION_NAME = "hla_capture"
 
 _active: contextvars.ContextVar = contextvars.ContextVar("hla_capture_recorder", default=None)
 _registered = False
+
+
+class CaptureError(ValueError):
+    """A model does something a capture cannot store; raised from inside its forward pass.
+
+    A separate type, so the capture loop can tell it from the model's own failures, which
+    it reports as bad inputs.
+    """
 
 
 @dataclass
@@ -86,20 +93,20 @@ def allowed_from_mask(mask: torch.Tensor | None, batch: int, nq: int, nk: int) -
     if mask is None:
         return torch.ones(batch, nq, nk, dtype=torch.bool)
     if mask.ndim != 4:
-        raise ValueError(f"expected a 4-D attention mask [B, heads, Nq, Nk], got shape {tuple(mask.shape)}")
+        raise CaptureError(f"expected a 4-D attention mask [B, heads, Nq, Nk], got shape {tuple(mask.shape)}")
     mask = mask[..., -nq:, -nk:]
     if mask.dtype == torch.bool:
         allowed = mask
     else:
         blocked = mask <= torch.finfo(mask.dtype).min / 2
         if not torch.all((mask == 0) | blocked):
-            raise ValueError(
+            raise CaptureError(
                 "the model adds a finite bias to its attention logits (e.g. ALiBi); captures store "
                 "masks only, so this model's probabilities cannot be reproduced from q, k and scale"
             )
         allowed = ~blocked
     if allowed.shape[1] != 1 and not torch.all(allowed == allowed[:, :1]):
-        raise ValueError("the model uses a different mask per head, which captures do not store")
+        raise CaptureError("the model uses a different mask per head, which captures do not store")
     return allowed[:, 0].expand(batch, nq, nk).cpu()
 
 
@@ -110,6 +117,20 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     if recorder is not None:
         recorder._record(module, query, key, value, attention_mask, scaling, probs)
     return output, probs
+
+
+def _attention_configs(model) -> list:
+    """Every transformers config held by ``model`` or one of its submodules (each once)."""
+    configs: dict[int, object] = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation_internal"):
+            configs.setdefault(id(config), config)
+            for key in getattr(config, "sub_configs", {}) or {}:
+                sub = getattr(config, key, None)
+                if sub is not None and hasattr(sub, "_attn_implementation_internal"):
+                    configs.setdefault(id(sub), sub)
+    return list(configs.values())
 
 
 def _register() -> None:
@@ -130,8 +151,11 @@ class AttentionRecorder:
 
     Parameters
     ----------
-    model : transformers.PreTrainedModel
-        Model whose attention modules dispatch through ``AttentionInterface``.
+    model : torch.nn.Module
+        A transformers model, a part of one (e.g. ``model.get_encoder()``), or any module
+        whose attention modules read ``config._attn_implementation`` and dispatch through
+        transformers' ``AttentionInterface``. Attention that bypasses the interface is
+        not seen; check ``calls_seen`` after the forward pass.
     on_call : callable
         Called with an :class:`AttentionCall` for every recorded attention call, in
         call order, while the model runs.
@@ -170,42 +194,49 @@ class AttentionRecorder:
         self.eager = attention_function
         self._names = {id(m): name for name, m in model.named_modules()}
         self._token = None
-        self._previous = None
+        self._previous = []
+        self.calls_seen = 0
+        self.names_seen = []
 
     def __enter__(self):
         _register()
-        self._previous = self.model.config._attn_implementation
-        try:
-            self.model.set_attn_implementation(IMPLEMENTATION_NAME)
-        except (ValueError, KeyError) as exc:
-            raise ValueError(
-                f"{type(self.model).__name__} cannot switch its attention implementation ({exc}); "
-                "only models that dispatch attention through transformers' AttentionInterface can be captured"
-            ) from None
+        # Every transformers attention module picks its function from its own config's
+        # _attn_implementation, so switching each config reachable from a submodule reaches
+        # them all, whether the model is a PreTrainedModel, a part of one, or a plain
+        # nn.Module that holds transformers layers.
+        self._configs = _attention_configs(self.model)
+        self._previous = [(config, config._attn_implementation_internal) for config in self._configs]
+        for config in self._configs:
+            config._attn_implementation_internal = IMPLEMENTATION_NAME
+        self.calls_seen = 0
+        self.names_seen: list[str] = []
         self._token = _active.set(self)
         return self
 
     def __exit__(self, *exc_info):
         _active.reset(self._token)
-        with contextlib.suppress(Exception):
-            self.model.set_attn_implementation(self._previous)
+        for config, previous in self._previous:
+            config._attn_implementation_internal = previous
         return False
 
     def _record(self, module, query, key, value, attention_mask, scaling, probs):
         name = self._names.get(id(module), type(module).__name__)
+        self.calls_seen += 1
+        self.names_seen.append(name)
         if self._pattern is not None and not self._pattern.search(name):
             return
         if probs is None:
-            raise ValueError(f"the attention function used for {name} returned no probabilities; it must return (output, probs)")
+            raise CaptureError(f"the attention function used for {name} returned no probabilities; it must return (output, probs)")
         batch, heads_q, nq, _ = query.shape
         heads_kv, nk = key.shape[1], key.shape[2]
         if nq != nk:
-            raise ValueError(
-                f"{name} is cross-attention or uses a cache (Nq={nq}, Nk={nk}); captures hold self-attention "
-                "only: restrict modules= to self-attention modules"
+            raise CaptureError(
+                f"{name} is cross-attention or uses a cache ({nq} queries, {nk} keys); captures hold "
+                "self-attention only: skip it with modules= (--modules REGEX) matching only self-attention "
+                "modules, e.g. 'self_attn|attention\\.self'"
             )
         if heads_q % heads_kv:
-            raise ValueError(f"{name}: {heads_q} query heads are not a multiple of {heads_kv} key/value heads")
+            raise CaptureError(f"{name}: {heads_q} query heads are not a multiple of {heads_kv} key/value heads")
         scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
         allowed = allowed_from_mask(attention_mask, batch, nq, nk)
         self.on_call(AttentionCall(name, query.detach(), key.detach(), value.detach(), scale, allowed, probs.detach()))

@@ -1,4 +1,12 @@
-"""Run a model over texts and store what enters each softmax: :func:`capture`."""
+"""Run a model over its inputs and store what enters each softmax: :func:`capture`.
+
+The inputs are text (tokenized here), the user's own tensors, or images (the model's own
+image processor); see :mod:`hla_analysis.capture.sources`. The loop is the same for all:
+batch inputs, run the forward pass under :class:`~hla_analysis.capture.recorder.AttentionRecorder`,
+check that softmax recomputed from the recorded q, k, scale and mask reproduces the model's
+probabilities, store q and k in the canonical scale split
+(:mod:`hla_analysis.capture.scale_split`), write one file per input, resume when interrupted.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +19,16 @@ from typing import Callable, Sequence
 
 import torch
 
-from hla_analysis.capture.inputs import PACKINGS, PlannedInput, plan_inputs
-from hla_analysis.capture.models import load_model
-from hla_analysis.capture.recorder import AttentionCall, AttentionRecorder
+from hla_analysis._io import exclusive_output_lock
+from hla_analysis.capture.inputs import PACKINGS, plan_inputs
+from hla_analysis.capture.manifest import sealed
+from hla_analysis.capture.models import LoadedModel, load_model, resolve_model
+from hla_analysis.capture.recorder import AttentionCall, AttentionRecorder, CaptureError
+from hla_analysis.capture.scale_split import CONVENTION, apply_factors, canonical_scale, split_factors
+from hla_analysis.capture.sources import (
+    ModelInput, batch_key, check_argument_names, forward_arguments, image_inputs, inputs_sha256, stack_batch,
+    tensor_inputs,
+)
 from hla_analysis.capture.store import (
     load_capture,
     DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, PARTIAL, atomic_save_tensors, atomic_write_json,
@@ -25,6 +40,7 @@ from hla_analysis.capture.texts import Document, default_documents, read_documen
 # own eager attention materializes the latter, so it bounds the batch at long N.
 _BATCH_TOKENS = 8192
 _BATCH_MAP_ENTRIES = 1 << 24
+_DEFAULT_TEXT_INPUTS = 8
 
 
 def weights_sha256(model) -> str:
@@ -87,21 +103,62 @@ def _mask_kind(allowed: torch.Tensor) -> str:
 
 
 class _BatchCollector:
-    """Receives attention calls during one batched forward pass; slices, checks, casts."""
+    """Receives attention calls during one batched forward pass; slices, checks, rescales, casts.
 
-    def __init__(self, lengths: list[int], dtype: torch.dtype, tolerance: float):
+    ``lengths`` are the real (unpadded) lengths of the rows for text; ``None`` for tensor
+    inputs, whose length is the number of positions the first recorded call sees.
+    ``known_layers`` are the layers of an earlier batch, whose scale-split factors are
+    reused so that every input of a capture is stored in the same split.
+    """
+
+    def __init__(self, rows: int, lengths: list[int] | None, dtype: torch.dtype, tolerance: float,
+                 known_layers: list[dict] | None):
+        self.rows = rows
         self.lengths = lengths
+        self.width = max(lengths) if lengths else None
         self.dtype = dtype
         self.tolerance = tolerance
-        self.layers: list[dict] = []  # name, scale, kv_heads, heads, head_dim, kind
-        self.tensors: list[dict[str, torch.Tensor]] = [{} for _ in lengths]
-        self.errors = [0.0 for _ in lengths]
-        self.kinds: list[list[str]] = [[] for _ in lengths]
+        self.known_layers = known_layers
+        self.layers: list[dict] = []
+        self.tensors: list[dict[str, torch.Tensor]] = [{} for _ in range(rows)]
+        self.errors = [0.0 for _ in range(rows)]
+        self.kinds: list[list[str]] = [[] for _ in range(rows)]
+
+    def _shape_checks(self, call: AttentionCall) -> None:
+        batch, _, nq, _ = call.query.shape
+        if batch != self.rows:
+            raise CaptureError(
+                f"{call.name} runs attention over {batch} rows for {self.rows} inputs (windowed or chunked "
+                "attention?); captures need one attention row per input: skip it with modules="
+            )
+        if self.width is None:
+            self.width, self.lengths = nq, [nq] * self.rows
+        elif nq != self.width:
+            first = self.layers[0]["name"] if self.layers else "the input"
+            raise CaptureError(
+                f"{call.name} attends over {nq} positions where {first} has {self.width}; a capture holds "
+                "layers of one length: record them separately with modules="
+            )
+
+    def _factors(self, call: AttentionCall, layer: int) -> tuple[list[float], list[float]]:
+        if self.known_layers is not None:
+            if layer >= len(self.known_layers) or self.known_layers[layer]["name"] != call.name:
+                raise CaptureError("the model called its attention modules in a different order between batches")
+            known = self.known_layers[layer]
+            return known["q_factor"], known["k_factor"]
+        n = self.lengths[0]  # the first input of a fresh capture fixes the split
+        return split_factors(call.query[0, :, :n], call.key[0, :, :n], call.scale)
 
     def __call__(self, call: AttentionCall) -> None:
+        self._shape_checks(call)
         layer = len(self.layers)
         heads, kv_heads = call.query.shape[1], call.key.shape[1]
         groups = heads // kv_heads
+        dim = call.query.shape[-1]
+        q_factor, k_factor = self._factors(call, layer)
+        scale = canonical_scale(dim)
+        query = apply_factors(call.query, q_factor)
+        key = apply_factors(call.key, k_factor)
         # Rows of equal length share one batched check: the common case costs about as
         # much as the model's own eager attention.
         by_length: dict[int, list[int]] = {}
@@ -109,12 +166,12 @@ class _BatchCollector:
             by_length.setdefault(n, []).append(b)
         for n, rows in by_length.items():
             idx = torch.tensor(rows, device=call.query.device)
-            q, k, v = call.query[idx], call.key[idx], call.value[idx]
+            q, k, v = query[idx], key[idx], call.value[idx]
             allowed, probs = call.allowed[rows][:, :n, :n], call.probs[idx]
             k_full = k.repeat_interleave(groups, dim=1)
-            exact = _max_prob_errors(q, k_full, call.scale, allowed, probs, n)
+            exact = _max_prob_errors(q, k_full, scale, allowed, probs, n)
             if float(exact.max()) > self.tolerance:
-                raise ValueError(
+                raise CaptureError(
                     f"{call.name}: softmax recomputed from the recorded q, k and scale differs from the model's "
                     f"own probabilities by {float(exact.max()):.2e} (> tolerance {self.tolerance:.0e}); the model "
                     "changes its logits in a way captures do not store (e.g. soft-capping or attention sinks); "
@@ -125,8 +182,7 @@ class _BatchCollector:
             v = v[:, :, :n].to("cpu", self.dtype)
             errors = exact
             if self.dtype != torch.float32:
-                errors = _max_prob_errors(q, k.repeat_interleave(groups, dim=1), call.scale, allowed,
-                                          probs.cpu(), n)
+                errors = _max_prob_errors(q, k.repeat_interleave(groups, dim=1), scale, allowed, probs.cpu(), n)
             for j, b in enumerate(rows):
                 self.errors[b] = max(self.errors[b], float(errors[j]))
                 kind = _mask_kind(allowed[j])
@@ -137,25 +193,10 @@ class _BatchCollector:
                 if kind == "explicit":
                     self.tensors[b][f"layer.{layer}.mask"] = allowed[j].clone()
         self.layers.append({
-            "name": call.name, "scale": call.scale, "heads": heads, "kv_heads": kv_heads,
-            "head_dim": call.query.shape[-1], "head_dim_v": call.value.shape[-1],
-            "mask": self.kinds[0][-1],
+            "name": call.name, "scale": scale, "model_scale": call.scale, "heads": heads, "kv_heads": kv_heads,
+            "head_dim": dim, "head_dim_v": call.value.shape[-1], "mask": self.kinds[0][-1],
+            "q_factor": [float(f) for f in q_factor], "k_factor": [float(f) for f in k_factor],
         })
-
-
-def _settings(loaded, documents_source, planned, *, num_inputs, max_tokens, dtype, packing, modules) -> dict:
-    plan = hashlib.sha256(json.dumps([[list(p.input_ids), list(p.sources)] for p in planned]).encode()).hexdigest()
-    return {
-        "model": loaded.name,
-        "weights_sha256": weights_sha256(loaded.model),
-        "num_inputs": num_inputs,
-        "max_tokens": max_tokens,
-        "dtype": dtype,
-        "packing": packing,
-        "modules": modules,
-        "texts": documents_source,
-        "plan_sha256": plan,
-    }
 
 
 def _documents(texts) -> tuple[list[Document], str]:
@@ -170,6 +211,8 @@ def _documents(texts) -> tuple[list[Document], str]:
 
 def _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolerance):
     for name, value in (("num_inputs", num_inputs), ("max_tokens", max_tokens)):
+        if value is None and name == "num_inputs":
+            continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if dtype not in DTYPES:
@@ -182,9 +225,33 @@ def _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolera
         raise ValueError(f"check_tolerance must be positive, got {check_tolerance!r}")
 
 
+def check_device(device) -> str:
+    """Validate a torch device string at the boundary: one line instead of a torch traceback.
+
+    Examples
+    --------
+    >>> check_device("cpu")
+    'cpu'
+    >>> check_device("bogus")
+    Traceback (most recent call last):
+    ...
+    ValueError: device='bogus' is not a torch device; pass cpu, cuda or cuda:N
+    """
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device={device!r} is not a torch device; pass cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but this torch has no CUDA device; use --device cpu.")
+    try:
+        torch.empty(0, device=parsed)
+    except (RuntimeError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ValueError(f"device={device!r} is not usable here ({first}); pass cpu or an available GPU") from None
+    return str(device)
+
+
 def _prepare_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out={str(out)!r} is a file; pass a directory for the capture")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # left by a run killed mid-write (SIGKILL, power loss)
         stale.unlink(missing_ok=True)
@@ -199,11 +266,11 @@ def _prepare_out(out: Path) -> None:
         )
 
 
-def _finished_records(out: Path, settings: dict) -> list[dict]:
+def _finished_records(out: Path, settings: dict) -> tuple[list[dict], dict]:
     """Records of inputs already captured by an interrupted run with the same settings."""
     partial = out / PARTIAL
     if not partial.is_file():
-        return []
+        return [], {}
     previous = read_manifest(partial)
     if previous.get("settings") != settings:
         raise ValueError(
@@ -218,68 +285,229 @@ def _finished_records(out: Path, settings: dict) -> list[dict]:
                 or file_sha256(file) != rec["sha256"]:
             break
         records.append(rec)
-    return records
+    return records, (previous if records else {})
 
 
 def _auto_batch_size(max_tokens: int, heads: int) -> int:
     return max(1, min(_BATCH_TOKENS // max_tokens, _BATCH_MAP_ENTRIES // (heads * max_tokens * max_tokens)))
 
 
-def capture(model: str = "minilm", *, out, num_inputs: int = 8, max_tokens: int = 256, texts=None,
-            dtype: str = "float32", progress: bool = True, packing: str = "pack",
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0].strip()
+
+
+def _model_source(model, *, device, progress, tokenizer, submodule, need_tokenizer) -> LoadedModel:
+    """A name, folder or hub id is loaded; an nn.Module is used as given (moved to ``device``)."""
+    if isinstance(model, torch.nn.Module):
+        if submodule:
+            from hla_analysis.capture.models import select_submodule
+
+            model = select_submodule(model, submodule)
+        if device is not None:
+            model = model.to(device)
+        cls = type(model)
+        return LoadedModel(name=cls.__name__, source=f"python object {cls.__module__}.{cls.__qualname__}",
+                           model=model, tokenizer=tokenizer)
+    loaded = load_model(model, device=device or "cpu", progress=progress,
+                        tokenizer=need_tokenizer and tokenizer is None, submodule=submodule)
+    if tokenizer is not None:
+        loaded.tokenizer = tokenizer
+    return loaded
+
+
+def _text_items(loaded, texts, *, num_inputs, max_tokens, packing) -> tuple[list[ModelInput], dict]:
+    net = loaded.model
+    taken, _ = forward_arguments(net)
+    if "input_ids" not in taken:
+        raise ValueError(
+            f"{type(net).__name__}.forward takes no input_ids (it takes {', '.join(taken[:4]) or 'nothing named'}), "
+            "so it cannot read text: pass inputs= (dicts of tensors named after those arguments), or on the "
+            "command line --inputs FILE.safetensors or --image-dir DIR"
+        )
+    if loaded.tokenizer is None:
+        raise ValueError(
+            f"{loaded.name} has no tokenizer: pass tokenizer= to capture text, or pass inputs= (e.g. "
+            "[{'input_ids': ids}]) with token ids you made yourself"
+        )
+    documents, documents_source = _documents(texts)
+    limit = getattr(getattr(net, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and max_tokens > limit:
+        raise ValueError(f"max_tokens={max_tokens} exceeds {loaded.name!r}'s position limit of {limit} tokens")
+    planned = plan_inputs(loaded.tokenizer, documents, num_inputs=num_inputs, max_tokens=max_tokens, packing=packing)
+    items = []
+    for p in planned:
+        name = p.sources[0] + (f" (+{len(p.sources) - 1} more)" if len(p.sources) > 1 else "")
+        items.append(ModelInput(name, {"input_ids": torch.tensor([p.input_ids])}, p.input_ids, p.sources))
+    plan = hashlib.sha256(json.dumps([[list(p.input_ids), list(p.sources)] for p in planned]).encode()).hexdigest()
+    return items, {"max_tokens": max_tokens, "packing": packing, "texts": documents_source, "plan_sha256": plan}
+
+
+def _check_tensor_items(net, items: list[ModelInput], origin: str) -> None:
+    names = sorted({key for item in items for key in item.tensors})
+    check_argument_names(net, names, origin=origin)
+    config = getattr(net, "config", None)
+    taken, _ = forward_arguments(net)
+    if getattr(config, "is_encoder_decoder", False) and any(a.startswith("decoder_") for a in taken) \
+            and not any(n.startswith("decoder_") for n in names):
+        raise ValueError(
+            f"{type(net).__name__} is an encoder-decoder model and the inputs hold no decoder arguments: capture "
+            "its encoder with --submodule encoder (Python: capture(model.get_encoder(), inputs=...)), or add "
+            "decoder_input_ids to the inputs"
+        )
+
+
+def _select(items: list[ModelInput], num_inputs: int | None, origin: str) -> list[ModelInput]:
+    if num_inputs is None:
+        return items
+    if num_inputs > len(items):
+        raise ValueError(f"num_inputs={num_inputs} but {origin} holds only {len(items)} inputs; lower num_inputs")
+    return items[:num_inputs]
+
+
+def _batches(items: list[ModelInput], start: int, size: int, *, text: bool):
+    """Consecutive inputs per forward pass: any lengths for text (padded), equal shapes otherwise."""
+    i = start
+    while i < len(items):
+        chunk = [items[i]]
+        while len(chunk) < size and i + len(chunk) < len(items) and \
+                (text or batch_key(items[i + len(chunk)]) == batch_key(items[i])):
+            chunk.append(items[i + len(chunk)])
+        yield i, chunk
+        i += len(chunk)
+
+
+def _text_batch(chunk: list[ModelInput], pad_id: int, device) -> tuple[dict, list[int]]:
+    lengths = [len(item.input_ids) for item in chunk]
+    width = max(lengths)
+    ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(chunk), width), dtype=torch.long)
+    for row, item in enumerate(chunk):
+        ids[row, :lengths[row]] = torch.tensor(item.input_ids)
+        mask[row, :lengths[row]] = 1  # right padding keeps real tokens' positions and results
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device)}, lengths
+
+
+def _float_dtype(net) -> torch.dtype:
+    for param in net.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return torch.float32
+
+
+def _model_device(net):
+    for param in net.parameters():
+        return param.device
+    return torch.device("cpu")
+
+
+def _forward(loaded, kwargs: dict, collector, *, modules, attention_function, first: ModelInput) -> None:
+    net = loaded.model
+    try:
+        with AttentionRecorder(net, on_call=collector, modules=modules,
+                               attention_function=attention_function) as recorder:
+            net(**kwargs)
+    except CaptureError:
+        raise
+    except Exception as exc:  # the model's own failure on inputs it does not expect
+        shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in kwargs.items())
+        raise ValueError(
+            f"{type(net).__name__}.forward failed on input {first.name!r} ({shapes}): {type(exc).__name__}: "
+            f"{_one_line(exc)}; pass the arguments, shapes and dtypes its forward expects"
+        ) from None
+    if recorder.calls_seen == 0:
+        raise ValueError(
+            f"the recorder saw no attention call from {type(net).__name__}: its attention does not dispatch "
+            "through transformers' AttentionInterface; use a transformers model whose attention is selected by "
+            "config._attn_implementation (load it with attn_implementation='eager' rather than a fused kernel "
+            "module), or make your module call ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, "
+            "eager_attention_forward)"
+        )
+    if not collector.layers:
+        seen = sorted(set(recorder.names_seen))
+        raise ValueError(
+            f"modules={modules!r} matched none of the {len(seen)} attention modules "
+            f"({', '.join(seen[:3])}{', ...' if len(seen) > 3 else ''}); pass a pattern that matches some"
+        )
+
+
+def capture(model="minilm", *, out, inputs=None, texts=None, images=None, num_inputs: int | None = None,
+            max_tokens: int = 256, dtype: str = "float32", progress: bool = True, packing: str = "pack",
             batch_size: int | None = None, modules: str | None = None,
-            attention_function: Callable | None = None, device: str = "cpu",
-            check_tolerance: float = 1e-4) -> Path:
-    """Capture q, k, v of every attention layer of a pretrained model on real text.
+            attention_function: Callable | None = None, device: str | None = None,
+            check_tolerance: float = 1e-4, tokenizer=None, submodule: str | None = None) -> Path:
+    """Capture q, k, v of every attention layer of a model, on text or on your own inputs.
 
     Parameters
     ----------
-    model : str
+    model : str or torch.nn.Module
         ``"minilm"`` (embedded all-MiniLM-L6-v2, non-causal), ``"smollm2"`` (embedded
-        SmolLM2-135M-Instruct, causal, grouped key/value heads), or any Hugging Face
-        model folder or hub id whose attention dispatches through transformers'
-        ``AttentionInterface``.
+        SmolLM2-135M-Instruct, causal, grouped key/value heads), a Hugging Face model
+        folder or hub id (weights read from safetensors only), or a module: a
+        transformers model, a part of one (``model.get_encoder()``), or any module whose
+        attention dispatches through transformers' ``AttentionInterface``.
     out : str or Path
         Capture directory (created). Re-running with the same settings resumes an
-        interrupted capture, or returns at once if it is complete.
-    num_inputs : int
-        Number of inputs.
-    max_tokens : int
-        Tokens per input, special tokens included (at most the model's position limit).
+        interrupted capture, or returns at once if it is complete. A second capture into
+        the same directory at the same time is refused.
+    inputs : iterable of dict, dict, str or Path, optional
+        Your own inputs, one dict of forward keyword arguments to tensors per input, each
+        tensor with a leading batch dimension (1, or several inputs at once):
+        ``{"pixel_values": [1, 3, 224, 224]}`` for a ViT, ``{"input_features": [1, 80,
+        3000]}`` for a Whisper encoder, ``{"input_ids": ...}`` tokenized yourself. A path
+        names a safetensors file of such tensors with a leading input axis.
     texts : None, str, Path or list of str
-        None: the Python language-reference topics (``pydoc_data.topics``); a path: a
-        text file or a folder of ``.txt/.md/.rst`` files; a list: the texts themselves.
+        The text path (default when neither ``inputs`` nor ``images`` is given): None for
+        the Python language-reference topics (``pydoc_data.topics``), a path to a text
+        file or a folder of ``.txt/.md/.rst`` files, or a list of texts.
+    images : str, Path or list of paths, optional
+        PNG/JPEG files (or a folder of them) run through the model's own
+        ``AutoImageProcessor``; needs a model name or folder.
+    num_inputs : int, optional
+        Number of inputs: default 8 for text, every given input otherwise (then the
+        first ``num_inputs`` are used).
+    max_tokens : int
+        Text only: tokens per input, special tokens included.
     dtype : {"float32", "float16", "bfloat16"}
-        Storage dtype. The model always runs in float32.
+        Storage dtype. A loaded model always runs in float32.
     progress : bool
         Show a tqdm progress bar.
     packing : {"pack", "document"}
-        See :func:`hla_analysis.capture.inputs.plan_inputs`.
+        Text only; see :func:`hla_analysis.capture.inputs.plan_inputs`.
     batch_size : int, optional
-        Inputs per forward pass; default chooses from ``max_tokens``.
+        Inputs per forward pass; default chooses from the sequence length.
     modules : str, optional
         Regular expression selecting which attention modules to record (by module
-        name, e.g. ``r"layers\\.(0|29)\\."``); default: all.
+        name, e.g. ``r"layers\\.(0|29)\\."`` or ``"encoder"``); default: all.
     attention_function : callable, optional
         Attention implementation to run and record instead of the model's own eager one.
-    device : str
-        Torch device for the forward passes.
+    device : str, optional
+        Torch device for the forward passes (a module is moved there). Default: ``"cpu"``
+        for a loaded model, the module's own device for a module.
     check_tolerance : float
-        Largest allowed difference between softmax recomputed from the recorded
-        float32 q, k, scale and mask, and the model's own probabilities.
+        Largest allowed difference between softmax recomputed from the stored float32
+        q, k, scale and mask, and the model's own probabilities.
+    tokenizer : optional
+        Tokenizer for capturing text from a module (names and folders load their own).
+    submodule : str, optional
+        Dotted path of the part of the model to run, e.g. ``"encoder"``.
 
     Returns
     -------
     Path
         The capture directory; open it with :func:`hla_analysis.capture.load_capture`.
+        q and k are stored in the canonical scale split (``scale = head_dim**-0.5``, equal
+        mean norms; :mod:`hla_analysis.capture.scale_split`); the manifest records the
+        scale the model passed and the factors that rebuild its q and k.
 
     Raises
     ------
     ImportError
         If the package shipping the model, or transformers, is missing (names the pip command).
     ValueError
-        On bad arguments, a directory holding something else, or a model whose
-        probabilities cannot be reproduced from what is recorded.
+        One line saying what to pass instead: bad arguments, a directory holding
+        something else or being written by another capture, inputs the forward does not
+        take, a model without tokenizer given no inputs, attention the recorder never
+        saw, cross-attention, or probabilities that cannot be reproduced from what is stored.
 
     Examples
     --------
@@ -290,27 +518,67 @@ def capture(model: str = "minilm", *, out, num_inputs: int = 8, max_tokens: int 
     ...     manifest = load_capture(path).manifest
     >>> manifest["num_layers"], manifest["num_heads"], manifest["lengths"], manifest["causal"]
     (6, 12, [12, 12], False)
-    >>> manifest["max_abs_prob_error"] < 1e-5
-    True
+    >>> manifest["input_kind"], manifest["max_abs_prob_error"] < 1e-5
+    ('text', True)
     """
     from tqdm.auto import tqdm
 
     _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolerance)
-    if str(device).startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but this torch has no CUDA device; use --device cpu.")
+    given = [name for name, value in (("inputs", inputs), ("texts", texts), ("images", images)) if value is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass one of inputs=, texts= or images=, not {' and '.join(given)}")
+    kind = {"inputs": "tensors", "images": "images"}.get(given[0] if given else "texts", "text")
+    if device is not None:
+        check_device(device)
     out = Path(out)
-    _prepare_out(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; pass a directory for the capture")
+    if images is not None and isinstance(model, torch.nn.Module):
+        raise ValueError(
+            "images= needs a model name or folder holding its image processor; for a module, run its image "
+            "processor yourself and pass inputs=[{'pixel_values': ...}]"
+        )
     started = time.perf_counter()
-    documents, documents_source = _documents(texts)
-    loaded = load_model(model, device=device, progress=progress)
-    config = loaded.model.config
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and max_tokens > limit:
-        raise ValueError(f"max_tokens={max_tokens} exceeds {model!r}'s position limit of {limit} tokens")
-    planned = plan_inputs(loaded.tokenizer, documents, num_inputs=num_inputs, max_tokens=max_tokens, packing=packing)
-    settings = _settings(loaded, documents_source, planned, num_inputs=num_inputs, max_tokens=max_tokens,
-                         dtype=dtype, packing=packing, modules=modules)
+    loaded = _model_source(model, device=device, progress=progress, tokenizer=tokenizer, submodule=submodule,
+                           need_tokenizer=kind == "text")
+    net = loaded.model
+    device = _model_device(net)
+    if kind == "text":
+        items, source_settings = _text_items(loaded, texts, num_inputs=num_inputs or _DEFAULT_TEXT_INPUTS,
+                                             max_tokens=max_tokens, packing=packing)
+    else:
+        if kind == "tensors":
+            items, origin = tensor_inputs(inputs), "inputs"
+            source = str(Path(inputs).resolve()) if isinstance(inputs, (str, Path)) else "python inputs"
+        else:
+            items, origin = image_inputs(images, resolve_model(model)[0], net), "images"
+            source = str(Path(images).resolve()) if isinstance(images, (str, Path)) else "python list of images"
+        items = _select(items, num_inputs, origin)
+        _check_tensor_items(net, items, origin)
+        source_settings = {kind: source, "inputs_sha256": inputs_sha256(items)}
+    arguments = ["input_ids", "attention_mask"] if kind == "text" else sorted({k for i in items for k in i.tensors})
+    settings = {
+        "model": loaded.name, "weights_sha256": weights_sha256(net), "input_kind": kind,
+        "num_inputs": len(items), "dtype": dtype, "modules": modules, "scale_convention": CONVENTION,
+        **source_settings,
+    }
 
+    was_training = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        with exclusive_output_lock(out, command="capture"):
+            _prepare_out(out)
+            return _run(loaded, items, out, settings, kind=kind, arguments=arguments, dtype=dtype,
+                        batch_size=batch_size, max_tokens=max_tokens, modules=modules,
+                        attention_function=attention_function, tolerance=check_tolerance, device=device,
+                        progress=progress, started=started, tqdm=tqdm)
+    finally:
+        for module, mode in was_training.items():
+            module.training = mode
+
+
+def _run(loaded, items, out, settings, *, kind, arguments, dtype, batch_size, max_tokens, modules,
+         attention_function, tolerance, device, progress, started, tqdm) -> Path:
     if (out / MANIFEST).is_file():
         existing = read_manifest(out / MANIFEST)
         if existing.get("settings") == settings and existing.get("complete"):
@@ -321,83 +589,97 @@ def capture(model: str = "minilm", *, out, num_inputs: int = 8, max_tokens: int 
             return out
         raise ValueError(f"out={str(out)!r} holds a complete capture with different settings; pass a new directory")
 
-    records = _finished_records(out, settings)
-    previous = read_manifest(out / PARTIAL) if records else {}
+    records, previous = _finished_records(out, settings)
     layers: list[dict] | None = previous.get("layers")
     elapsed_before = float(previous.get("capture_seconds", 0.0))
-    heads = getattr(config, "num_attention_heads", 12)
-    batch = batch_size or _auto_batch_size(max_tokens, heads)
-    pad_id = loaded.tokenizer.pad_token_id if loaded.tokenizer.pad_token_id is not None else 0
+    net = loaded.model
+    text = kind == "text"
+    if batch_size:
+        batch = batch_size
+    elif text:
+        batch = _auto_batch_size(max_tokens, getattr(getattr(net, "config", None), "num_attention_heads", 12))
+    elif layers:
+        batch = _auto_batch_size(records[0]["length"], layers[0]["heads"])
+    else:
+        batch = 1  # learn the sequence length and head count from the first input
+    pad_id = 0
+    if text and loaded.tokenizer.pad_token_id is not None:
+        pad_id = loaded.tokenizer.pad_token_id
     storage = DTYPES[dtype]
+    float_dtype = _float_dtype(net)
 
-    bar = tqdm(total=num_inputs, initial=len(records), disable=not progress, unit="input",
-               desc=f"capture {model}", dynamic_ncols=True)
+    bar = tqdm(total=len(items), initial=len(records), disable=not progress, unit="input",
+               desc=f"capture {loaded.name}", dynamic_ncols=True)
     with torch.inference_mode():
-        for start in range(len(records), num_inputs, batch):
-            chunk: list[PlannedInput] = planned[start:start + batch]
-            lengths = [len(p.input_ids) for p in chunk]
-            width = max(lengths)
-            ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(chunk), width), dtype=torch.long)
-            for row, p in enumerate(chunk):
-                ids[row, :lengths[row]] = torch.tensor(p.input_ids)
-                mask[row, :lengths[row]] = 1  # right padding keeps real tokens' positions and results
-            collector = _BatchCollector(lengths, storage, check_tolerance)
-            with AttentionRecorder(loaded.model, on_call=collector, modules=modules,
-                                   attention_function=attention_function):
-                loaded.model(input_ids=ids.to(device), attention_mask=mask.to(device))
-            if not collector.layers:
-                raise ValueError(
-                    f"no attention call was recorded for {model!r}: its attention does not dispatch through "
-                    "transformers' AttentionInterface, or modules= matched no attention module"
-                )
+        start = len(records)
+        while start < len(items):
+            start, chunk = next(_batches(items, start, batch, text=text))
+            if text:
+                kwargs, lengths = _text_batch(chunk, pad_id, device)
+            else:
+                kwargs, lengths = stack_batch(chunk, device=device, float_dtype=float_dtype), None
+            collector = _BatchCollector(len(chunk), lengths, storage, tolerance, layers)
+            _forward(loaded, kwargs, collector, modules=modules, attention_function=attention_function,
+                     first=chunk[0])
             if layers is None:
                 layers = collector.layers
-            elif [layer["name"] for layer in layers] != [layer["name"] for layer in collector.layers]:
-                raise ValueError("the model called its attention modules in a different order between batches")
-            for row, p in enumerate(chunk):
-                index = start + row
-                tensors = collector.tensors[row]
-                for l, layer in enumerate(layers):
-                    kind = collector.kinds[row][l]
-                    if kind != layer["mask"] and kind != "explicit":
-                        # this input's pattern differs from the layer's usual one: keep it explicitly
-                        n = lengths[row]
-                        full = torch.ones(n, n, dtype=torch.bool)
-                        tensors[f"layer.{l}.mask"] = full.tril() if kind == "causal" else full
-                tensors["input_ids"] = torch.tensor(p.input_ids, dtype=torch.long)
-                file = out / input_file_name(index)
-                digest = atomic_save_tensors(file, tensors)
-                records.append({
-                    "index": index, "file": file.name, "bytes": file.stat().st_size,
-                    "sha256": digest, "length": lengths[row], "sources": list(p.sources),
-                    "input_ids": list(p.input_ids),
-                    "tensor_sha256": {key: tensor_sha256(t) for key, t in tensors.items()},
-                    "max_abs_prob_error": collector.errors[row],
-                })
+                if not batch_size and not text:
+                    batch = _auto_batch_size(collector.width, layers[0]["heads"])
+            elif len(layers) != len(collector.layers):
+                raise ValueError("the model called a different number of attention modules between batches")
+            for row, item in enumerate(chunk):
+                records.append(_write_input(out, start + row, item, row, collector, layers))
             elapsed = elapsed_before + time.perf_counter() - started
-            atomic_write_json(out / PARTIAL, _manifest(loaded, settings, layers, records, elapsed, complete=False))
+            atomic_write_json(out / PARTIAL, _manifest(loaded, settings, layers, records, elapsed,
+                                                       complete=False, kind=kind, arguments=arguments))
             bar.update(len(chunk))
+            start += len(chunk)
     bar.close()
     elapsed = elapsed_before + time.perf_counter() - started
-    atomic_write_json(out / MANIFEST, _manifest(loaded, settings, layers, records, elapsed, complete=True))
+    atomic_write_json(out / MANIFEST, _manifest(loaded, settings, layers, records, elapsed, complete=True,
+                                                kind=kind, arguments=arguments))
     (out / PARTIAL).unlink(missing_ok=True)
     return out
 
 
-def _manifest(loaded, settings, layers, records, elapsed, *, complete) -> dict:
+def _write_input(out: Path, index: int, item: ModelInput, row: int, collector, layers) -> dict:
+    tensors = collector.tensors[row]
+    n = collector.lengths[row]
+    for l, layer in enumerate(layers):
+        kind = collector.kinds[row][l]
+        if kind != layer["mask"] and kind != "explicit":
+            # this input's pattern differs from the layer's usual one: keep it explicitly
+            full = torch.ones(n, n, dtype=torch.bool)
+            tensors[f"layer.{l}.mask"] = full.tril() if kind == "causal" else full
+    if item.input_ids is not None:
+        tensors["input_ids"] = torch.tensor(item.input_ids, dtype=torch.long)
+    file = out / input_file_name(index)
+    digest = atomic_save_tensors(file, tensors)
+    record = {
+        "index": index, "name": item.name, "file": file.name, "bytes": file.stat().st_size,
+        "sha256": digest, "length": n,
+        "tensor_sha256": {key: tensor_sha256(t) for key, t in tensors.items()},
+        "max_abs_prob_error": collector.errors[row],
+    }
+    if item.input_ids is not None:
+        record.update(sources=list(item.sources), input_ids=list(item.input_ids))
+    return record
+
+
+def _manifest(loaded, settings, layers, records, elapsed, *, complete, kind, arguments) -> dict:
     from hla_analysis import __version__
 
-    config = loaded.model.config
+    config = getattr(loaded.model, "config", None)
     heads = {layer["heads"] for layer in layers}
     kv_heads = {layer["kv_heads"] for layer in layers}
     dims = {layer["head_dim"] for layer in layers}
-    scales = {layer["scale"] for layer in layers}
-    if len(heads) != 1 or len(kv_heads) != 1 or len(dims) != 1:
+    dims_v = {layer["head_dim_v"] for layer in layers}
+    if len(heads) != 1 or len(kv_heads) != 1 or len(dims) != 1 or len(dims_v) != 1:
         raise ValueError("recorded layers differ in head count or head dim; capture them separately with modules=")
     num_heads, num_kv = heads.pop(), kv_heads.pop()
+    head_dim = dims.pop()
     lengths = [rec["length"] for rec in records]
-    return {
+    manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "complete": complete,
@@ -408,19 +690,19 @@ def _manifest(loaded, settings, layers, records, elapsed, *, complete) -> dict:
         "weights_sha256": settings["weights_sha256"],
         "architecture": (getattr(config, "architectures", None) or [type(loaded.model).__name__])[0],
         "model_type": getattr(config, "model_type", None),
+        "input_kind": kind,
+        "input_arguments": list(arguments),
         "num_layers": len(layers),
         "num_heads": num_heads,
         "num_kv_heads": num_kv,
         "kv_head_for_query_head": [h // (num_heads // num_kv) for h in range(num_heads)],
-        "head_dim": dims.pop(),
-        "head_dim_v": layers[0]["head_dim_v"],
-        "scale": scales.pop() if len(scales) == 1 else None,
+        "head_dim": head_dim,
+        "head_dim_v": dims_v.pop(),
+        "scale": canonical_scale(head_dim),
+        "scale_convention": CONVENTION,
         "causal": all(layer["mask"] == "causal" for layer in layers),
         "layers": [dict(layer) for layer in layers],
         "dtype": settings["dtype"],
-        "max_tokens": settings["max_tokens"],
-        "packing": settings["packing"],
-        "texts": settings["texts"],
         "num_inputs": len(records),
         "lengths": lengths,
         "total_tokens": sum(lengths),
@@ -429,3 +711,6 @@ def _manifest(loaded, settings, layers, records, elapsed, *, complete) -> dict:
         "settings": settings,
         "inputs": records,
     }
+    if kind == "text":
+        manifest.update(max_tokens=settings["max_tokens"], packing=settings["packing"], texts=settings["texts"])
+    return sealed(manifest)

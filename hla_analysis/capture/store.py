@@ -6,14 +6,17 @@ A capture is a directory::
     manifest.partial.json         progress of an unfinished capture (what resume reads)
     input_00000.safetensors       one file per input: for every layer l,
     input_00001.safetensors       layer.{l}.q [Hq, N, d], layer.{l}.k / .v [Hkv, N, d],
-    ...                           optional layer.{l}.mask [N, N]; and input_ids [N]
+    ...                           optional layer.{l}.mask [N, N]; input_ids [N] for text
 
 One file per input, because an input is the unit of work (one forward pass yields all
 layers of it): each file is written atomically as soon as its forward pass ends, memory
 stays bounded by one batch even at 8,192 tokens, and resume simply skips finished
 files. Reading stays lazy per layer because safetensors reads single tensors from the
 header offsets without loading the rest of the file. The manifest keeps a SHA-256 of
-every file and of every tensor, so :meth:`Capture.get` checks exactly what it reads.
+every file and of every tensor, so :meth:`Capture.get` checks exactly what it reads, and
+a SHA-256 of its own content (:mod:`hla_analysis.capture.manifest`); every read also
+checks each tensor's dtype and shape against the manifest. q and k are stored in the
+canonical scale split of :mod:`hla_analysis.capture.scale_split`.
 Keys and values are stored with the model's own key/value heads (3 for SmolLM2, not
 9) and expanded to every query head on read.
 """
@@ -21,15 +24,13 @@ Keys and values are stored with the model's own key/value heads (3 for SmolLM2, 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import torch
 
 from hla_analysis._io import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
+from hla_analysis.capture.manifest import FORMAT, FORMAT_VERSION, plain_file_name, read_manifest  # noqa: F401
 
-FORMAT = "hla-analysis-capture"
-FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,23 +71,6 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> s
     return hashlib.sha256(data).hexdigest()
 
 
-def read_manifest(path: str | Path) -> dict:
-    """Parse a manifest JSON file, raising ``ValueError`` if it is not one."""
-    path = Path(path)
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path} is corrupt ({exc}); delete the capture directory and capture again") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise ValueError(f"{path} is not an hla-analysis capture manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path} has capture format version {manifest.get('format_version')}, this toolkit reads "
-            f"version {FORMAT_VERSION}; capture again with this version"
-        )
-    return manifest
-
-
 class Capture:
     """A finished capture: manifest plus lazy, verified access to q, k, v per layer and input.
 
@@ -112,6 +96,10 @@ class Capture:
         self.num_heads = int(manifest["num_heads"])
         self.head_dim = int(manifest["head_dim"])
         self.lengths = [int(rec["length"]) for rec in manifest["inputs"]]
+        self.input_kind = manifest["input_kind"]
+        if manifest["dtype"] not in DTYPES:
+            raise ValueError(f"{self.path}: manifest dtype {manifest['dtype']!r} is not one of {sorted(DTYPES)}; capture again")
+        self.dtype = DTYPES[manifest["dtype"]]
         self._kv_index = torch.tensor(manifest["kv_head_for_query_head"], dtype=torch.long)
 
     def __repr__(self) -> str:
@@ -127,7 +115,7 @@ class Capture:
         from safetensors import SafetensorError, safe_open
 
         rec = self.manifest["inputs"][input_index]
-        file = self.path / rec["file"]
+        file = self.path / plain_file_name(rec["file"], self.path, f"{self.path / MANIFEST}: input {input_index}")
         if not file.is_file():
             raise FileNotFoundError(f"{file} is missing from the capture; capture again into a new directory")
         size = file.stat().st_size
@@ -141,12 +129,20 @@ class Capture:
         except (SafetensorError, OSError, ValueError) as exc:
             raise ValueError(f"{file} is corrupt ({exc}); capture again into a new directory") from None
 
-    def _read(self, handle, rec, key: str, verify: bool) -> torch.Tensor:
-        expected = rec["tensor_sha256"][key]
+    def _read(self, handle, rec, key: str, verify: bool, dtype: torch.dtype, shape: tuple) -> torch.Tensor:
+        expected = rec["tensor_sha256"].get(key)
+        if expected is None:
+            raise ValueError(f"{self.path / MANIFEST}: input {rec['index']} lists no tensor {key}; capture again")
         try:
             tensor = handle.get_tensor(key)
         except Exception as exc:  # safetensors raises its own error types for bad offsets
             raise ValueError(f"{self.path / rec['file']}: cannot read {key} ({exc}); the file is corrupt") from None
+        if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+            raise ValueError(
+                f"{self.path / rec['file']}: tensor {key} is {str(tensor.dtype).replace('torch.', '')} "
+                f"{list(tensor.shape)} but the manifest says {str(dtype).replace('torch.', '')} {list(shape)}; "
+                "the file was replaced or forged, capture again into a new directory"
+            )
         if verify and tensor_sha256(tensor) != expected:
             raise ValueError(
                 f"{self.path / rec['file']}: tensor {key} does not match its SHA-256 in the manifest; "
@@ -154,7 +150,7 @@ class Capture:
             )
         return tensor
 
-    def get(self, layer: int, input_index: int, *, verify: bool = True) -> dict:
+    def get(self, layer: int, input_index: int, *, verify: bool = True, as_recorded: bool = False) -> dict:
         """Tensors of one layer for one input, read from disk on demand.
 
         Parameters
@@ -162,37 +158,52 @@ class Capture:
         layer, input_index : int
         verify : bool
             Check each tensor read against its SHA-256 in the manifest (cheap: a few ms
-            per layer and input at 256 tokens).
+            per layer and input at 256 tokens). Dtypes and shapes are always checked.
+        as_recorded : bool
+            Undo the canonical scale split: return q and k exactly as the model passed them
+            to its attention function, with the model's own ``scale``.
 
         Returns
         -------
         dict
             ``q``, ``k``, ``v``: ``[heads, N, d]`` (keys and values expanded to every query
-            head), ``scale``: float (softmax logit = scale * q.k), ``causal``: bool,
-            ``attention_mask``: bool ``[N, N]`` (True = may attend) or None when the pattern
-            is fully described by ``causal``, ``input_ids``: ``[N]`` int64, ``layer_name``: str.
+            head), ``scale``: float (softmax logit = scale * q.k; ``head_dim**-0.5`` unless
+            ``as_recorded``), ``causal``: bool, ``attention_mask``: bool ``[N, N]`` (True =
+            may attend) or None when the pattern is fully described by ``causal``,
+            ``input_ids``: ``[N]`` int64 for text captures, else None, ``layer_name``: str.
 
         Raises
         ------
         ValueError
-            On an index out of range, or a truncated, corrupt or modified file.
+            On an index out of range, or a truncated, corrupt, modified or forged file.
         """
+        from hla_analysis.capture.scale_split import apply_factors
+
         self._check_index(layer, input_index)
         handle, rec = self._open(input_index)
+        info = self.manifest["layers"][layer]
+        n = int(rec["length"])
+        heads, kv_heads, dim, dim_v = info["heads"], info["kv_heads"], info["head_dim"], info["head_dim_v"]
         with handle:
-            q = self._read(handle, rec, f"layer.{layer}.q", verify)
-            k = self._read(handle, rec, f"layer.{layer}.k", verify)
-            v = self._read(handle, rec, f"layer.{layer}.v", verify)
-            ids = self._read(handle, rec, "input_ids", verify)
+            q = self._read(handle, rec, f"layer.{layer}.q", verify, self.dtype, (heads, n, dim))
+            k = self._read(handle, rec, f"layer.{layer}.k", verify, self.dtype, (kv_heads, n, dim))
+            v = self._read(handle, rec, f"layer.{layer}.v", verify, self.dtype, (kv_heads, n, dim_v))
+            ids = None
+            if "input_ids" in rec["tensor_sha256"]:
+                ids = self._read(handle, rec, "input_ids", verify, torch.int64, (n,))
             mask_key = f"layer.{layer}.mask"
-            mask = self._read(handle, rec, mask_key, verify) if mask_key in rec["tensor_sha256"] else None
+            mask = self._read(handle, rec, mask_key, verify, torch.bool, (n, n)) if mask_key in rec["tensor_sha256"] else None
+        scale = float(info["scale"])
+        if as_recorded:
+            q = apply_factors(q, [1.0 / f for f in info["q_factor"]], head_dim=0)
+            k = apply_factors(k, [1.0 / f for f in info["k_factor"]], head_dim=0)
+            scale = float(info["model_scale"])
         if k.shape[0] != self.num_heads:
             k = k.index_select(0, self._kv_index)
             v = v.index_select(0, self._kv_index)
-        info = self.manifest["layers"][layer]
         return {
             "q": q, "k": k, "v": v,
-            "scale": float(info["scale"]),
+            "scale": scale,
             "causal": bool(info["mask"] == "causal") and mask is None,
             "attention_mask": mask,
             "input_ids": ids,
@@ -208,7 +219,7 @@ class Capture:
             Naming the first file that is missing, truncated or modified.
         """
         for rec in self.manifest["inputs"]:
-            file = self.path / rec["file"]
+            file = self.path / plain_file_name(rec["file"], self.path, f"{self.path / MANIFEST}: input {rec['index']}")
             if not file.is_file():
                 raise FileNotFoundError(f"{file} is missing from the capture")
             if file.stat().st_size != rec["bytes"] or file_sha256(file) != rec["sha256"]:
@@ -234,7 +245,9 @@ def load_capture(path: str | Path) -> Capture:
     FileNotFoundError
         If the directory or its manifest does not exist.
     ValueError
-        If the capture is incomplete (interrupted) or its manifest is corrupt.
+        If the capture is incomplete (interrupted), or its manifest is corrupt, edited
+        after it was written (content hash), missing fields, or names files outside
+        the directory.
 
     Examples
     --------
@@ -253,7 +266,7 @@ def load_capture(path: str | Path) -> Capture:
     if not manifest_path.is_file():
         partial = path / PARTIAL
         if partial.is_file():
-            done = len(read_manifest(partial).get("inputs", []))
+            done = len(read_manifest(partial, check_schema=False).get("inputs", []))
             raise ValueError(
                 f"capture in {str(path)!r} is incomplete ({done} inputs finished): it was interrupted; "
                 "re-run the same capture command to resume it"

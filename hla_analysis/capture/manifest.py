@@ -1,0 +1,155 @@
+"""The capture manifest: its schema, its content hash, and the one reader that checks both.
+
+Every field a reader relies on is declared in :data:`SCHEMA` (top level), :data:`LAYER_SCHEMA`
+(one entry per recorded attention module) and :data:`INPUT_SCHEMA` (one entry per input);
+a manifest missing one, or holding the wrong type, is refused with one line naming it.
+The manifest also stores ``manifest_sha256``, a SHA-256 of its own canonical JSON without
+that key, so an edited field (a layer's ``scale``, a file name) is caught on load instead of
+silently changing results downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+FORMAT = "hla-analysis-capture"
+FORMAT_VERSION = 2
+HASH_KEY = "manifest_sha256"
+INPUT_KINDS = ("text", "tensors", "images")
+
+_NUM = (int, float)
+SCHEMA = {
+    "format": str, "format_version": int, "complete": bool, "model": str, "model_source": str,
+    "weights_sha256": str, "architecture": str, "input_kind": str, "input_arguments": list,
+    "num_layers": int, "num_heads": int, "num_kv_heads": int, "kv_head_for_query_head": list,
+    "head_dim": int, "head_dim_v": int, "scale_convention": str, "causal": bool, "layers": list,
+    "dtype": str, "num_inputs": int, "lengths": list, "total_tokens": int,
+    "max_abs_prob_error": _NUM, "capture_seconds": _NUM, "settings": dict, "inputs": list,
+}
+LAYER_SCHEMA = {
+    "name": str, "scale": _NUM, "model_scale": _NUM, "heads": int, "kv_heads": int, "head_dim": int,
+    "head_dim_v": int, "mask": str, "q_factor": list, "k_factor": list,
+}
+INPUT_SCHEMA = {
+    "index": int, "name": str, "file": str, "bytes": int, "sha256": str, "length": int,
+    "tensor_sha256": dict, "max_abs_prob_error": _NUM,
+}
+#: present only when ``input_kind == "text"``
+TEXT_INPUT_SCHEMA = {"input_ids": list, "sources": list}
+
+
+def content_sha256(manifest: dict) -> str:
+    """SHA-256 of a manifest's canonical JSON (sorted keys), ``manifest_sha256`` left out.
+
+    Examples
+    --------
+    >>> content_sha256({"a": 1, HASH_KEY: "x"}) == content_sha256({"a": 1})
+    True
+    """
+    body = {key: value for key, value in manifest.items() if key != HASH_KEY}
+    blob = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def sealed(manifest: dict) -> dict:
+    """The manifest with its content hash stored under ``manifest_sha256``."""
+    return {**manifest, HASH_KEY: content_sha256(manifest)}
+
+
+def _type_name(kind) -> str:
+    return " or ".join(t.__name__ for t in kind) if isinstance(kind, tuple) else kind.__name__
+
+
+def _check_fields(obj, schema: dict, where: str, path: Path) -> None:
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path}: {where} is not a JSON object; the capture is damaged, capture again")
+    for key, kind in schema.items():
+        if key not in obj:
+            raise ValueError(f"{path}: {where} lacks the field {key!r}; the capture is damaged, capture again")
+        value = obj[key]
+        if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+            raise ValueError(
+                f"{path}: {where} field {key!r} must be {_type_name(kind)}, got {type(value).__name__}; "
+                "the capture is damaged, capture again"
+            )
+
+
+def plain_file_name(name: str, folder: Path, where: str) -> str:
+    """Refuse a stored file name that is not one plain name inside ``folder`` (no ``..``, no path)."""
+    if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name or "\\" in name
+            or "\x00" in name or Path(name).is_absolute() or Path(name).name != name):
+        raise ValueError(
+            f"{where} names the file {name!r}, which is not a plain file name inside the capture directory; "
+            "the manifest was tampered with, capture again"
+        )
+    target = (folder / name).resolve()
+    if target.parent != folder.resolve():
+        raise ValueError(f"{where} file {name!r} resolves outside the capture directory (a link?); capture again")
+    return name
+
+
+def validate(manifest: dict, path: Path) -> dict:
+    """Check a parsed manifest against the schema; return it unchanged.
+
+    Raises
+    ------
+    ValueError
+        One line naming the first missing or mistyped field, or a file name that is not a
+        plain name inside the capture directory.
+    """
+    _check_fields(manifest, SCHEMA, "the manifest", path)
+    if manifest["input_kind"] not in INPUT_KINDS:
+        raise ValueError(f"{path}: input_kind must be one of {INPUT_KINDS}, got {manifest['input_kind']!r}; capture again")
+    if len(manifest["layers"]) != manifest["num_layers"] or len(manifest["inputs"]) != manifest["num_inputs"]:
+        raise ValueError(f"{path}: num_layers/num_inputs disagree with the layer and input lists; capture again")
+    if len(manifest["kv_head_for_query_head"]) != manifest["num_heads"]:
+        raise ValueError(f"{path}: kv_head_for_query_head does not list {manifest['num_heads']} heads; capture again")
+    for l, layer in enumerate(manifest["layers"]):
+        _check_fields(layer, LAYER_SCHEMA, f"layer {l}", path)
+        if len(layer["q_factor"]) != layer["heads"] or len(layer["k_factor"]) != layer["kv_heads"]:
+            raise ValueError(f"{path}: layer {l} has q_factor/k_factor of the wrong length; capture again")
+    text = manifest["input_kind"] == "text"
+    for i, rec in enumerate(manifest["inputs"]):
+        _check_fields(rec, {**INPUT_SCHEMA, **(TEXT_INPUT_SCHEMA if text else {})}, f"input {i}", path)
+        if rec["index"] != i:
+            raise ValueError(f"{path}: input {i} is recorded with index {rec['index']}; capture again")
+        plain_file_name(rec["file"], path.parent, f"{path}: input {i}")
+    return manifest
+
+
+def read_manifest(path: str | Path, *, check_schema: bool = True) -> dict:
+    """Parse a manifest JSON file, check its format version, content hash and schema.
+
+    Raises
+    ------
+    ValueError
+        If it is not JSON, not a capture manifest, of another format version, edited
+        after it was written (hash mismatch), or missing fields.
+    """
+    path = Path(path)
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path} is corrupt ({exc}); delete the capture directory and capture again") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise ValueError(f"{path} is not an hla-analysis capture manifest")
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has capture format version {manifest.get('format_version')}, this toolkit reads "
+            f"version {FORMAT_VERSION}; capture again with this version"
+        )
+    stored = manifest.get(HASH_KEY)
+    if not isinstance(stored, str):
+        raise ValueError(f"{path} has no {HASH_KEY}; the capture is damaged, capture again")
+    try:
+        actual = content_sha256(manifest)
+    except ValueError:  # NaN or Infinity smuggled into the JSON
+        actual = None
+    if stored != actual:
+        raise ValueError(
+            f"{path} was modified after the capture wrote it (its content no longer matches {HASH_KEY}); "
+            "capture again into a new directory"
+        )
+    return validate(manifest, path) if check_schema else manifest

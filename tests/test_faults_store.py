@@ -1,0 +1,121 @@
+"""Fault cases of the capture store (issue 16): each failed silently before, each is refused now.
+
+Sections: store (manifest integrity, schema, tensor dtype/shape), paths (file names in the
+manifest, pickle-free model loading), locks (two captures into one directory).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from hla_analysis._io import exclusive_output_lock
+from hla_analysis.capture import capture, load_capture
+from hla_analysis.capture.manifest import sealed
+from hla_analysis.capture.store import tensor_sha256
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    out = tmp_path_factory.mktemp("faults") / "cap"
+    return capture("minilm", out=out, num_inputs=2, max_tokens=12, progress=False)
+
+
+def _copy(src, tmp_path):
+    dst = tmp_path / "copy"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit(path, change, *, reseal):
+    manifest = json.loads((path / "manifest.json").read_text())
+    change(manifest)
+    if reseal:
+        manifest = sealed(manifest)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+# -- store -------------------------------------------------------------------------------
+def test_edited_manifest_scale_is_refused(small, tmp_path):
+    path = _copy(small, tmp_path)
+
+    def rescale(m):
+        for layer in m["layers"]:
+            layer["scale"] *= 4
+
+    _edit(path, rescale, reseal=False)
+    with pytest.raises(ValueError, match="modified after the capture wrote it"):
+        load_capture(path)
+
+
+def test_manifest_missing_a_key_is_a_one_line_error(small, tmp_path):
+    path = _copy(small, tmp_path)
+    _edit(path, lambda m: m.pop("num_heads"), reseal=True)
+    with pytest.raises(ValueError, match="lacks the field 'num_heads'"):
+        load_capture(path)
+    path2 = tmp_path / "c2"
+    shutil.copytree(small, path2)
+    _edit(path2, lambda m: m["layers"][0].pop("scale"), reseal=True)
+    with pytest.raises(ValueError, match="layer 0 lacks the field 'scale'"):
+        load_capture(path2)
+
+
+def test_forged_tensor_dtype_and_shape_are_refused_even_with_recomputed_hashes(small, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    for forged_key, forge in (("layer.0.q", lambda t: t.to(torch.int32)), ("layer.1.k", lambda t: t[:, :-1])):
+        path = tmp_path / forged_key
+        shutil.copytree(small, path)
+        file = path / "input_00000.safetensors"
+        tensors = load_file(str(file))
+        tensors[forged_key] = forge(tensors[forged_key]).contiguous()
+        save_file(tensors, str(file))
+
+        def rehash(m, tensors=tensors, file=file):
+            import hashlib
+
+            rec = m["inputs"][0]
+            rec["tensor_sha256"] = {k: tensor_sha256(t) for k, t in tensors.items()}
+            rec["bytes"] = file.stat().st_size
+            rec["sha256"] = hashlib.sha256(file.read_bytes()).hexdigest()
+
+        _edit(path, rehash, reseal=True)
+        cap = load_capture(path)
+        layer = int(forged_key.split(".")[1])
+        with pytest.raises(ValueError, match="manifest says"):
+            cap.get(layer, 0)
+
+
+# -- paths -------------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["../other/input_00000.safetensors", "/etc/passwd", "..", "sub/x.safetensors"])
+def test_file_names_outside_the_capture_are_refused(small, tmp_path, name):
+    path = _copy(small, tmp_path)
+    _edit(path, lambda m: m["inputs"][0].__setitem__("file", name), reseal=True)
+    with pytest.raises(ValueError, match="not a plain file name"):
+        load_capture(path)
+
+
+def test_pickle_only_model_folder_is_refused(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path / "model"
+    net = BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                               vocab_size=50))
+    net.save_pretrained(folder)
+    (folder / "model.safetensors").unlink()
+    torch.save(net.state_dict(), folder / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="no .safetensors weights.*unpickled"):
+        capture(str(folder), inputs=[{"input_ids": torch.tensor([[1, 2, 3]])}], out=tmp_path / "c", progress=False)
+
+
+# -- locks -------------------------------------------------------------------------------
+def test_second_capture_into_a_locked_directory_is_refused(tmp_path):
+    out = tmp_path / "cap"
+    with exclusive_output_lock(out, command="capture"):
+        with pytest.raises(ValueError, match="another hla-analysis process is writing"):
+            capture("minilm", out=out, num_inputs=1, max_tokens=8, progress=False)
+    assert not (out / "manifest.json").exists()
+    load_capture(capture("minilm", out=out, num_inputs=1, max_tokens=8, progress=False))  # free again
