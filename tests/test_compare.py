@@ -279,3 +279,19 @@ def test_table_matches_the_expected_fixture(tmp_path):
     assert (pd.isna(want) == pd.isna(have)).all()
     ok = pd.isna(want) | (abs(want - have) <= 1e-6 + 1e-4 * abs(want))
     assert ok.all(), merged.loc[~ok, [*key, "value_want", "value_got"]].head(10).to_string()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_table_matches_cpu_table(small_capture, tmp_path):
+    """Same capture, same settings: the CUDA table equals the CPU one up to float32 rounding.
+
+    Maps are float32 on both devices with different reduction orders (and TF32 is off by
+    default for matmuls): a few ulps per entry times the conditioning of the logs gives
+    rel 1e-4; fits take 3 Adam steps, whose sign-normalised updates carry those ulps along.
+    """
+    variants = "softmax;linear:phi=elu1;hla:m=2,phi=affine;linear:phi=hedgehog;hla:m=2,phi=affine,proj=1"
+    cpu = run_comparison(small_capture, out=tmp_path / "cpu.parquet", variants=variants, fit=FAST_FIT,
+                         progress=False)
+    gpu = run_comparison(small_capture, out=tmp_path / "gpu.parquet", variants=variants, fit=FAST_FIT,
+                         device="cuda", progress=False)
+    pd.testing.assert_frame_equal(cpu, gpu, rtol=1e-4, atol=1e-6)
