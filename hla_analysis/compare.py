@@ -27,8 +27,9 @@ from tqdm.auto import tqdm
 
 from hla_analysis import __version__
 from hla_analysis.capture import load_capture
-from hla_analysis._io import atomic_write_json, atomic_write_table
+from hla_analysis._io import atomic_write_json, atomic_write_table, exclusive_output_lock
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
+from hla_analysis.metrics.rows import broadcast_allowed, check_reference, check_scores
 from hla_analysis.metrics.streaming import StreamingAttentionMetrics
 from hla_analysis.variants import list_variants, make_variant
 
@@ -94,37 +95,54 @@ def resolve_variants(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]
 
 
 def _evaluate(
-    variant, batch: dict, *, block_rows: int, topk: int, rank_stride: int, row_stride: int = 1
-) -> dict[str, torch.Tensor]:
-    """Metrics of one variant on a stack of inputs ``[I, H, N, d]``: ``[I, H]`` tensors.
+    variants: dict, batch: dict, *, block_rows: int, topk: int, rank_stride: int, row_stride: int = 1,
+    progress=None,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """Metrics of every variant on a stack of inputs ``[I, H, N, d]``: ``{spec: {metric: [I, H]}}``.
 
-    Streams over blocks of query rows, so only ``[I, H, block_rows, N]`` maps are alive.
-    With ``row_stride > 1`` the maps are computed for whole blocks but the metrics read every
+    One pass over blocks of query rows: the logits, the softmax reference and the row masks
+    of a block are computed once and every variant is scored against them, so only
+    ``[I, H, block_rows, N]`` maps are alive. With ``row_stride > 1`` the metrics read every
     ``row_stride``-th row only (their cost dominates): an unbiased sample of the rows.
     """
     q, k, v = batch["q"], batch["k"], batch["v"]
     n = q.shape[-2]
-    acc = StreamingAttentionMetrics(k=topk, batch_dims=q.dim() - 2, rank_stride=rank_stride)
+    accs = {spec: StreamingAttentionMetrics(k=topk, batch_dims=q.dim() - 2, rank_stride=rank_stride)
+            for spec in variants}
+    sample = slice(None, None, row_stride)
     for start in range(0, n, block_rows):
         rows = slice(start, min(start + block_rows, n))
         kw = dict(scale=batch["scale"], causal=batch["causal"], query_offset=start)
-        p = _REFERENCE.attention_map(q[..., rows, :], k, **kw)
-        weights, den = variant.weights(q[..., rows, :], k, **kw)
-        den = den.squeeze(-1)
-        # A row whose normalizer is <= 0 is a failure even where weights/den looks like a
-        # distribution (all-negative numerators over a negative normalizer).
-        invalid = ~(den > 0) | ~torch.isfinite(den)
-        p_hat = weights / torch.where(invalid, torch.ones_like(den), den)[..., None]
-        scores = (q[..., rows, :] @ k.transpose(-1, -2)) * batch["scale"]
+        q_block = q[..., rows, :]
+        p = _REFERENCE.attention_map(q_block, k, **kw)[..., sample, :]
+        scores = ((q_block @ k.transpose(-1, -2)) * batch["scale"])[..., sample, :]
         allowed = None
         if batch["causal"]:
-            allowed = torch.arange(n)[None, :] <= torch.arange(start, rows.stop)[:, None]
-        if row_stride > 1:
-            sample = slice(None, None, row_stride)
-            p, p_hat, scores, invalid = p[..., sample, :], p_hat[..., sample, :], scores[..., sample, :], invalid[..., sample]
-            allowed = None if allowed is None else allowed[sample]
-        acc.update(p, p_hat, allowed=allowed, v=v, scores=scores, invalid=invalid)
-    return acc.compute()
+            allowed = (torch.arange(n, device=q.device)[None, :]
+                       <= torch.arange(start, rows.stop, device=q.device)[:, None])[sample]
+        _check_reference_block(p, scores, allowed, v)
+        for spec, variant in variants.items():
+            weights, den = variant.weights(q_block, k, **kw)
+            den = den.squeeze(-1)[..., sample]
+            weights = weights[..., sample, :]
+            # A row whose normalizer is <= 0 is a failure even where weights/den looks like a
+            # distribution (all-negative numerators over a negative normalizer).
+            invalid = ~(den > 0) | ~torch.isfinite(den)
+            p_hat = weights / torch.where(invalid, torch.ones_like(den), den)[..., None]
+            accs[spec].update(p, p_hat, allowed=allowed, v=v, scores=scores, invalid=invalid,
+                              reference_checked=True)
+        if progress is not None:
+            progress(rows.stop - rows.start)
+    return {spec: acc.compute() for spec, acc in accs.items()}
+
+
+def _check_reference_block(p, scores, allowed, v) -> None:
+    """The checks every accumulator would repeat on the shared reference, done once per block."""
+    mask = broadcast_allowed(allowed, p.shape, p.device)
+    check_reference(p, mask)
+    check_scores(scores, mask)
+    if not torch.isfinite(v).all():
+        raise ValueError("v contains NaN/Inf; the output error needs finite values.")
 
 
 _REFERENCE = make_variant("softmax")
@@ -152,39 +170,56 @@ def _stacks(cap, layer: int, indices: list[int], size: int) -> list[tuple[list[i
     return groups
 
 
-def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool) -> tuple[pd.DataFrame, list[dict]]:
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {**batch, **{name: batch[name].to(device) for name in ("q", "k", "v")}}
+
+
+def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool,
+                device: torch.device = torch.device("cpu")) -> tuple[pd.DataFrame, list[dict]]:
     all_inputs = list(range(cap.num_inputs))
-    train = [batch for _, batch in _stacks(cap, layer, all_inputs[: config.train_inputs], config.train_inputs)]
+    train = [_to_device(batch, device)
+             for _, batch in _stacks(cap, layer, all_inputs[: config.train_inputs], config.train_inputs)]
     # stack as many inputs as keep one [I, H, block, N] map near _MAP_ELEMENTS (long inputs: one)
     longest = max(cap.lengths)
     stack = max(1, min(_EVAL_STACK, _MAP_ELEMENTS // (cap.num_heads * min(config.block_rows, longest) * longest)))
-    groups = _stacks(cap, layer, all_inputs, stack)
     heads, dim = cap.num_heads, cap.head_dim
-    rows, fits = [], []
-    # the inner bar redraws in place; in a log file (no TTY) it would only add noise
-    bar = tqdm(config.variants, desc=f"layer {layer}", leave=False, disable=not progress or not sys.stderr.isatty())
-    for spec in bar:
-        variant = make_variant(spec).bind(dim, heads=heads)
-        params = 0
+    # fits first (in the order of the variants, as before), then every variant in one pass
+    variants, params, fits = {}, {}, []
+    for spec in config.variants:
+        variant = make_variant(spec).bind(dim, heads=heads).to(device)
+        params[spec] = 0
         if is_learnable(variant):
             result = fit_variant(variant, train, config=config.fit)
-            params = result.params_per_head
-            fits.append({"layer": layer, "variant": spec, "params_per_head": params,
+            params[spec] = result.params_per_head
+            fits.append({"layer": layer, "variant": spec, "params_per_head": result.params_per_head,
                          "loss_initial": result.initial_loss, "loss_final": result.final_loss,
                          "steps": config.fit.steps})
-        with torch.no_grad():
-            for chunk, batch in groups:
-                metrics = _evaluate(
-                    variant, batch, block_rows=config.block_rows, topk=config.topk,
-                    rank_stride=config.rank_stride, row_stride=config.row_stride,
-                )
-                values = {name: metrics[name].tolist() for name in METRICS}
+        variants[spec] = variant
+    del train
+    total_rows = sum(cap.lengths)
+    bar = tqdm(total=total_rows, desc=f"layer {layer}", unit="row", leave=False, disable=not progress)
+    rows = []
+    with torch.no_grad():
+        for chunk, batch in _stacks(cap, layer, all_inputs, stack):
+            batch = _to_device(batch, device)
+            metrics = _evaluate(
+                variants, batch, block_rows=config.block_rows, topk=config.topk,
+                rank_stride=config.rank_stride, row_stride=config.row_stride,
+                progress=lambda r, i=len(chunk): bar.update(r * i),
+            )
+            for spec in config.variants:
+                # only the per-head sums leave the device, once per stack of inputs
+                values = {name: metrics[spec][name].tolist() for name in METRICS}
                 for row, i in enumerate(chunk):
                     split = "train" if i < config.train_inputs else "heldout"
                     for name in METRICS:
                         for h, value in enumerate(values[name][row]):
-                            rows.append((i, layer, h, spec, split, name, value, params))
+                            rows.append((i, layer, h, spec, split, name, value, params[spec]))
+    bar.close()
     table = pd.DataFrame(rows, columns=[*COLUMNS, "params_per_head"])
+    sort = {spec: n for n, spec in enumerate(config.variants)}
+    table = table.sort_values(["variant", "input"], key=lambda c: c.map(sort) if c.name == "variant" else c,
+                              kind="stable").reset_index(drop=True)
     return table, fits
 
 
@@ -202,6 +237,8 @@ def run_comparison(
     fit: FitConfig = FitConfig(),
     block_rows: int = 256,
     row_stride: int = 1,
+    device: str = "cpu",
+    overwrite: bool = False,
     progress: bool = True,
 ) -> pd.DataFrame:
     """Run every variant against softmax on a capture and write the tidy results table.
@@ -225,6 +262,15 @@ def run_comparison(
     row_stride : int
         Evaluate every ``row_stride``-th query row (1 = all): a sample that cuts the cost of
         the metrics by that factor. Recorded in the settings.
+    device : str
+        Torch device for every heavy step (logits, maps, metrics, fits), e.g. ``"cuda"``.
+        Only per-head sums come back to the host; the table does not depend on the device
+        beyond float rounding.
+    overwrite : bool
+        Replace an existing ``out`` (and its ``.fits.csv`` / ``.settings.json``) that this
+        tool did not write. Its own earlier results are replaced without asking.
+    progress : bool
+        Progress bars: layers, and per layer the query rows scored, with rows/s and an ETA.
 
     Returns
     -------
@@ -232,10 +278,12 @@ def run_comparison(
         ``input, layer, head, variant, split, metric, value, params_per_head`` plus the
         settings columns ``model, fit_steps, fit_lr, fit_seed``.
     """
-    cap = load_capture(capture_dir)
     out = Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"results file must end in .parquet or .csv, got {out.name!r}.")
+    device = _check_device(device)
+    _check_outputs(out, overwrite=overwrite)
+    cap = load_capture(capture_dir)
     if cap.num_inputs < 2:
         raise ValueError("a comparison needs at least 2 captured inputs (one to fit on, one held out); capture more.")
     if train_inputs is None:
@@ -250,17 +298,78 @@ def run_comparison(
         variants=resolve_variants(variants), train_inputs=train_inputs, fit=fit, block_rows=block_rows,
         row_stride=row_stride,
     )
-
     parts = out.with_name(out.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
+    # The lock lives in the parts folder, which belongs to this one output: two runs into
+    # different files of one shared folder (the cwd, say) do not block each other, two runs
+    # into the same file do.
+    with exclusive_output_lock(parts, command="compare"):
+        return _run_locked(cap, capture_dir, out, parts, config, device=device, progress=progress)
+
+
+def _check_device(device) -> torch.device:
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but this torch has no CUDA device; use device='cpu'.")
+    return device
+
+
+def _outputs(out: Path) -> list[Path]:
+    return [out, out.with_name(out.stem + ".fits.csv"), out.with_name(out.stem + ".settings.json")]
+
+
+def _written_by_us(settings: Path) -> bool:
+    try:
+        data = json.loads(settings.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("tool") == _TOOL
+
+
+_TOOL = "hla-analysis compare"
+
+
+def _check_outputs(out: Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, outputs that cannot be written or belong to the user."""
+    for path in _outputs(out) + [out.with_name(out.name + ".parts")]:
+        if path.exists() and not (path.is_dir() if path.name.endswith(".parts") else path.is_file()):
+            raise ValueError(f"{path} exists and is {'not a folder' if path.name.endswith('.parts') else 'a folder'}; "
+                             "choose another --out.")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"{out.parent} is not a folder; choose another --out.")
+    existing = [p for p in _outputs(out) if p.exists()]
+    if existing and not overwrite and not _written_by_us(_outputs(out)[2]):
+        names = ", ".join(str(p) for p in existing)
+        raise ValueError(f"{names} already exist(s) and hla-analysis did not write them; "
+                         "choose another --out, or pass --overwrite (overwrite=True) to replace them.")
+
+
+def capture_identity(capture_dir: str | Path) -> str:
+    """SHA-256 of the capture's ``manifest.json``: which capture a result belongs to."""
+    from hla_analysis.capture.store import MANIFEST, file_sha256
+
+    return file_sha256(Path(capture_dir) / MANIFEST)
+
+
+def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig, *, device, progress) -> pd.DataFrame:
     settings_path = parts / "settings.json"
-    settings = {**config.as_dict(), "key": config.key(), "capture": str(Path(capture_dir).resolve()),
-                "model": cap.manifest.get("model"), "version": __version__}
-    if settings_path.exists() and json.loads(settings_path.read_text()).get("key") != config.key():
-        raise ValueError(
-            f"{parts} holds partial results of a run with other settings; delete it or choose another --out."
-        )
-    atomic_write_json(settings_path, settings)
+    settings = {"tool": _TOOL, **config.as_dict(), "key": config.key(),
+                "capture": str(Path(capture_dir).resolve()), "capture_sha256": capture_identity(capture_dir),
+                "model": cap.manifest.get("model"), "version": __version__, "device": str(device)}
+    if settings_path.exists():
+        before = json.loads(settings_path.read_text())
+        if before.get("key") != config.key():
+            raise ValueError(
+                f"{parts} holds partial results of a run with other settings; delete it or choose another --out."
+            )
+        if before.get("capture_sha256") != settings["capture_sha256"]:
+            raise ValueError(
+                f"{parts} holds partial results of another capture ({before.get('capture')}); "
+                "delete it or choose another --out."
+            )
+    atomic_write_json(settings_path, {k: v for k, v in settings.items() if k != "device"})
 
     started = time.perf_counter()
     tables, fits = [], []
@@ -271,7 +380,7 @@ def run_comparison(
             tables.append(pd.read_parquet(part))
             fits.extend(json.loads(fit_part.read_text()))
             continue
-        table, layer_fits = _layer_rows(cap, layer, config, progress=progress)
+        table, layer_fits = _layer_rows(cap, layer, config, progress=progress, device=device)
         atomic_write_table(part, table)
         atomic_write_json(fit_part, layer_fits)
         tables.append(table)
@@ -282,6 +391,7 @@ def run_comparison(
     result["fit_steps"] = config.fit.steps
     result["fit_lr"] = config.fit.lr
     result["fit_seed"] = config.fit.seed
+    result["row_stride"] = config.row_stride
     atomic_write_table(out, result)
     fits_table = pd.DataFrame(fits, columns=["layer", "variant", "params_per_head", "loss_initial", "loss_final", "steps"])
     atomic_write_table(out.with_name(out.stem + ".fits.csv"), fits_table)

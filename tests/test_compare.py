@@ -251,3 +251,47 @@ def test_shift_starts_below_every_training_logit(small_capture):
         w = var.attention_map(batch["q"], batch["k"], scale=batch["scale"])
     order = scores.argsort(-1)
     assert (w.gather(-1, order).diff(dim=-1) >= -1e-7).all()
+
+
+@pytest.mark.slow
+def test_table_matches_the_expected_fixture(tmp_path):
+    """The runner reproduces the table the pre-one-pass runner wrote on the fixed capture.
+
+    Maps are float32 over N = 20 keys and every sum is accumulated in float64, so two
+    correct orderings of the same arithmetic differ by a few float32 ulps per entry, times
+    the conditioning of the logs and ratios (a few tens): rel 1e-4 covers that with margin.
+    Counts (failed, floored rows) are whole numbers and must match exactly.
+    """
+    from compare_fixture import FIXTURE_BLOCK_ROWS, FIXTURE_FIT, FIXTURE_KW, FIXTURE_TEXTS, FIXTURE_VARIANTS
+
+    from pathlib import Path
+
+    expected = pd.read_parquet(Path(__file__).parent / "data" / "compare_expected.parquet")
+    cap = capture("minilm", out=tmp_path / "cap", texts=FIXTURE_TEXTS, progress=False, **FIXTURE_KW)
+    got = run_comparison(cap, out=tmp_path / "r.parquet", variants=list(FIXTURE_VARIANTS), fit=FIXTURE_FIT,
+                         block_rows=FIXTURE_BLOCK_ROWS, progress=False)
+    key = ["input", "layer", "head", "variant", "metric"]
+    merged = expected.merge(got, on=key, suffixes=("_want", "_got"), how="outer", indicator=True)
+    assert (merged["_merge"] == "both").all(), "the table has other rows than the fixture"
+    assert (merged["split_want"] == merged["split_got"]).all()
+    assert (merged["params_per_head_want"] == merged["params_per_head_got"]).all()
+    want, have = merged["value_want"].to_numpy(), merged["value_got"].to_numpy()
+    assert (pd.isna(want) == pd.isna(have)).all()
+    ok = pd.isna(want) | (abs(want - have) <= 1e-6 + 1e-4 * abs(want))
+    assert ok.all(), merged.loc[~ok, [*key, "value_want", "value_got"]].head(10).to_string()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_table_matches_cpu_table(small_capture, tmp_path):
+    """Same capture, same settings: the CUDA table equals the CPU one up to float32 rounding.
+
+    Maps are float32 on both devices with different reduction orders (and TF32 is off by
+    default for matmuls): a few ulps per entry times the conditioning of the logs gives
+    rel 1e-4; fits take 3 Adam steps, whose sign-normalised updates carry those ulps along.
+    """
+    variants = "softmax;linear:phi=elu1;hla:m=2,phi=affine;linear:phi=hedgehog;hla:m=2,phi=affine,proj=1"
+    cpu = run_comparison(small_capture, out=tmp_path / "cpu.parquet", variants=variants, fit=FAST_FIT,
+                         progress=False)
+    gpu = run_comparison(small_capture, out=tmp_path / "gpu.parquet", variants=variants, fit=FAST_FIT,
+                         device="cuda", progress=False)
+    pd.testing.assert_frame_equal(cpu, gpu, rtol=1e-4, atol=1e-6)

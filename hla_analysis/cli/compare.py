@@ -52,6 +52,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-rows", type=int, default=256, help="query rows per streamed block (memory ~ N x this)")
     p.add_argument("--row-stride", type=int, default=1, metavar="S",
                    help="score every S-th query row only (a sample; S times cheaper). Default 1: all rows")
+    p.add_argument("--device", default="cpu", help="torch device for maps, metrics and fits (default cpu; e.g. cuda)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and its .fits.csv/.settings.json) that hla-analysis did not write")
     add_fit_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -63,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
 
     table = run_comparison(
         args.capture, out=args.out, variants=args.variants, train_inputs=args.train_inputs,
-        fit=fit_config(args), block_rows=args.block_rows, row_stride=args.row_stride, progress=not args.quiet,
+        fit=fit_config(args), block_rows=args.block_rows, row_stride=args.row_stride, device=args.device,
+        overwrite=args.overwrite, progress=not args.quiet,
     )
     print(f"wrote {len(table):,} rows to {args.out}")
     print_summary(summarize(table))

@@ -29,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="variant specs or 'default' (see `hla-analysis variants`)")
     p.add_argument("--row-stride", type=int, default=2, metavar="S",
                    help="score every S-th query row (default 2; 1 = all rows)")
+    p.add_argument("--device", default="cpu", help="torch device for capture, fits, maps and metrics (default cpu)")
     p.add_argument("--figures", metavar="DIR", help="where figures go (default OUT/figures)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     from hla_analysis.cli.compare import add_fit_options
@@ -47,6 +48,9 @@ def run(args: argparse.Namespace) -> int:
     # check everything that can be checked before the capture spends its half minute
     resolve_variants(args.variants)
     fit_config(args)
+    from hla_analysis.compare import _check_device
+
+    _check_device(args.device)
     if args.row_stride < 1:
         raise ValueError(f"--row-stride must be >= 1, got {args.row_stride}.")
     if args.num_inputs < 2:
@@ -58,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
     progress = not args.quiet
     print(f"[1/3] capturing {args.model}: {args.num_inputs} inputs x {args.max_tokens} tokens -> {out / 'capture'}")
     cap_dir = capture(args.model, out=out / "capture", num_inputs=args.num_inputs,
-                      max_tokens=args.max_tokens, progress=progress)
+                      max_tokens=args.max_tokens, device=args.device, progress=progress)
     results_path = out / "results.parquet"
     print(f"[2/3] comparing variants -> {results_path}")
     table = run_comparison(cap_dir, out=results_path, variants=args.variants, train_inputs=args.train_inputs,
-                           fit=fit_config(args), row_stride=args.row_stride, progress=progress)
+                           fit=fit_config(args), row_stride=args.row_stride, device=args.device,
+                           progress=progress)
     figures = Path(args.figures) if args.figures else out / "figures"
     print(f"[3/3] figures -> {figures}")
     for path in comparison_figures(table, load_capture(cap_dir), figures):

@@ -145,6 +145,7 @@ class StreamingAttentionMetrics:
         scores: Tensor | None = None,
         invalid: Tensor | None = None,
         query_mask: Tensor | None = None,
+        reference_checked: bool = False,
     ) -> None:
         """Add one block of rows.
 
@@ -165,6 +166,10 @@ class StreamingAttentionMetrics:
             Bool ``[..., R]``: rows where the approximation failed (e.g. normalizer <= 0).
         query_mask : Tensor, optional
             Bool ``[..., R]``: rows to include (False = ignore the row entirely).
+        reference_checked : bool
+            The caller has already checked ``p``, ``scores`` and ``v`` of this block (one
+            reference scored against many approximations): skip those checks, which cost
+            as much as a metric each. ``p_hat`` is always checked.
 
         Raises
         ------
@@ -185,7 +190,8 @@ class StreamingAttentionMetrics:
             p, p_hat, tol = p.float(), p_hat.float(), 1e-2
         device = p.device
         mask = broadcast_allowed(allowed, p.shape, device)
-        check_reference(p, mask, tol=tol)
+        if not reference_checked:
+            check_reference(p, mask, tol=tol)
         row_shape = p.shape[:-1]
         invalid_b = self._row_mask("invalid", invalid, row_shape, device, default=False)
         include = self._row_mask("query_mask", query_mask, row_shape, device, default=True)
@@ -194,14 +200,15 @@ class StreamingAttentionMetrics:
             if not isinstance(v, Tensor) or v.dim() < 2 or v.shape[-2] != p.shape[-1]:
                 got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
                 raise ValueError(f"v must be [..., N, dv] with N = {p.shape[-1]} keys, got {got}.")
-            if not torch.isfinite(v).all():
+            if not reference_checked and not torch.isfinite(v).all():
                 raise ValueError("v contains NaN/Inf; the output error needs finite values.")
             v = v.to(device=device, dtype=p.dtype)
         if scores is not None:
             _check_block("scores", scores)
             if scores.shape != p.shape:
                 raise ValueError(f"scores has shape {tuple(scores.shape)} but the rows are {tuple(p.shape)}; they must match.")
-            check_scores(scores.to(device), mask)
+            if not reference_checked:
+                check_scores(scores.to(device), mask)
         if p.dim() < self.batch_dims + 2:
             raise ValueError(f"blocks need {self.batch_dims} batch dim(s) before [R, N], got shape {tuple(p.shape)}.")
         self._start(device, p.shape[-1], v is not None, scores is not None, p.shape[: self.batch_dims])

@@ -1,0 +1,131 @@
+"""Fault cases of `compare` (issue 16): resume, overwrite, locks, paths.
+
+Each test failed before the fix it names: S7 (resume mixed captures), D1 (a user's files
+overwritten), D2 (concurrent writers), and an output path that is a folder (failed after
+all the work).
+"""
+
+import json
+
+import pytest
+
+import hla_analysis.compare as compare_module
+from hla_analysis._io import exclusive_output_lock
+from hla_analysis.capture import capture
+from hla_analysis.cli import main
+from hla_analysis.compare import run_comparison
+from hla_analysis.fit import FitConfig
+
+VARIANTS = "softmax;hla:m=2,phi=affine"
+FAST = dict(variants=VARIANTS, fit=FitConfig(steps=1), progress=False)
+
+
+@pytest.fixture(scope="module")
+def captures(tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    a = capture("minilm", out=root / "a", num_inputs=2, max_tokens=12, progress=False)
+    b = capture("minilm", out=root / "b", num_inputs=2, max_tokens=12, progress=False,
+                texts=["A different text gives a different capture of the same model.",
+                       "So its layers must never be mixed into the results of the first one."])
+    return a, b
+
+
+def _crash_at_layer(monkeypatch, layer):
+    real = compare_module._layer_rows
+
+    def crashing(cap, at, *args, **kwargs):
+        if at == layer:
+            raise KeyboardInterrupt
+        return real(cap, at, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "_layer_rows", crashing)
+
+
+def _no_work(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the comparison started working before checking its output")
+
+    monkeypatch.setattr(compare_module, "_layer_rows", refuse)
+
+
+# ------------------------------------------------------------------------------- resume
+
+
+def test_resume_refuses_partial_results_of_another_capture(captures, tmp_path, monkeypatch):
+    a, b = captures
+    out = tmp_path / "r.parquet"
+    _crash_at_layer(monkeypatch, 3)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(a, out=out, **FAST)
+    assert len(list(out.with_name("r.parquet.parts").glob("layer_*"))) == 3
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="another capture"):
+        run_comparison(b, out=out, **FAST)
+    settings = json.loads((out.with_name("r.parquet.parts") / "settings.json").read_text())
+    assert settings["capture_sha256"] == compare_module.capture_identity(a)
+    # the same capture resumes
+    table = run_comparison(a, out=out, **FAST)
+    assert sorted(table["layer"].unique()) == list(range(6))
+
+
+# ---------------------------------------------------------------------------- overwrite
+
+
+def test_a_users_files_are_not_overwritten(captures, tmp_path, monkeypatch):
+    a, _ = captures
+    for name in ("notes.csv", "notes.fits.csv", "notes.settings.json"):
+        user = tmp_path / name
+        user.write_text("my own notes\n")
+        _no_work(monkeypatch)
+        with pytest.raises(ValueError, match="did not write"):
+            run_comparison(a, out=tmp_path / "notes.csv", **FAST)
+        assert user.read_text() == "my own notes\n"
+        monkeypatch.undo()
+        user.unlink()
+    (tmp_path / "notes.csv").write_text("my own notes\n")
+    run_comparison(a, out=tmp_path / "notes.csv", overwrite=True, **FAST)
+    # its own results are recognised by their settings file and replaced without asking
+    run_comparison(a, out=tmp_path / "notes.csv", **FAST)
+    assert json.loads((tmp_path / "notes.settings.json").read_text())["tool"] == "hla-analysis compare"
+
+
+def test_cli_overwrite_flag(captures, tmp_path, capsys):
+    a, _ = captures
+    out = tmp_path / "notes.csv"
+    out.write_text("x\n")
+    args = ["compare", "--capture", str(a), "--variants", "softmax", "--out", str(out), "--quiet"]
+    assert main(args) == 1
+    assert "--overwrite" in capsys.readouterr().err and out.read_text() == "x\n"
+    assert main([*args, "--overwrite", "--fit-steps", "1"]) == 0
+
+
+# -------------------------------------------------------------------------------- locks
+
+
+def test_a_second_writer_into_the_same_output_is_refused(captures, tmp_path, monkeypatch):
+    a, _ = captures
+    out = tmp_path / "r.csv"
+    with exclusive_output_lock(out.with_name("r.csv.parts"), command="compare"):
+        _no_work(monkeypatch)
+        with pytest.raises(ValueError, match="another hla-analysis process"):
+            run_comparison(a, out=out, **FAST)
+        monkeypatch.undo()
+        # a different output in the same folder is not blocked
+        run_comparison(a, out=tmp_path / "other.csv", **FAST)
+    assert not out.exists()
+
+
+# -------------------------------------------------------------------------------- paths
+
+
+def test_output_paths_are_checked_before_any_work(captures, tmp_path, monkeypatch):
+    a, _ = captures
+    _no_work(monkeypatch)
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(ValueError, match="is a folder"):
+        run_comparison(a, out=tmp_path / "dir.parquet", **FAST)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="not a folder"):
+        run_comparison(a, out=tmp_path / "file" / "r.parquet", **FAST)
+    with pytest.raises(ValueError, match="unknown device"):
+        run_comparison(a, out=tmp_path / "r.parquet", device="bogus", **FAST)
