@@ -17,7 +17,7 @@ from model_level_figures import make_figures  # noqa: E402
 from hla_analysis.cli import main  # noqa: E402
 
 VARIANTS = ("softmax;linear:phi=elu1;linear:phi=relu;linear:phi=favor,m=256;linear:phi=taylor;linear:phi=cosformer;"
-            "linear:phi=hedgehog;hla:m=2,phi=affine;hla:m=3,phi=affine;hla:m=4,phi=affine;"
+            "hla:m=2,phi=affine;hla:m=3,phi=affine;hla:m=4,phi=affine;"
             "hla:m=4,phi=affine,proj=1;linear:phi=identity")
 
 if __name__ == "__main__":
