@@ -59,3 +59,31 @@ def test_evaluate_minilm(tiny, monkeypatch):
                                  variants="softmax", progress=False)
     assert len(calls) == n + 1 and parts2.is_dir() and len(again) == len(first)
     shutil.rmtree(parts2)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from hla_analysis.cli import main
+
+    code = main(["evaluate", "--model", "minilm", "--capture", str(tmp_path), "--results", str(tmp_path / "r.parquet"),
+                 "--out", str(tmp_path / "m.txt")])
+    err = capsys.readouterr().err
+    assert code == 1 and "must end in .parquet or .csv" in err and "Traceback" not in err
+
+
+def test_output_mse_objective_fits_outputs():
+    import torch
+
+    from hla_analysis.fit import FitConfig, fit_variant
+    from hla_analysis.variants import make_variant
+
+    g = torch.Generator().manual_seed(0)
+    batch = {"q": torch.randn(2, 16, 4, generator=g) * 2, "k": torch.randn(2, 16, 4, generator=g) * 2,
+             "v": torch.randn(2, 16, 4, generator=g), "scale": 0.5, "causal": False}
+    result = fit_variant(make_variant("linear:phi=hedgehog").bind(4, heads=2), [batch],
+                         config=FitConfig(steps=20, objective="output_mse"))
+    assert result.final_loss < result.initial_loss
+    with pytest.raises(ValueError, match="objective"):
+        FitConfig(objective="mse")
+    no_v = {k: v for k, v in batch.items() if k != "v"}
+    with pytest.raises(ValueError, match="'v'"):
+        fit_variant(make_variant("linear:phi=hedgehog").bind(4, heads=2), [no_v], config=FitConfig(objective="output_mse"))
