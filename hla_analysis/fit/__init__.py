@@ -33,8 +33,13 @@ class FitConfig:
     # Non-causal fits use every row_stride-th query row (against all keys): rows are
     # interchangeable training examples, and the cost falls by the same factor.
     row_stride: int = 4
+    # "map_kl": row KL of the weights (Hedgehog); "output_mse": attention-output MSE against
+    # softmax's output on the same values (LoLCATs' attention transfer).
+    objective: str = "map_kl"
 
     def __post_init__(self):
+        if self.objective not in _OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(_OBJECTIVES)}, got {self.objective!r}.")
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}.")
         if self.row_stride < 1:
@@ -43,7 +48,10 @@ class FitConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        out = asdict(self)
+        if self.objective == "map_kl":
+            del out["objective"]  # the default keeps the keys of earlier runs (resume) unchanged
+        return out
 
 
 @dataclass
@@ -94,6 +102,31 @@ def row_kl_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) ->
             f"{variant.spec} has no row with a positive normalizer on the training inputs; it cannot be fitted."
         )
     return total / rows
+
+
+def output_mse_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) -> Tensor:
+    """Mean squared error between the variant's attention output and softmax's (LoLCATs).
+
+    ``targets`` are softmax outputs ``[..., N, dv]`` on each batch's ``v``. Rows whose
+    normalizer is not a positive finite number are left out, as in :func:`row_kl_loss`.
+    """
+    total, count = 0.0, 0
+    for batch, target in zip(batches, targets):
+        weights, den = variant.weights(batch["q"], batch["k"], scale=batch["scale"], causal=batch["causal"])
+        valid = (den > 0) & torch.isfinite(den)
+        output = (weights / torch.where(valid, den, torch.ones_like(den))) @ batch["v"]
+        error = (output - target).square().mean(-1)
+        valid = valid.squeeze(-1) & torch.isfinite(error)
+        total = total + torch.where(valid, error, torch.zeros_like(error)).sum()
+        count += int(valid.sum())
+    if count == 0:
+        raise ValueError(
+            f"{variant.spec} has no row with a positive normalizer on the training inputs; it cannot be fitted."
+        )
+    return total / count
+
+
+_OBJECTIVES = ("map_kl", "output_mse")
 
 
 def _init_shift(variant: Variant, batches: list[dict]) -> None:
@@ -161,9 +194,15 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
     targets = [
         softmax_attention_map(b["q"], b["k"], scale=b["scale"], causal=b["causal"]).detach() for b in batches
     ]
+    loss_of = row_kl_loss
+    if config.objective == "output_mse":
+        if any("v" not in b for b in batches):
+            raise ValueError("objective='output_mse' needs the values: give every batch a 'v' tensor [H, N, dv].")
+        targets = [(p @ b["v"]).detach() for p, b in zip(targets, batches)]
+        loss_of = output_mse_loss
     if not params:
         with torch.no_grad():
-            result.losses.append(float(row_kl_loss(variant, batches, targets)))
+            result.losses.append(float(loss_of(variant, batches, targets)))
         return result
     torch.manual_seed(config.seed)
     optimiser = torch.optim.Adam(params, lr=config.lr)
@@ -171,7 +210,7 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(config.steps, 1))
     for _ in range(config.steps):
         optimiser.zero_grad(set_to_none=True)
-        loss = row_kl_loss(variant, batches, targets)
+        loss = loss_of(variant, batches, targets)
         if not torch.isfinite(loss):
             raise ValueError(
                 f"fitting {variant.spec} diverged (loss {loss.item()}); lower the learning rate (lr={config.lr})."
@@ -181,5 +220,5 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
         schedule.step()
         result.losses.append(float(loss.detach()))
     with torch.no_grad():
-        result.losses.append(float(row_kl_loss(variant, batches, targets)))
+        result.losses.append(float(loss_of(variant, batches, targets)))
     return result

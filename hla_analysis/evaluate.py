@@ -1,0 +1,215 @@
+"""Model-level evaluation: swap each variant into the real model and measure what it loses.
+
+For every variant (and, for learnable ones, every fitting objective) the chosen layers are
+swapped one at a time (``single``) and as the prefix ``0..l`` (``cumulative``), and the
+held-out inputs of the capture run through the model. Encoders: cosine between swapped and
+original mean-pooled embeddings, and the Spearman correlation of pairwise embedding
+similarities. Causal LMs: perplexity beside the original's, and the mean next-token KL.
+Every run also reports the fraction of rows whose normaliser failed (``status``).
+
+Output: a tidy table ``model, variant, objective, layer, layers_swapped, swap_mode, split,
+input, metric, value, status``; each variant/objective is written atomically into
+``<out>.parts/`` as it finishes, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from hla_analysis._io import atomic_write_json, atomic_write_table
+from hla_analysis.capture import load_capture
+from hla_analysis.fit import FitConfig, fit_variant, is_learnable
+from hla_analysis.swap import OBJECTIVES, fit_key, load_fits, save_fits, swap_attention
+from hla_analysis.variants import make_variant
+
+COLUMNS = ["model", "variant", "objective", "layer", "layers_swapped", "swap_mode", "split", "input", "metric",
+           "value", "status"]
+SWAP_MODES = ("single", "cumulative")
+
+
+def _compare_settings(results: Path) -> dict:
+    path = results.with_name(results.stem + ".settings.json")
+    if not path.is_file():
+        raise FileNotFoundError(f"no {path.name} beside {results}; pass the table `hla-analysis compare` wrote")
+    return json.loads(path.read_text())
+
+
+def _load_causal_lm(model: str):
+    from transformers import AutoModelForCausalLM, AutoModel, AutoTokenizer  # noqa: F401
+
+    from hla_analysis.capture.models import resolve_model
+
+    path, _ = resolve_model(model)
+    return AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager", dtype=torch.float32).eval()
+
+
+def _load(model: str, causal: bool):
+    if causal:
+        return _load_causal_lm(model)
+    from hla_analysis.capture.models import load_model
+
+    return load_model(model).model
+
+
+def fit_parameters(cap, specs, *, train_inputs: int, fit: FitConfig, objectives=OBJECTIVES, progress=False) -> tuple[dict, list]:
+    """Fit every learnable spec per layer on the training inputs, once per objective."""
+    params, log = {}, []
+    learnable = [s for s in specs if is_learnable(make_variant(s))]
+    jobs = [(layer, s, o) for layer in range(cap.num_layers) for s in learnable for o in objectives]
+    for layer, spec, objective in tqdm(jobs, desc="fit", disable=not progress):
+        data = [cap.get(layer, i) for i in range(train_inputs)]
+        batch = {n: torch.stack([d[n] for d in data]) for n in ("q", "k", "v")}
+        batch.update(scale=data[0]["scale"], causal=data[0]["causal"])
+        variant = make_variant(spec).bind(cap.head_dim, heads=cap.num_heads)
+        config = FitConfig(**{**fit, "objective": objective})
+        result = fit_variant(variant, [batch], config=config)
+        params.update({fit_key(layer, variant.spec, objective) + n: t for n, t in variant.state_dict().items()})
+        log.append({"layer": layer, "variant": spec, "objective": objective, "loss_final": result.final_loss})
+    return params, log
+
+
+def _forward(net, ids: torch.Tensor, causal: bool) -> torch.Tensor:
+    with torch.no_grad():
+        out = net(input_ids=ids, use_cache=False) if causal else net(input_ids=ids)
+    return out.logits if causal else out.last_hidden_state.mean(1)
+
+
+def _metrics(ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, causal: bool) -> list[tuple]:
+    """``(input position, metric, value)``; input position None for set-level metrics."""
+    rows = []
+    if causal:
+        logp_ref = torch.log_softmax(ref[:, :-1].float(), -1)
+        logp = torch.log_softmax(out[:, :-1].float(), -1)
+        target = ids[:, 1:, None]
+        nll = -logp.gather(-1, target).squeeze(-1).mean(-1)
+        nll_ref = -logp_ref.gather(-1, target).squeeze(-1).mean(-1)
+        kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean(-1)
+        for i in range(len(ids)):
+            rows += [(i, "nll", float(nll[i])), (i, "next_token_kl", float(kl[i]))]
+        rows += [(None, "perplexity", float(nll.mean().exp())), (None, "perplexity_original", float(nll_ref.mean().exp())),
+                 (None, "next_token_kl", float(kl.mean()))]
+    else:
+        from scipy.stats import spearmanr
+
+        cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
+        for i in range(len(ids)):
+            rows.append((i, "embedding_cosine", float(cos[i])))
+        upper = np.triu_indices(len(ids), 1)
+        sims = [torch.nn.functional.cosine_similarity(e[:, None], e[None], dim=-1).numpy()[upper] for e in (ref, out)]
+        rows += [(None, "embedding_cosine", float(cos.mean())),
+                 (None, "pairwise_spearman", float(spearmanr(*sims).statistic) if len(ids) > 2 else float("nan"))]
+    return rows
+
+
+def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layers, modes) -> list[tuple]:
+    rows = []
+    for mode in modes:
+        for layer in layers:
+            chosen = [layer] if mode == "single" else list(range(layer + 1))
+            with swap_attention(net, spec, layers=chosen, fits=fits, objective=objective) as session:
+                out = _forward(net, ids, causal)
+            failed = session.failed_fraction
+            status = "ok" if failed == 0 else "normaliser_failed"
+            values = _metrics(ref, out, ids, causal)
+            if not all(np.isfinite(v) for _, _, v in values):
+                status, values = "nonfinite_output", [(i, m, float("nan")) for i, m, _ in values]
+            for i, metric, value in values + [(None, "failed_fraction", failed)]:
+                rows.append((spec, objective, layer, len(chosen), mode, "heldout", i, metric, value, status))
+    return rows
+
+
+def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path, out: str | Path,
+                         variants="default", objectives=OBJECTIVES, max_heldout: int | None = None,
+                         progress: bool = True) -> pd.DataFrame:
+    """Swap every variant into ``model`` layer by layer and write the tidy model-level table.
+
+    Parameters
+    ----------
+    model : str
+        ``"minilm"``, ``"smollm2"`` or a local model folder: the model the capture came from.
+    capture : path
+        The capture the comparison ran on; its held-out inputs are evaluated.
+    results : path
+        The comparison's results table; its ``.settings.json`` gives the train/held-out
+        split and the fit settings, reused here to fit learnable variants per objective.
+    out : path
+        ``.parquet`` or ``.csv``; fitted parameters go to ``<out stem>.fits.safetensors``.
+    variants : str or list of str
+        Specs or ``"default"`` (the comparison's own list).
+    objectives : tuple of str
+        Fitting objectives of learnable variants (``map_kl``, ``output_mse``).
+    max_heldout : int, optional
+        Evaluate only the first held-out inputs (cost grows with their number).
+    """
+    from hla_analysis.compare import resolve_variants
+
+    capture, results, out = Path(capture), Path(results), Path(out)
+    if out.suffix not in (".parquet", ".csv"):
+        raise ValueError(f"--out must end in .parquet or .csv, got {out.name!r}")
+    bad = [o for o in objectives if o not in OBJECTIVES]
+    if bad:
+        raise ValueError(f"unknown objectives {bad}; choose from {', '.join(OBJECTIVES)}")
+    settings = _compare_settings(results)
+    specs = resolve_variants(settings["variants"] if variants == "default" else variants)
+    cap = load_capture(capture)
+    train = int(settings["train_inputs"])
+    heldout = list(range(train, cap.num_inputs))[:max_heldout]
+    if not heldout:
+        raise ValueError("the capture has no held-out input beyond the comparison's training inputs")
+    if len({cap.lengths[i] for i in heldout}) != 1:
+        raise ValueError("held-out inputs differ in length; capture with packing='pack' for equal lengths")
+    causal = bool(cap.manifest["causal"])
+    key = hashlib.sha256(json.dumps([str(capture.resolve()), specs, list(objectives), heldout, settings["fit"]]).encode()).hexdigest()[:16]
+    parts = out.with_name(out.name + ".parts")
+    parts.mkdir(parents=True, exist_ok=True)
+    marker = parts / "settings.json"
+    if marker.exists() and json.loads(marker.read_text()).get("key") != key:
+        raise ValueError(f"{parts} holds partial results of a run with other settings; delete it or choose another --out")
+    atomic_write_json(marker, {"key": key})
+    started = time.perf_counter()
+
+    fits_path = out.with_name(out.stem + ".fits.safetensors")
+    if not (parts / "fits.safetensors").is_file():
+        params, log = fit_parameters(cap, specs, train_inputs=train, fit=settings["fit"], objectives=objectives,
+                                     progress=progress)
+        atomic_write_json(parts / "fits_log.json", log)
+        save_fits(parts / "fits.safetensors", params, settings={"fit": settings["fit"], "train_inputs": train})
+    fits = load_fits(parts / "fits.safetensors")
+
+    net = _load(model, causal)
+    ids = torch.stack([cap.get(0, i, verify=False)["input_ids"] for i in heldout])
+    ref = _forward(net, ids, causal)
+    layers = list(range(cap.num_layers))
+    jobs = [(s, o if is_learnable(make_variant(s)) else "none") for s in specs for o in objectives]
+    jobs = list(dict.fromkeys(jobs))
+    tables = []
+    for spec, objective in tqdm(jobs, desc=f"evaluate {model}", unit="variant", disable=not progress):
+        part = parts / f"{hashlib.sha256(f'{spec}|{objective}'.encode()).hexdigest()[:12]}.parquet"
+        if not part.exists():
+            rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fits, ids, ref, causal,
+                                cap.num_layers, layers, SWAP_MODES)
+            table = pd.DataFrame(rows, columns=COLUMNS[1:])
+            table["objective"] = objective
+            table["input"] = table["input"].map(lambda i: heldout[int(i)] if i is not None and i == i else -1)
+            atomic_write_table(part, table)
+        tables.append(pd.read_parquet(part))
+    table = pd.concat(tables, ignore_index=True)
+    table.insert(0, "model", cap.manifest.get("model"))
+    table["train_inputs"] = train
+    table["fit_steps"] = settings["fit"]["steps"]
+    atomic_write_table(out, table)
+    shutil.copyfile(parts / "fits.safetensors", fits_path)
+    atomic_write_json(out.with_name(out.stem + ".settings.json"),
+                      {"capture": str(capture.resolve()), "results": str(results.resolve()), "variants": list(specs),
+                       "objectives": list(objectives), "heldout": heldout, "seconds": round(time.perf_counter() - started, 1)})
+    shutil.rmtree(parts)
+    return table
