@@ -64,7 +64,7 @@ def _run_case(rank, sizes, *, m, causal, mask, backend, dtype, widths, dv, seed,
         err = float((got.detach() - want).abs().max() / want.abs().max().clamp_min(1e-30))
         assert err < tol, f"rank {rank} {name} (m={m}, causal={causal}, mask={mask}, {backend}): {err:.2e}"
         if kpm is not None and name.startswith("dk"):  # padded keys get exactly zero gradient
-            assert float(got.detach()[..., ~kpm[0, shard], :].abs().max(initial=0.0)) == 0.0
+            assert float(got.detach()[..., ~kpm[0, shard], :].abs().sum()) == 0.0
 
 
 def _expect_value_error(fn, *fragments):
@@ -137,6 +137,7 @@ def _spawn(world, cases, *, errors=False):
 F64 = dict(dtype=torch.float64, backend="torch", tol=1e-11)
 
 
+@pytest.mark.slow
 def test_two_ranks_torch_forms_and_errors():
     cases = [
         dict(sizes=[7, 12], m=2, causal=False, mask=False, widths=(3, 2), dv=4, seed=1, **F64),
@@ -147,6 +148,7 @@ def test_two_ranks_torch_forms_and_errors():
     _spawn(2, cases, errors=True)
 
 
+@pytest.mark.slow
 def test_three_ranks_uneven_shards():
     cases = [
         dict(sizes=[5, 11, 3], m=2, causal=True, mask=True, widths=(3, 2), dv=4, seed=5, **F64),
