@@ -42,7 +42,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @pytest.mark.skipif(not (INTERPRET or torch.cuda.is_available()), reason="needs CUDA or TRITON_INTERPRET=1")
 @pytest.mark.parametrize("m", [1, 2])
-def test_triton_causal_from_state_matches_torch(m):
+@pytest.mark.parametrize("schedule", [{}, {"PER_A": False}, {"CAUSAL_STATE": "parallel"}],
+                         ids=["column-scan", "tile-scan", "chunk-sums"])
+def test_triton_causal_from_state_matches_torch(m, schedule):
     pytest.importorskip("triton")
     from hla_analysis.ops.triton.autograd_steps import CausalFromState, step_config
 
@@ -71,7 +73,7 @@ def test_triton_causal_from_state_matches_torch(m):
     dev = lambda t: t.to(device)  # noqa: E731
     q2 = dev(qs[1]) if m == 2 else None
     k2 = dev(ks[1]) if m == 2 else None
-    cfg = step_config(dev(qs[0]), q2, dev(vv), causal=True)
+    cfg = {**step_config(dev(qs[0]), q2, dev(vv), causal=True), **schedule}
     out, den = CausalFromState.apply(dev(qs[0]), q2, dev(ks[0]), k2, dev(vv), dev(s0), dev(z0), cfg)
     grads = torch.autograd.grad(out, leaves, grad_out.to(device))
     assert torch.all(den > 0)
