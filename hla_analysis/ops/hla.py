@@ -79,9 +79,12 @@ def _contract(qs, ks, values, *, block: int) -> Tensor:
     return torch.cat([_query_apply([q[..., sl, :] for q in qs], state) for sl in _blocks(qs[0].shape[-2], block)], -2)
 
 
-def _recurrent(qs, ks, values, *, causal: bool) -> Tensor:
-    """Token by token: ``S_t = S_{t-1} + k_t (x) v_t``; causal rows read the state after their token."""
-    state, outs = None, []
+def _recurrent(qs, ks, values, *, causal: bool, initial_state: Tensor | None = None) -> Tensor:
+    """Token by token: ``S_t = S_{t-1} + k_t (x) v_t``; causal rows read the state after their token.
+
+    ``initial_state`` (layout of :func:`_key_state`): ``S_0``, the state of keys before this sequence.
+    """
+    state, outs = initial_state, []
     for t in range(ks[0].shape[-2]):
         sl = slice(t, t + 1)
         part = _key_state([k[..., sl, :] for k in ks], values[..., sl, :])
@@ -91,9 +94,12 @@ def _recurrent(qs, ks, values, *, causal: bool) -> Tensor:
     return torch.cat(outs, -2) if causal else _query_apply(qs, state)
 
 
-def _chunked(qs, ks, values, *, chunk: int) -> Tensor:
-    """Causal chunks: quadratic (Hadamard of factor tiles) inside a chunk, the state across chunks."""
-    state, outs = None, []
+def _chunked(qs, ks, values, *, chunk: int, initial_state: Tensor | None = None) -> Tensor:
+    """Causal chunks: quadratic (Hadamard of factor tiles) inside a chunk, the state across chunks.
+
+    ``initial_state`` (layout of :func:`_key_state`): the state of keys before this sequence.
+    """
+    state, outs = initial_state, []
     for sl in _blocks(ks[0].shape[-2], chunk):
         qc = [q[..., sl, :] for q in qs]
         kc = [k[..., sl, :] for k in ks]

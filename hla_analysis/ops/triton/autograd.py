@@ -121,12 +121,16 @@ def transposed(f1, f2, cfg: dict):
     return transpose(f1) if per_a(cfg, f2) else None
 
 
-def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None):
+def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None, initial=None):
     """``S`` and ``z`` of factors ``(f1, f2)`` against rows ``x`` (weights ``w`` for ``z``).
 
     mode: "total" (one state), "prefix" (exclusive, per chunk), "suffix" (exclusive, per chunk).
     ``f1t``: ``f1`` transposed (:func:`transposed`), needed when :func:`per_a`.
+    ``initial``: ``(S0 [BH, R, dv], z0 [BH, R1, R2])``, fp32, added to every prefix/suffix state
+    (the state carried in from outside the sequence; the scan kernel starts from it).
     """
+    if initial is not None and mode == "total":
+        raise ValueError("an initial state applies to the prefix/suffix modes only")
     bh, n, r1 = f1.shape
     r2 = 1 if f2 is None else f2.shape[-1]
     dv = x.shape[-1]
@@ -175,14 +179,21 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None):
                 num_stages=cfg["STAGES"])
             inclusive = buf.cumsum(0)
             s = inclusive - buf if mode == "prefix" else inclusive[-1:] - inclusive
+            if initial is not None:
+                s = s + initial[0][None]
             s = s.transpose(0, 1).to(f1.dtype).contiguous()
-            return s, _normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
+            return s, _with_initial_z(_normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"]), initial)
         s = torch.empty((bh, nc, r, dv), device=f1.device, dtype=f1.dtype)
         state((grid_a, grid_d, bh),
             f1, f2_arg, x, s, n, n, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,
             BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=1 if mode == "prefix" else 2, CHUNK=cfg["CHUNK"],
-            NUM_CHUNKS=nc, SPLITS=1, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
-    return s, _normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
+            NUM_CHUNKS=nc, SPLITS=1, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"],
+            s0_ptr=None if initial is None else initial[0], HAS_INIT=initial is not None)
+    return s, _with_initial_z(_normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"]), initial)
+
+
+def _with_initial_z(z, initial):
+    return z if initial is None else z + initial[1][:, None]
 
 
 def _normaliser_state(f1, f2, w, *, nc: int, mode: str, chunk: int):

@@ -61,9 +61,12 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
                  R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_F2: tl.constexpr,
                  MODE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, SPLITS, PRECISION: tl.constexpr,
-                 TRANS: tl.constexpr = False):
+                 TRANS: tl.constexpr = False, s0_ptr=None, HAS_INIT: tl.constexpr = False):
     """MODE 0: s[split, bh] = sum over the split's tokens. MODE 1: exclusive prefix per chunk,
     s[bh, c] = sum over tokens before chunk c. MODE 2: exclusive suffix, tokens after chunk c.
+
+    ``HAS_INIT`` (MODES 1 and 2): the scan starts from ``s0 [BH, R, DV]`` (fp32) instead of
+    zero, the state carried in from tokens before this sequence (sequence parallelism).
 
     ``TRANS``: accumulate ``S^T`` (``x^T kr``): the values are the MMA's A operand, read from
     shared memory as loaded, and the Khatri-Rao tile its B operand, one wide MMA per block."""
@@ -91,6 +94,8 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
     else:
         acc = tl.zeros((BLOCK_C, BLOCK_DV), dtype=tl.float32)
         out_offs = offs_c[:, None] * DV + offs_d[None, :]
+    if HAS_INIT:
+        acc += tl.load(s0_ptr + bh.to(tl.int64) * R * DV + out_offs).to(tl.float32)
     dt = s_ptr.dtype.element_ty
     if MODE == 0:
         start = split * tokens_per_split
@@ -201,12 +206,31 @@ def _cols_store(out, acc0, acc1, acc2, acc3, a0, offs_d, R2: tl.constexpr, DV: t
 
 
 @triton.jit
+def _cols_load(src, acc0, acc1, acc2, acc3, a0, offs_d, R2: tl.constexpr, DV: tl.constexpr,
+               BA: tl.constexpr, TRANS: tl.constexpr):
+    """The accumulators of :func:`_cols_store` plus the fp32 state ``src [R, DV]`` they cover."""
+    offs_b = tl.arange(0, R2)
+    if TRANS == 1 or TRANS == 3:
+        ptrs = src + (a0 * R2 + offs_b)[None, :] * DV + offs_d[:, None]
+    else:
+        ptrs = src + (a0 * R2 + offs_b)[:, None] * DV + offs_d[None, :]
+    acc0 += tl.load(ptrs).to(tl.float32)
+    if BA > 1:
+        acc1 += tl.load(ptrs + R2 * DV).to(tl.float32)
+    if BA > 2:
+        acc2 += tl.load(ptrs + 2 * R2 * DV).to(tl.float32)
+        acc3 += tl.load(ptrs + 3 * R2 * DV).to(tl.float32)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
 def state_cols_kernel(f1t_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
                       R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                       BA: tl.constexpr, BLOCK_DV: tl.constexpr, TRANS: tl.constexpr,
-                      MODE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, SPLITS, PRECISION: tl.constexpr):
-    """:func:`state_kernel` (same modes and output) from ``BA`` columns ``a`` per program
-    (``BA`` in {1, 2, 4}, one ``[R2, BLOCK_DV]`` accumulator each); ``f1t`` is ``[BH, R1, N]``."""
+                      MODE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, SPLITS, PRECISION: tl.constexpr,
+                      s0_ptr=None, HAS_INIT: tl.constexpr = False):
+    """:func:`state_kernel` (same modes, output and ``HAS_INIT``) from ``BA`` columns ``a`` per
+    program (``BA`` in {1, 2, 4}, one ``[R2, BLOCK_DV]`` accumulator each); ``f1t`` is ``[BH, R1, N]``."""
     pid_a = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_z = tl.program_id(2)
@@ -230,6 +254,9 @@ def state_cols_kernel(f1t_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
     acc1 = acc0
     acc2 = acc0
     acc3 = acc0
+    if HAS_INIT:
+        acc0, acc1, acc2, acc3 = _cols_load(s0_ptr + bh.to(tl.int64) * R * DV, acc0, acc1, acc2, acc3, a0, offs_d,
+                                            R2, DV, BA, TRANS)
     if MODE == 0:
         start = split * tokens_per_split
         end = tl.minimum(start + tokens_per_split, N)
