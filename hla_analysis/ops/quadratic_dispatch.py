@@ -8,7 +8,7 @@ run it: the fused Triton kernels (bf16 tensor cores) at 1, the torch state forms
 einsums) at ``TORCH_STATE_RATE``.
 
 ``form="quadratic"`` forces the quadratic path on any device: the Triton kernel on CUDA or
-under ``TRITON_INTERPRET=1``, else :func:`quadratic_torch`, a blockwise torch twin (exact
+under ``TRITON_INTERPRET=1`` (fp16/bf16/fp32), else (and for float64) :func:`quadratic_torch`, a blockwise torch twin (exact
 tiles over key blocks; O(N) forward memory, autograd keeps its tiles).
 
 :data:`last_dispatch` holds the last :class:`Dispatch` (per process, not per thread).
@@ -81,6 +81,8 @@ def _kernel_runs(tensors) -> bool:
 
     if importlib.util.find_spec("triton") is None:
         return False
+    if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
+        return False  # float64 takes the torch twin: the kernel accumulates in fp32
     return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
 
 
