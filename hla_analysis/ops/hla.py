@@ -35,7 +35,7 @@ from hla_analysis._checks import (
 )
 from hla_analysis.ops.tied import is_tied, symmetric_power_features
 
-FORMS = ("auto", "contract", "recurrent", "chunked", "value_modulation", "tied")
+FORMS = ("auto", "contract", "recurrent", "chunked", "value_modulation", "tied", "quadratic")
 BACKENDS = ("auto", "torch", "triton")
 
 
@@ -180,7 +180,9 @@ def hla(
         ``"chunked"`` (quadratic inside chunks, state across), ``"value_modulation"``
         (factors 2..M folded into the values), ``"tied"`` (symmetric state, needs all query
         factors equal and all key factors equal) or ``"auto"`` (tied when the factors are
-        tied, else chunked if causal, else contract).
+        tied, else chunked if causal, else contract; on CUDA the cheaper of that state path and
+        the quadratic kernel by the cost model) or ``"quadratic"`` (exact FlashAttention-style
+        tiles, any M; :mod:`hla_analysis.ops.quadratic_dispatch` records each choice).
     chunk_size : int
         Tokens per chunk (chunked forms) or per block (state reduction).
     allow_signed : bool
@@ -251,6 +253,13 @@ def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow
     if key_padding_mask is not None:
         check_mask_leading_dims(key_padding_mask, *qs, *ks, v)
         check_padding_mask(key_padding_mask, n_keys, causal=causal)
+
+    from hla_analysis.ops import quadratic_dispatch
+
+    path = quadratic_dispatch.choose(qs, ks, v, causal=causal, form=form, backend=backend)
+    if path.path == "quadratic":
+        return quadratic_dispatch.run(path, qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+                                      allow_signed=allow_signed)
 
     if backend != "torch":
         from hla_analysis.ops import triton_backend

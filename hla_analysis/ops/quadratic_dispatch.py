@@ -1,0 +1,147 @@
+"""State path or quadratic path: the choice :func:`hla_analysis.ops.hla` makes, and its record.
+
+Costs mirror :func:`hla_analysis.symbolic.cost_model.hla_cost` (state form, FLOPs per head)
+and count the quadratic form as ``pairs * (2 sum_f RP_f + 2 dv)`` (the dots per tile that
+the kernel of :mod:`hla_analysis.ops.triton.quadratic` runs; ``pairs = N^2``, or
+``N (N + 1) / 2`` causal). Each cost is divided by the throughput of the engine that would
+run it: the fused Triton kernels (bf16 tensor cores) at 1, the torch state forms (fp32
+einsums) at ``TORCH_STATE_RATE``.
+
+``form="quadratic"`` forces the quadratic path on any device: the Triton kernel on CUDA or
+under ``TRITON_INTERPRET=1`` (fp16/bf16/fp32), else (and for float64) :func:`quadratic_torch`, a blockwise torch twin (exact
+tiles over key blocks; O(N) forward memory, autograd keeps its tiles).
+
+:data:`last_dispatch` holds the last :class:`Dispatch` (per process, not per thread).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+
+from hla_analysis._checks import check_normalizers
+
+# Throughput of the torch state forms relative to the fused kernels on one GPU: fp32 SIMT
+# einsums against bf16 tensor cores (H200 datasheet: 67 vs 990 TFLOP/s dense).
+TORCH_STATE_RATE = 1 / 15
+
+
+@dataclass(frozen=True)
+class Dispatch:
+    """Which path :func:`hla_analysis.ops.hla` took: ``path`` is "state" or "quadratic",
+    ``engine`` "triton" or "torch"; the costs are estimated seconds-equivalents (FLOPs over
+    relative throughput), ``None`` where not compared."""
+
+    path: str
+    engine: str
+    reason: str
+    state_cost: float | None = None
+    quadratic_cost: float | None = None
+
+
+last_dispatch: Dispatch | None = None
+
+
+def _record(d: Dispatch) -> Dispatch:
+    global last_dispatch
+    last_dispatch = d
+    return d
+
+
+def _tied(qs, ks) -> bool:
+    return all(q is qs[0] for q in qs) and all(k is ks[0] for k in ks)
+
+
+def state_flops(widths, dv: int, n: int, *, tied: bool) -> float:
+    """FLOPs of the state form per head (``cost_model.hla_cost`` evaluated)."""
+    if tied:
+        p = math.comb(widths[0] + len(widths) - 1, len(widths))
+        return n * (2 * p + 4 * p * (dv + 1) + dv)
+    p = math.prod(widths)
+    build = sum(math.prod(widths[: m + 1]) for m in range(1, len(widths)))
+    contract = 2 * (dv + 1) * sum(p / math.prod(widths[:m]) for m in range(len(widths)))
+    return n * (build + 2 * p * (dv + 1) + contract + dv)
+
+
+def quadratic_flops(widths, dv: int, n: int, *, tied: bool, causal: bool) -> float:
+    """FLOPs of the quadratic kernel per head, counting padded dot widths."""
+    from hla_analysis.ops.triton.quadratic_autograd import split_width
+
+    main, tail = split_width(max(widths))
+    nf = 1 if tied else len(widths)
+    pairs = n * (n + 1) / 2 if causal else n * n
+    return pairs * (2 * nf * (main + tail) + 2 * max(16, dv) + nf * len(widths))
+
+
+def _kernel_runs(tensors) -> bool:
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if any(t.dtype not in (torch.float16, torch.bfloat16, torch.float32) for t in tensors):
+        return False  # float64 takes the torch twin: the kernel accumulates in fp32
+    return all(t.is_cuda for t in tensors) or os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def choose(qs, ks, v, *, causal: bool, form: str, backend: str) -> Dispatch:
+    """Pick (and record) the path for validated inputs; see the module docstring."""
+    tensors = [*qs, *ks, v]
+    same_n = qs[0].shape[-2] == ks[0].shape[-2]
+    if form == "quadratic":
+        if not same_n:
+            raise ValueError("form='quadratic' needs as many queries as keys.")
+        engine = "triton" if backend != "torch" and _kernel_runs(tensors) else "torch"
+        return _record(Dispatch("quadratic", engine, "forced by form='quadratic'"))
+    if form != "auto" or backend == "torch" or not v.is_cuda or not same_n or len(qs) > 8:
+        return _record(Dispatch("state", "torch" if backend == "torch" else backend, "form or device"))
+    tied = _tied(qs, ks)
+    widths = [q.shape[-1] for q in qs]
+    n, dv = v.shape[-2], v.shape[-1]
+    from hla_analysis.ops import triton_backend
+
+    state_engine = "triton" if triton_backend.usable(qs, ks, v, causal=causal, key_padding_mask=None,
+                                                     explicit=False) else "torch"
+    rate = 1.0 if state_engine == "triton" else TORCH_STATE_RATE
+    state = state_flops(widths, dv, n, tied=tied) / rate
+    quad = quadratic_flops(widths, dv, n, tied=tied, causal=causal)
+    if quad < state:
+        return _record(Dispatch("quadratic", "triton", "cost model", state, quad))
+    return _record(Dispatch("state", state_engine, "cost model", state, quad))
+
+
+def quadratic_torch(qs, ks, v, *, causal: bool, key_padding_mask, block: int = 256):
+    """Blockwise torch twin of the quadratic kernel: ``(num, den)`` over key blocks."""
+    work = torch.promote_types(v.dtype, torch.float32)
+    qs = [q.to(work) for q in qs]
+    ks = [k.to(work) for k in ks]
+    vv = v.to(work)
+    if key_padding_mask is not None:
+        ks = [ks[0] * key_padding_mask[..., None].to(work), *ks[1:]]
+    n = v.shape[-2]
+    num, den = 0, 0
+    rows = torch.arange(n, device=v.device)[:, None]
+    for start in range(0, n, block):
+        sl = slice(start, min(start + block, n))
+        tile = qs[0] @ ks[0][..., sl, :].transpose(-1, -2)
+        for q, k in zip(qs[1:], ks[1:]):
+            tile = tile * (q @ k[..., sl, :].transpose(-1, -2))
+        if causal:
+            tile = tile * (torch.arange(sl.start, sl.stop, device=v.device)[None, :] <= rows)
+        num = num + tile @ vv[..., sl, :]
+        den = den + tile.sum(-1, keepdim=True)
+    return num, den
+
+
+def run(d: Dispatch, qs, ks, v, *, causal: bool, key_padding_mask, allow_signed: bool):
+    """Run the quadratic path chosen by :func:`choose`."""
+    if d.engine == "triton":
+        from hla_analysis.ops.triton.quadratic_autograd import hla_quadratic_triton
+
+        return hla_quadratic_triton(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+                                    allow_signed=allow_signed)
+    num, den = quadratic_torch(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask)
+    check_normalizers(den, allow_signed=allow_signed)
+    return (num / den).to(v.dtype)
