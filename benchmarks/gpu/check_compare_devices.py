@@ -34,14 +34,18 @@ def main(argv=None) -> int:
             tables[device] = run_comparison(args.capture, out=Path(tmp) / f"{device}.parquet",
                                             variants=args.variants, fit=fit, device=device, progress=False)
             seconds[device] = time.perf_counter() - start
-    cpu, gpu = tables["cpu"], tables["cuda"]
-    same_rows = len(cpu) == len(gpu)
-    a, b = cpu["value"].to_numpy(float), gpu["value"].to_numpy(float)
+    key = ["input", "layer", "head", "variant", "metric"]
+    merged = tables["cpu"].merge(tables["cuda"], on=key, suffixes=("_cpu", "_cuda"), how="outer", indicator=True)
+    same_rows = bool((merged["_merge"] == "both").all())
+    cpu = merged
+    a, b = merged["value_cpu"].to_numpy(float), merged["value_cuda"].to_numpy(float)
     both_nan = np.isnan(a) & np.isnan(b)
     rel = np.where(both_nan, 0.0, np.abs(a - b) / np.maximum(np.abs(a), 1e-6))
     worst = cpu.assign(rel=rel).groupby("metric")["rel"].max().sort_values(ascending=False)
+    by_variant = cpu.assign(rel=rel).groupby("variant")["rel"].max().sort_values(ascending=False)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": len(cpu),
               "same_rows": same_rows, "seconds": seconds, "max_rel_diff_by_metric": worst.to_dict(),
+              "max_rel_diff_by_variant": by_variant.to_dict(),
               "nan_mismatch": int((np.isnan(a) != np.isnan(b)).sum()),
               "verdict_rel_1e-4": bool(same_rows and (np.isnan(a) == np.isnan(b)).all() and worst.max() <= 1e-4)}
     atomic_write_json(args.out, result)
