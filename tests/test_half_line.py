@@ -58,7 +58,9 @@ def test_normalised_error_closed_form_matches_brute_force():
         closed = normalised_relative_error(w, np.exp(s))
         cs = np.linspace(0.2, 3.0, 200_001)
         brute = min(np.max(np.abs(w / (c * np.exp(s)) - 1)) for c in cs[::100])
-        assert closed <= brute + 1e-15
+        # both are maxima of |w / (c e^s) - 1| over the same samples, |rho| <= 2: the closed form's
+        # (hi - lo) / (hi + lo) and the brute force's division each round by a few eps (1 + error)
+        assert closed <= brute + 8 * np.finfo(float).eps * (1 + closed)
         # c grid step 1.4e-3 moves the error by at most that much relative
         assert brute <= closed + 2 * (cs[100] - cs[0]) / cs[0]
     assert normalised_relative_error(1 + s / 3, np.exp(s)) == 1.0  # negative weights: the infimum 1
@@ -84,6 +86,19 @@ def test_cli_half_line_degree_and_approx(capsys):
 EPS = np.finfo(float).eps
 
 
+def _grid_slack(a, s):
+    """How far a sampled error of c prod(1 + a_m s) can sit below the continuous one.
+
+    g(s) = sum log(1 + a_m s) - s is concave: its minimum is at a sampled endpoint and its maximum
+    is missed by at most max|g''| ds^2 / 8; error = tanh(range / 2) moves by at most half that.
+    Plus rounding: M + 2 logs and sums of magnitude <= M |log(1 - a L)| + L, each within eps.
+    """
+    a = np.asarray(a, dtype=float)
+    ds = s[1] - s[0]
+    g2 = np.max(np.sum((a[:, None] / (1 + a[:, None] * s[None, :])) ** 2, axis=0))
+    return g2 * ds**2 / 16 + 4 * (len(a) + 2) * EPS * (1 + abs(s[0]))
+
+
 @pytest.mark.parametrize("factors,length", [(2, 4.0), (3, 8.0), (4, 16.0)])
 def test_best_affine_product_is_not_beaten_by_untied_slopes(factors, length):
     """Plain reference: a multi-start optimiser over M free (untied) slopes never beats the closed form."""
@@ -94,7 +109,6 @@ def test_best_affine_product_is_not_beaten_by_untied_slopes(factors, length):
     best = best_affine_product(factors, length=length)
     samples = 20001
     s = np.linspace(-length, 0.0, samples)
-    ds = s[1] - s[0]
     rng = np.random.default_rng(factors)
 
     def slopes(u):  # any real u gives a slope < 1/L: every factor positive on [-L, 0]
@@ -108,13 +122,10 @@ def test_best_affine_product_is_not_beaten_by_untied_slopes(factors, length):
         found.append(res)
     res = min(found, key=lambda r: r.fun)
     a = slopes(res.x)
-    # the sampled log range misses the continuous one only at the interior maximum of the concave
-    # g(s) = sum log(1 + a s) - s (the minimum sits at a sampled endpoint): by at most max|g''| ds^2 / 8,
-    # and error = tanh(range / 2) moves by at most half that; plus rounding of the sums (M + 2 logs)
-    g2 = np.max(np.sum((a[:, None] / (1 + a[:, None] * s[None, :])) ** 2, axis=0))
-    slack = g2 * ds**2 / 16 + 8 * (factors + 2) * EPS * (1 + length)
-    assert res.fun >= best.error - slack, (res.fun, best.error, a)
-    assert res.fun <= best.error + 1e-6  # the optimiser does find it (a sanity check on the reference itself)
+    assert res.fun >= best.error - _grid_slack(a, s), (res.fun, best.error, a)
+    # the optimiser does get there: a check on the reference itself, loose because it bounds
+    # Nelder-Mead's convergence, not arithmetic
+    assert res.fun <= best.error + 1e-4
 
 
 @pytest.mark.parametrize("factors,length", [(1, 4.0), (2, 4.0), (5, 8.0), (8, 16.0), (3, 64.0)])
@@ -157,13 +168,12 @@ def test_best_affine_product_never_worse_than_tied(length):
 
     for m in (1, 2, 4, 8):
         h = best_affine_product(m, length=length).error
-        s = np.linspace(-length, 0, 4001)
-        tied = normalised_relative_error((1 + s / m) ** m, np.exp(s)) if length < m else 1.0
-        shifted = minimize_scalar(lambda z: affine_product_error([z] * m, length=length), bounds=(0, 1 / length),
-                                  method="bounded", options={"xatol": 1e-12}).fun
-        # sampled errors are below the continuous ones: the closed form must not exceed them by more
-        # than rounding (the grid only lowers the sampled side)
-        assert h <= tied + 1e-12 and h <= shifted + 1e-6 * (1 - shifted + h), (m, h, tied, shifted)
+        s = np.linspace(-length, 0, 20001)
+        if length < m:  # (1 + s/M)^M positive on [-L, 0]: a tied product with slope 1/M
+            assert h <= normalised_relative_error((1 + s / m) ** m, np.exp(s)) + _grid_slack([1 / m] * m, s)
+        res = minimize_scalar(lambda z: affine_product_error([z] * m, length=length), bounds=(0, 1 / length),
+                              method="bounded", options={"xatol": 1e-12})
+        assert h <= res.fun + _grid_slack([res.x] * m, s), (m, h, res.fun)
 
 
 def test_best_affine_product_refuses_bad_input():
@@ -197,7 +207,7 @@ def test_zero_n_half_line_solver_and_brute_force():
     for r in values:
         assert r.max_error - r.min_extremum <= 1e-3 * r.max_error  # the bracket (rtol = 1e-3)
     errors = np.array([r.max_error for r in values])
-    assert abs(errors[0] - 0.5) <= 1e-12 and np.all(np.diff(errors) < 0)
+    assert values[0].min_extremum <= 0.5 <= values[0].max_error and np.all(np.diff(errors) < 0)
     s = -np.linspace(0, 40, 200_001)  # e^-40 ~ 4e-18: the tail is below the error's resolution
     res = min((minimize(lambda p: np.max(np.abs(np.exp(s) - 1 / (p[0] - p[1] * s))), x0, method="Nelder-Mead",
                         options={"xatol": 1e-12, "fatol": 1e-15, "maxiter": 5000})
@@ -213,11 +223,29 @@ def test_families_table_half_line_and_interval():
         e = family_errors(family, 1, interval=(-4.0, 0.0))
         assert 0 <= e["normalised_rel_error"] <= 1, family
     # the tied product at the best shift is the best affine product up to scale
+    from hla_analysis.numeric.affine_product import best_affine_product
+
     for m in (2, 5):
-        a = family_errors("hla_tied_shift", m, interval=(-8.0, 0.0))["normalised_rel_error"]
-        b = family_errors("hla_product", m, interval=(-8.0, 0.0))["normalised_rel_error"]
-        assert abs(a - b) <= 1e-6 * b  # sampled (4001 points) vs closed form: the grid's quadratic gap
+        a = family_errors("hla_tied_shift", m, interval=(-8.0, 0.0))["normalised_rel_error"]  # sampled
+        b = family_errors("hla_product", m, interval=(-8.0, 0.0))["normalised_rel_error"]  # closed form
+        slack = _grid_slack([best_affine_product(m, length=8.0).slope] * m, np.linspace(-8.0, 0.0, 4001))
+        assert -slack <= b - a <= slack, (a, b)
     assert family_errors("hla_product", 3, interval=(-np.inf, 0.0))["max_abs_error"] == 0.5
     assert family_errors("taylor", 3, interval=(-np.inf, 0.0))["max_abs_error"] == np.inf
     pade_0n = family_errors("pade_0n", 3, interval=(-np.inf, 0.0))
     assert 0 < pade_0n["max_abs_error"] < 0.5 and pade_0n["max_rel_error"] == np.inf
+
+
+def test_cli_degree_normalised(capsys):
+    import json
+
+    from hla_analysis.cli import main
+
+    assert main(["degree", "softmax", "--normalised", "--interval", "-8", "0", "--tol", "1e-2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)["needed_degree"]["0.01"]
+    assert row["minimax_nn"] == 3 and row["polynomial"] == 7 and row["hla_product"] is None
+    assert row["hla_product"] == row["hla_tied_shift"]  # the same weight up to scale
+    assert main(["degree", "hla", "--normalised", "--interval", "-8", "0"]) == 1
+    assert "use VARIANT softmax" in capsys.readouterr().err
+    assert main(["degree", "softmax", "--normalised", "--interval", "-inf", "0"]) == 1
+    assert "finite --interval" in capsys.readouterr().err

@@ -208,3 +208,31 @@ def family_errors(family: str, degree: int, *, interval) -> dict:
         log_range = w.log_range
     return {**row, "max_abs_error": absolute, "max_rel_error": rel, "normalised_rel_error": norm,
             "normalised_log_range": log_range, "positive": bool(np.all(ws > 0)), "note": note}
+
+
+def needed_degree(family: str, *, interval, tol: float, max_degree: int = 8) -> float:
+    """Smallest degree ``M <= max_degree`` whose normalised error on ``[-L, 0]`` is ``<= tol`` (inf if none).
+
+    A best error that float64 cannot resolve (below :data:`~hla_analysis.numeric.minimax.MIN_ERROR`)
+    counts as reached for ``tol >= MIN_ERROR``.
+
+    Examples
+    --------
+    >>> needed_degree("minimax_nn", interval=(-8.0, 0.0), tol=1e-3)
+    4
+    >>> needed_degree("hla_product", interval=(-8.0, 0.0), tol=1e-3)
+    inf
+    """
+    from hla_analysis.numeric.minimax import MIN_ERROR
+
+    iv = _check(family, 1, interval)
+    if not iv.bounded:
+        raise ValueError("the normalised error is infinite on a half-line; give a finite interval, e.g. (-16, 0).")
+    if not (np.isfinite(tol) and 0 < tol < 1):
+        raise ValueError(f"tol must be in (0, 1), got {tol!r}.")
+    for degree in [1] if family == "linear" else range(1, max_degree + 1):
+        e = family_errors(family, degree, interval=iv)
+        value = e["normalised_rel_error"]
+        if value <= tol or (np.isnan(value) and "cannot resolve" in e["note"] and tol >= MIN_ERROR):
+            return degree
+    return np.inf
