@@ -1,7 +1,7 @@
 """Figure: error of every family approximating exp on [-L, 0] and (-inf, 0], against degree M.
 
 Run: python studies/half_line_approximation.py -> figures/half_line_approximation.{png,csv}
-(about TIMING on 2 shared cores). Left: absolute error on the half-line with the classical best
+(22-31 s of CPU; 56-99 s wall on 2 shared, loaded cores). Left: absolute error on the half-line with the classical best
 constants lambda_{n,n} marked; right: normalisation-aware error on [-L, 0] for each L. Every
 family of :data:`hla_analysis.numeric.half_line.FAMILIES`; the best HLA product is the closed
 form of :mod:`hla_analysis.numeric.affine_product` (it coincides with the tied product at the

@@ -249,3 +249,13 @@ def test_cli_degree_normalised(capsys):
     assert "use VARIANT softmax" in capsys.readouterr().err
     assert main(["degree", "softmax", "--normalised", "--interval", "-inf", "0"]) == 1
     assert "finite --interval" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n", [2, 5, 8])
+def test_wide_interval_rational_converges(n):
+    """[-32, 0] in relative error: exp falls to e^-32, which the row-scaled levelled system resolves."""
+    r = minimax_rational(np.exp, n, interval=(-32.0, 0.0))
+    assert r.max_error - r.min_extremum <= 1e-3 * r.max_error  # certified bracket at the default rtol
+    s = np.linspace(-32.0, 0.0, 100_001)
+    assert np.max(np.abs(r(s) * np.exp(-s) - 1)) <= r.max_error
+    assert np.all(r.denominator(s) > 0) or np.all(r.denominator(s) < 0)

@@ -201,14 +201,17 @@ def _solve_reference(problem: _Problem, x):
     sigma = (-1.0) ** np.arange(size)
     w = fx if problem.relative else np.ones_like(fx)
     num_basis, den_basis = _degree_cut(t, m), _degree_cut(t, n)
-    # g_i N_i = (f_i + sigma_i h w_i) D_i with N = c B gamma, D = c C delta: N lies in range(diag(g) c B),
-    # so project onto its complement U: U^T diag(f) c C delta = -h U^T diag(sigma w) c C delta
-    num_cols = gx[:, None] * (c @ num_basis)
+    # g_i N_i = (f_i + sigma_i h w_i) D_i with N = c B gamma, D = c C delta, each row divided by w_i:
+    # (g/w)_i N_i = ((f/w)_i + sigma_i h) D_i. In relative mode that is (g/f) N = (1 + sigma h) D, every
+    # row of order one however far f falls (e^-32 on [-32, 0]); undivided, the rows where f is small
+    # drop below the others' rounding and the levelled solution needs a pole there. N lies in
+    # range(diag(g/w) c B), so project onto its complement U: U^T diag(f/w) c C delta = -h U^T diag(sigma) c C delta
+    num_cols = (gx / w)[:, None] * (c @ num_basis)
     u = null_space(num_cols.T)
     den_cols = c @ den_basis
     if u.shape[1] != den_cols.shape[1]:
         return None
-    vals, vecs = eig(u.T @ (fx[:, None] * den_cols), -u.T @ ((sigma * w)[:, None] * den_cols))
+    vals, vecs = eig(u.T @ ((fx / w)[:, None] * den_cols), -u.T @ (sigma[:, None] * den_cols))
     grid = np.linspace(-1.0, 1.0, 40 * problem.k + 1)
     best = None
     for h, v in zip(vals, vecs.T):
@@ -222,7 +225,7 @@ def _solve_reference(problem: _Problem, x):
             continue  # a pole in the interval
         if best is None or abs(h) < abs(best[3]):
             d = c @ beta
-            gamma = np.linalg.lstsq(num_cols, (fx + sigma * h * w) * d, rcond=None)[0]
+            gamma = np.linalg.lstsq(num_cols, (fx / w + sigma * h) * d, rcond=None)[0]
             best = (t, num_basis @ gamma, beta, h)
     return best
 
@@ -319,10 +322,13 @@ def _chebyshev_reference(problem):
 
 # Exponents of the map t -> 2 ((1 + t) / 2)^p - 1 that slide the Chebyshev reference towards one
 # end. Where the alternation points of the best approximant crowd at one end (exp's (0, n) on the
-# half-line, where they follow the decay; (n, n) in relative error on a wide [-L, 0]) the
-# levelled solution on the plain Chebyshev reference needs a pole and the exchange cannot start;
-# a reference crowded the same way can. Measured: every failure of the plain start among the
-# half-line (0, n), n <= 8, and [-L, 0], L <= 32, (n, n) with n <= 7 succeeds from one of these.
+# half-line, where they follow the decay) the levelled solution on the plain Chebyshev reference
+# needs a pole and the exchange cannot start; a reference crowded the same way can. Measured:
+# the half-line (0, n), 2 <= n <= 8, converge only from these. Not enough: (n, n) on [-64, 0] in
+# relative error, where exp spans e^-64 ~ 1e-28 and P / Q must too, so one of P, Q spans
+# >= e^32 ~ 1e14 and its barycentric sum loses ~eps e^32 ~ 2e-2 at the small end; the levelled
+# system's numerator rows (g / f) span e^64 > 1 / eps. That needs extended precision (mpmath) or
+# a pole-zero parametrisation; minimax_rational raises there.
 _REFERENCE_WARPS = (2.0, 0.5, 3.0, 1 / 3, 4.0, 0.25)
 
 
