@@ -45,7 +45,10 @@ def test_minimax_beats_aaa_and_pade_and_equioscillates(a, degrees):
         for other in ("aaa", "pade"):
             theirs = exp_errors(other, n, a=a)["max_rel_error"]
             assert mine <= theirs * (1 + 1e-6), (n, other, mine, theirs)
-        tol = 1e-3 if best > 1e-10 else 1e-2  # noise-limited levelling near the float64 floor
+        # the alternant's extrema agree within the certified bracket's relative width (spread plus the
+        # rounding bound of the evaluation, which dominates near the float64 floor), and the grid can
+        # under-sample each peak by _grid_loss
+        tol = (r.max_error - r.min_extremum) / r.max_error + _grid_loss(x, n)
         count, alternates = _alternating_peaks(e, tol)
         assert count >= 2 * n + 2 and alternates, (n, count)
 
@@ -53,8 +56,8 @@ def test_minimax_beats_aaa_and_pade_and_equioscillates(a, degrees):
 def _epigraph_fit(n, a):
     """Type (n, n) minimax by SLSQP on p/q coefficients (q_0 = 1): min t s.t. |p/(q e^x) - 1| <= t.
 
-    Returns the max relative error on a fine grid, best over two starts (linearised least squares,
-    and Pade), neither of which uses the Remez code.
+    Returns the max relative error on a fine grid, best over three starts (linearised least squares,
+    Pade, and the least-squares polynomial), none of which uses the Remez code.
     """
     from math import factorial
 
@@ -69,6 +72,16 @@ def _epigraph_fit(n, a):
     v, ex = np.vander(x, n + 1, increasing=True), np.exp(x)
     lin = np.hstack([v / ex[:, None], -v[:, 1:]])  # p/e^x - (q - 1) = 1
     starts = [np.linalg.lstsq(lin, np.ones_like(x), rcond=None)[0]]
+    # third start, pole-free where the two others are not (the linearised fit and Padé [1/1] both
+    # put a pole inside [-4, 4]): Nelder-Mead on the grid's max error from the relative
+    # least-squares polynomial (q = 1), refusing any q <= 0 on the grid
+    poly = np.concatenate([np.linalg.lstsq(v / ex[:, None], np.ones_like(x), rcond=None)[0], np.zeros(n)])
+
+    def pole_free_loss(c):
+        return np.inf if np.any(v[:, 1:] @ c[n + 1:] + 1 <= 0) else np.max(np.abs(err(c)))
+
+    starts.append(minimize(pole_free_loss, poly, method="Nelder-Mead",
+                           options={"xatol": 1e-12, "fatol": 1e-15, "maxiter": 20000, "maxfev": 40000}).x)
     p, q = pade([1 / factorial(k) for k in range(2 * n + 1)], n, n)
     starts.append(np.concatenate([p.coef[::-1] / q.coef[-1], (q.coef[::-1] / q.coef[-1])[1:]]))
     cons = [{"type": "ineq", "fun": lambda z: z[-1] - err(z[:-1])},
@@ -89,7 +102,9 @@ def test_small_degrees_match_direct_optimisation(n, a):
     r = minimax_rational(np.exp, n, interval=(-a, a))
     # the best error lies in [level, max_error] (de la Vallee Poussin); the optimiser's must too
     assert r.min_extremum <= direct * (1 + _grid_loss(np.linspace(-a, a, 200_001), n)), (direct, r.min_extremum)
-    assert direct <= r.max_error * (1 + 1e-4), (direct, r.max_error)  # SLSQP fits an 801-point grid
+    # SLSQP levels the error on an 801-point grid, at most the best error; between its points the
+    # error can rise by the grid loss of that grid
+    assert direct <= r.max_error * (1 + _grid_loss(np.linspace(-a, a, 801), n)), (direct, r.max_error)
     assert r.max_error - r.level <= 1e-3 * r.max_error
 
 

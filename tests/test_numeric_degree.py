@@ -10,19 +10,27 @@ from hla_analysis.symbolic.derive import derive
 from hla_analysis.variants import list_variants, make_variant
 
 
+EPS = np.finfo(float).eps
+# AAA (an SVD of the Loewner matrix of 300 float64 samples) reproduces an exact type-(n, n) rational
+# to ~1e2-1e4 eps (sample rounding, a few eps, times the Loewner conditioning); 1e6 eps ~ 2e-10 sits
+# clear above that and far below the error any lower degree leaves
+RATIONAL_TOL = 1e6 * EPS
+
+
 def test_measured_equals_symbolic_for_every_rational_variant():
     checked = 0
     for spec in list_variants() + ["hla:m=5,phi=affine", "linear:phi=affine"]:
         form = derive(spec)
         if form.rational:
-            assert measure_variant_degree(make_variant(spec), tol=1e-10) == form.degree, spec
+            assert measure_variant_degree(make_variant(spec), tol=RATIONAL_TOL) == form.degree, spec
             checked += 1
     assert checked >= 8
 
 
 def test_softmax_degree_grows_as_tolerance_tightens():
     var = make_variant("softmax")
-    degrees = [measure_variant_degree(var, tol=tol) for tol in (1e-2, 1e-6, 1e-11)]
+    # the tightest tolerance stays 1e5 eps above the samples' rounding, so AAA resolves it
+    degrees = [measure_variant_degree(var, tol=tol) for tol in (1e-2, 1e-6, 1e5 * EPS)]
     assert degrees[0] < degrees[1] < degrees[2]
 
 

@@ -58,6 +58,6 @@ def run(args) -> int:
             if args.json:
                 print(json.dumps({k: (v if not isinstance(v, float) or v == v and abs(v) != float("inf") else str(v))
                                   for k, v in e.items()}))
-        if not args.json:
+        if not args.json and values:  # 'linear' has only degree 1
             print(f"{family:>15}: " + "  ".join(f"M={d}:{v:.2e}" for d, v in values.items()))
     return 0

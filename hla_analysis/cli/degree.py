@@ -14,6 +14,8 @@ examples:
   hla-analysis degree softmax --tol 1e-3 1e-6 1e-9     # grows as the tolerance tightens
   hla-analysis degree 'linear:phi=taylor' --json
   hla-analysis degree hla --factors 2 --interval -inf 0   # t on the half-line (Möbius-mapped)
+  hla-analysis degree softmax --normalised --interval -8 0 --tol 1e-2 1e-4
+                                           # degree each family needs for exp on [-8, 0], up to a constant
 """
 
 
@@ -36,11 +38,45 @@ def register(subparsers) -> None:
     from hla_analysis.cli.approx import interval_argument
 
     interval_argument(p)
+    p.add_argument("--normalised", action="store_true",
+                   help="with softmax and a finite --interval: the degree M each approximating family "
+                        "(hla-analysis approx) needs for min_c max |w/(c e^s) - 1| <= tol on it")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
 
+def _run_normalised(args) -> int:
+    from hla_analysis.numeric.half_line import FAMILIES, needed_degree
+    from hla_analysis.numeric.intervals import Interval
+
+    if args.variant != "softmax":
+        raise ValueError(f"--normalised measures how each family approximates softmax's exp; use VARIANT softmax, "
+                         f"got {args.variant!r}.")
+    if args.interval is None or not Interval.parse(args.interval).bounded:
+        raise ValueError("--normalised needs a finite --interval such as '-16 0' (on a half-line every "
+                         "normalised error is infinite).")
+    iv = Interval.parse(args.interval)
+    for tol in args.tol:
+        if not 0 < tol < 1:
+            raise ValueError(f"--tol must be in (0, 1) with --normalised, got {tol}.")
+    table = {f"{tol:g}": {family: needed_degree(family, interval=iv, tol=tol) for family in FAMILIES}
+             for tol in args.tol}
+    if args.json:
+        print(json.dumps({"variant": "softmax", "interval": iv.label(), "normalised": True, "max_degree": 8,
+                          "needed_degree": {t: {f: (d if d != float("inf") else None) for f, d in row.items()}
+                                            for t, row in table.items()}}))
+        return 0
+    print(f"degree M needed for normalised error <= tol on {iv.label()} (none: not reached up to M = 8)")
+    print(f"{'family':>15}  " + "  ".join(f"{t:>8}" for t in table))
+    for family in FAMILIES:
+        print(f"{family:>15}  " + "  ".join(f"{'none' if row[family] == float('inf') else int(row[family]):>8}"
+                                          for row in table.values()))
+    return 0
+
+
 def run(args) -> int:
+    if args.normalised:
+        return _run_normalised(args)
     from hla_analysis.numeric.degree import measure_variant_degree
     from hla_analysis.symbolic.derive import derive, resolve_spec
     from hla_analysis.variants import make_variant

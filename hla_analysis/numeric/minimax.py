@@ -201,14 +201,17 @@ def _solve_reference(problem: _Problem, x):
     sigma = (-1.0) ** np.arange(size)
     w = fx if problem.relative else np.ones_like(fx)
     num_basis, den_basis = _degree_cut(t, m), _degree_cut(t, n)
-    # g_i N_i = (f_i + sigma_i h w_i) D_i with N = c B gamma, D = c C delta: N lies in range(diag(g) c B),
-    # so project onto its complement U: U^T diag(f) c C delta = -h U^T diag(sigma w) c C delta
-    num_cols = gx[:, None] * (c @ num_basis)
+    # g_i N_i = (f_i + sigma_i h w_i) D_i with N = c B gamma, D = c C delta, each row divided by w_i:
+    # (g/w)_i N_i = ((f/w)_i + sigma_i h) D_i. In relative mode that is (g/f) N = (1 + sigma h) D, every
+    # row of order one however far f falls (e^-32 on [-32, 0]); undivided, the rows where f is small
+    # drop below the others' rounding and the levelled solution needs a pole there. N lies in
+    # range(diag(g/w) c B), so project onto its complement U: U^T diag(f/w) c C delta = -h U^T diag(sigma) c C delta
+    num_cols = (gx / w)[:, None] * (c @ num_basis)
     u = null_space(num_cols.T)
     den_cols = c @ den_basis
     if u.shape[1] != den_cols.shape[1]:
         return None
-    vals, vecs = eig(u.T @ (fx[:, None] * den_cols), -u.T @ ((sigma * w)[:, None] * den_cols))
+    vals, vecs = eig(u.T @ ((fx / w)[:, None] * den_cols), -u.T @ (sigma[:, None] * den_cols))
     grid = np.linspace(-1.0, 1.0, 40 * problem.k + 1)
     best = None
     for h, v in zip(vals, vecs.T):
@@ -222,7 +225,7 @@ def _solve_reference(problem: _Problem, x):
             continue  # a pole in the interval
         if best is None or abs(h) < abs(best[3]):
             d = c @ beta
-            gamma = np.linalg.lstsq(num_cols, (fx + sigma * h * w) * d, rcond=None)[0]
+            gamma = np.linalg.lstsq(num_cols, (fx / w + sigma * h) * d, rcond=None)[0]
             best = (t, num_basis @ gamma, beta, h)
     return best
 
@@ -303,7 +306,7 @@ def _setup(f, degree, interval, relative, rtol, numerator_degree, denominator_de
     return problem, floor
 
 
-def _initial_reference(problem):
+def _chebyshev_reference(problem):
     size = problem.size
     # Chebyshev extreme points: where the error of a near-best approximation to an entire
     # function like exp peaks (the Padé error ~ x^(m+n+1), its best correction ~ T_(m+n+1))
@@ -314,6 +317,24 @@ def _initial_reference(problem):
         end = 0 if np.isinf(problem.interval.lo) else size - 1
         x[end] = 0.5 * (x[end] + x[end + (1 if end == 0 else -1)])
     return x
+
+
+
+# Exponents of the map t -> 2 ((1 + t) / 2)^p - 1 that slide the Chebyshev reference towards one
+# end. Where the alternation points of the best approximant crowd at one end (exp's (0, n) on the
+# half-line, where they follow the decay) the levelled solution on the plain Chebyshev reference
+# needs a pole and the exchange cannot start; a reference crowded the same way can. Measured:
+# the half-line (0, n), 2 <= n <= 8, converge only from these. Not enough: (n, n) on [-64, 0] in
+# relative error, where exp spans e^-64 ~ 1e-28 and P / Q must too, so one of P, Q spans
+# >= e^32 ~ 1e14 and its barycentric sum loses ~eps e^32 ~ 2e-2 at the small end; the levelled
+# system's numerator rows (g / f) span e^64 > 1 / eps. That needs extended precision (mpmath) or
+# a pole-zero parametrisation; minimax_rational raises there.
+_REFERENCE_WARPS = (2.0, 0.5, 3.0, 1 / 3, 4.0, 0.25)
+
+
+def _initial_references(problem):
+    base = _chebyshev_reference(problem)
+    return [base] + [2 * ((1 + base) / 2) ** p - 1 for p in _REFERENCE_WARPS]
 
 
 def _result(problem, t, alpha, beta, h, pts, vals, it):
@@ -379,19 +400,33 @@ def minimax_rational(f: Callable[[np.ndarray], np.ndarray], degree: int, *, inte
     0.0668
     """
     problem, floor = _setup(f, degree, interval, relative, rtol, numerator_degree, denominator_degree)
+    first = None
+    starts = _initial_references(problem)
+    for x in starts:
+        try:
+            return _exchange_from(problem, floor, x, rtol, max_iterations)
+        except _ExchangeFailed as err:
+            first = first or err
+    raise ValueError(f"{first} (tried {len(starts)} starting references)")
+
+
+class _ExchangeFailed(ValueError):
+    """The exchange broke down from this starting reference; another start may succeed."""
+
+
+def _exchange_from(problem, floor, x, rtol, max_iterations):
     m, n, size = problem.m, problem.n, problem.size
     label = f"type ({m},{n})"
     too_small = (f"float64 cannot resolve a best error this small (floor {floor:.0e}); use a lower degree "
                  "or a wider interval.")
-    x = _initial_reference(problem)
     best = None
     for it in range(1, max_iterations + 1):
         sol = _solve_reference(problem, x)
         if sol is None:
             if best is not None and abs(best[2][3]) < 100 * floor:
                 raise ValueError(f"{label}: the exchange broke down near error {abs(best[2][3]):.1e}; " + too_small)
-            raise ValueError(f"no pole-free levelled rational of {label} on the reference at step {it}; "
-                             "the exchange failed (try a lower degree or a different interval).")
+            raise _ExchangeFailed(f"no pole-free levelled rational of {label} on the reference at step {it}; "
+                                  "the exchange failed (try a lower degree or a different interval)")
         t, alpha, beta, h = sol
         if abs(h) < floor:
             raise ValueError(f"{label}: levelled error {abs(h):.1e} < {floor:.0e}; " + too_small)
@@ -399,8 +434,8 @@ def minimax_rational(f: Callable[[np.ndarray], np.ndarray], degree: int, *, inte
         if len(pts) < size:
             if abs(h) < 100 * floor:
                 raise ValueError(f"{label}: the error curve (level {abs(h):.1e}) lost its alternation; " + too_small)
-            raise ValueError(f"error curve of {label} has only {len(pts)} alternating extrema (< {size}) at "
-                             f"step {it}; the exchange failed.")
+            raise _ExchangeFailed(f"error curve of {label} has only {len(pts)} alternating extrema (< {size}) at "
+                                  f"step {it}; the exchange failed")
         pts, vals = _exchange(pts, vals, size)
         emax = float(np.max(np.abs(vals)))
         spread = float((emax - np.min(np.abs(vals))) / emax) if emax > 0 else 0.0
@@ -413,5 +448,5 @@ def minimax_rational(f: Callable[[np.ndarray], np.ndarray], degree: int, *, inte
     # best iterate is still certified within [min_extremum, max_error] (de la Vallee Poussin).
     if best[1] < 10 * rtol:
         return _result(problem, *best[2])
-    raise ValueError(f"rational Remez of {label} did not level the error to rtol={rtol} in "
-                     f"{max_iterations} steps (best spread {best[1]:.1e}); raise max_iterations or rtol.")
+    raise _ExchangeFailed(f"rational Remez of {label} did not level the error to rtol={rtol} in "
+                          f"{max_iterations} steps (best spread {best[1]:.1e}); raise max_iterations or rtol")
