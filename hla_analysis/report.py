@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hla_analysis._io import atomic_save_figure, atomic_write_table  # noqa: E402
+from hla_analysis.spec import add_spec_columns  # noqa: E402
 from hla_analysis.variants import make_variant  # noqa: E402
 
 _CSV_POINTS = 1500  # scatter points per variant kept in a figure's CSV (< 1 MB in all)
@@ -54,23 +55,26 @@ def _heldout_head_kl(results: pd.DataFrame) -> pd.DataFrame:
 
 def kl_heatmaps(results: pd.DataFrame, out_dir: Path, *, name: str = "kl_heatmaps") -> Path:
     """Layer x head heatmaps of held-out KL: best linear variant and HLA with M = 2, 3, 4."""
+    results = add_spec_columns(results)
     per_head = _heldout_head_kl(results)
     means = per_head.groupby("variant")["value"].mean()
     failed = results[(results["split"] == "heldout") & (results["metric"] == "failed_fraction")]
     failed = failed.groupby("variant")["value"].mean()
+    specs = results.drop_duplicates("variant").set_index("variant")
 
-    def best(prefix: str) -> str | None:
+    def best(family_name: str, factors: int) -> str | None:
         # a variant whose rows mostly fail has a small KL over the few rows left: prefer
         # reliable ones, and show an unreliable family only with its failure rate in the title
-        family = means[[v for v in means.index if v.startswith(prefix)]].dropna()
+        members = specs.index[(specs["family"] == family_name) & (specs["factors"] == factors).fillna(False)]
+        family = means[means.index.isin(members)].dropna()
         reliable = family[failed.reindex(family.index).fillna(1.0) <= _MAX_FAILED]
         pool = reliable if len(reliable) else family
         return pool.idxmin() if len(pool) else None
 
     panels = []
-    for prefix, label in (("linear:", "best linear"), ("hla:m=2,", "best HLA, M=2"),
-                          ("hla:m=3,", "best HLA, M=3"), ("hla:m=4,", "best HLA, M=4")):
-        variant = best(prefix)
+    for family_name, factors, label in (("linear", 1, "best linear"), ("hla", 2, "best HLA, M=2"),
+                                        ("hla", 3, "best HLA, M=3"), ("hla", 4, "best HLA, M=4")):
+        variant = best(family_name, factors)
         if variant is not None:
             note = f", {failed.get(variant, 0):.0%} rows failed" if failed.get(variant, 0) > _MAX_FAILED else ""
             panels.append((variant, f"{label}\n{variant}\nmean {means[variant]:.3f} nats{note}"))
@@ -101,13 +105,14 @@ def error_vs_factors(results: pd.DataFrame, out_dir: Path, *, name: str = "error
     A point whose rows failed on more than 1% (negative weights or normalizer) is drawn as a
     hollow cross: its KL covers only the surviving rows and is not comparable.
     """
-    held = results[results["split"] == "heldout"]
-    held = held[held["variant"].str.startswith("hla:") & held["variant"].str.contains("phi=affine")]
+    results = add_spec_columns(results)
+    held = results[(results["split"] == "heldout") & (results["family"] == "hla") & (results["phi"] == "affine")]
     if held.empty:
         raise ValueError("the results hold no affine HLA variants (hla:m=M,phi=affine[,proj=1]).")
-    per_head = held.pivot_table(index=["variant", "layer", "head"], columns="metric", values="value").reset_index()
-    per_head["M"] = per_head["variant"].str.extract(r"m=(\d+)")[0].astype(int)
-    per_head["family"] = np.where(per_head["variant"].str.contains("proj=1|tied=0"), "fitted", "tied (1+s/M)^M")
+    fitted = held["proj"] | ~held["tied"]
+    held = held.assign(M=held["factors"].astype(int), family=np.where(fitted, "fitted", "tied (1+s/M)^M"))
+    per_head = held.pivot_table(index=["variant", "M", "family", "layer", "head"], columns="metric",
+                                values="value").reset_index()
     table = per_head.groupby(["family", "M", "layer"], as_index=False).agg(
         median_head_kl_heldout=("kl_mean", "median"), failed_fraction=("failed_fraction", "mean")
     )

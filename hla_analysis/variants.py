@@ -14,8 +14,9 @@ power      (s_ij)^p                       (p tied factors)  p=2
 ``s_ij = scale * q_i.k_j`` is the softmax logit (``scale`` defaults to ``1/sqrt(d)``): every
 variant feeds ``sqrt(scale) * q`` and ``sqrt(scale) * k`` to its feature maps, so that e.g.
 ``hla:m=3,phi=affine`` has factor similarity ``1 + s/3`` and weight ``(1 + s/3)^3``.
-Feature-map options (``m`` and ``seed`` for favor, ``c`` for affine) go in the same spec,
-e.g. ``linear:phi=favor,m=128,seed=1``. Learnable HLA (fit with :mod:`hla_analysis.fit`):
+Feature-map options (``features`` and ``seed`` for favor, ``c`` for affine; see
+:mod:`hla_analysis.registry`) go in the same spec, e.g. ``linear:phi=favor,features=128,seed=1``
+or ``hla:m=2,phi=favor,features=32``. Specs are parsed by :mod:`hla_analysis.spec`. Learnable HLA (fit with :mod:`hla_analysis.fit`):
 ``proj=1`` adds one projection ``W`` (d x d per head, identity at start) applied to q and k
 before the factors, which stay tied -- the same parameter budget as Hedgehog's map; ``tied=0``
 gives every factor its own projection ``W_m`` (M d^2 parameters). ``shift=1`` (affine factors
@@ -41,21 +42,9 @@ import torch
 from torch import Tensor, nn
 
 from hla_analysis._checks import check_batch, check_pair, check_scale
-from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
+from hla_analysis.feature_maps import make_feature_map
 from hla_analysis.ops import hla, hla_attention_map, hla_weights, softmax_attention_map, softmax_attention_output
-
-FAMILIES = ("softmax", "linear", "hla", "power")
-
-# Options each family understands besides the feature-map ones; value parsers.
-_MAP_OPTIONS = {"m": int, "seed": int, "c": float}
-_FAMILY_OPTIONS = {
-    "softmax": {},
-    "linear": {"phi": str, "seed": int, "c": float, "m": int},
-    "hla": {"phi": str, "seed": int, "c": float, "m": int, "tied": int, "proj": int, "shift": int},
-    "power": {"p": int},
-}
-_MAX_FACTORS = 8
-_PHI_OPTIONS = {"favor": {"m", "seed"}, "affine": {"c"}}
+from hla_analysis.spec import FAMILIES, VariantSpec, normalize_spec, parse_spec  # noqa: F401  (re-exported)
 
 # The variants a comparison runs by default (issue 5); every one is a valid spec.
 DEFAULT_VARIANTS = (
@@ -64,8 +53,8 @@ DEFAULT_VARIANTS = (
     "linear:phi=elu1",
     "linear:phi=relu",
     "linear:phi=exp",
-    "linear:phi=favor,m=64",
-    "linear:phi=favor,m=256",
+    "linear:phi=favor,features=64",
+    "linear:phi=favor,features=256",
     "linear:phi=taylor",
     "linear:phi=cosformer",
     "linear:phi=hedgehog",
@@ -82,38 +71,6 @@ DEFAULT_VARIANTS = (
 )
 
 
-def parse_spec(spec: str) -> tuple[str, dict]:
-    """Split ``"family:key=value,..."`` into the family and typed options.
-
-    >>> parse_spec("linear:phi=favor,m=128")
-    ('linear', {'phi': 'favor', 'm': 128})
-    """
-    if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"a variant spec must be a non-empty string like 'hla:m=2,phi=affine', got {spec!r}.")
-    family, _, rest = spec.strip().partition(":")
-    family = family.strip().lower()
-    if family not in FAMILIES:
-        raise ValueError(f"unknown variant family {family!r} in {spec!r}; choose one of {', '.join(FAMILIES)}.")
-    allowed = _FAMILY_OPTIONS[family]
-    options: dict = {}
-    items = [part.strip() for part in rest.split(",")] if rest.strip() else []
-    for item in items:
-        key, eq, value = item.partition("=")
-        key = key.strip()
-        if not eq:
-            raise ValueError(f"cannot parse {item!r} in variant spec {spec!r}: write key=value, separated by commas.")
-        if key in options:
-            raise ValueError(f"option {key!r} is given twice in variant spec {spec!r}.")
-        if key not in allowed:
-            known = ", ".join(allowed) or "none"
-            raise ValueError(f"variant family {family!r} has no option {key!r} (spec {spec!r}); options: {known}.")
-        try:
-            options[key] = allowed[key](value.strip())
-        except ValueError:
-            raise ValueError(f"option {key}={value!r} in {spec!r} must be {allowed[key].__name__}.") from None
-    return family, options
-
-
 class Variant(nn.Module):
     """A configured attention variant: ``attention_map`` and ``forward`` with one signature.
 
@@ -123,16 +80,17 @@ class Variant(nn.Module):
     projections) are created on first use, when the head dim is known, or by :meth:`bind`.
     """
 
-    def __init__(self, family: str, options: dict, spec: str):
+    def __init__(self, spec: VariantSpec):
         super().__init__()
-        self.kind = family
-        self.options = dict(options)
-        self.spec = spec
-        self.phi = options.get("phi")
-        self.factors = {"softmax": None, "linear": 1, "hla": options.get("m"), "power": options.get("p")}[family]
-        self.tied = family == "power" or (family == "hla" and bool(options.get("tied", 1)))
-        self.shared_proj = family == "hla" and self.tied and bool(options.get("proj", 0))
-        self.shifted = family == "hla" and bool(options.get("shift", 0))
+        self.parsed = spec
+        self.kind = spec.family
+        self.options = dict(spec.options)
+        self.spec = spec.spec
+        self.phi = spec.phi
+        self.factors = spec.factors
+        self.tied = spec.tied
+        self.shared_proj = spec.shared_proj
+        self.shifted = spec.shifted
         self.dim: int | None = None
         self.heads: int | None = None
         self.maps = nn.ModuleList()
@@ -151,31 +109,19 @@ class Variant(nn.Module):
                 raise ValueError(f"variant {self.spec!r} was built for head dim {self.dim}, got {dim}.")
             return self
         self.dim, self.heads = dim, heads
-        if self.kind in ("linear", "hla"):
-            map_options = {k: v for k, v in self.options.items() if k in _MAP_OPTIONS and not (k == "m" and self.kind == "hla")}
-            if self.phi == "affine" and self.kind == "hla":
-                map_options.setdefault("c", float(self.factors))
-            n_maps = 1 if self.tied or self.kind == "linear" else self.factors
-            for _ in range(n_maps):
-                self.maps.append(make_feature_map(self.phi, dim, heads=heads, **map_options))
-            eye = torch.eye(dim) if heads is None else torch.eye(dim).repeat(heads, 1, 1)
-            n_proj = self.factors if self.kind == "hla" and not self.tied else int(self.shared_proj)
-            for _ in range(n_proj):
-                self.proj.append(nn.Parameter(eye.clone()))
-            if self.shifted:
-                self.shift = nn.Parameter(torch.zeros(() if heads is None else (heads, 1, 1)))
+        for _ in range(self.parsed.feature_maps):
+            self.maps.append(make_feature_map(self.phi, dim, heads=heads, **self.parsed.map_options))
+        eye = torch.eye(dim) if heads is None else torch.eye(dim).repeat(heads, 1, 1)
+        for _ in range(self.parsed.projections):
+            self.proj.append(nn.Parameter(eye.clone()))
+        if self.shifted:
+            self.shift = nn.Parameter(torch.zeros(() if heads is None else (heads, 1, 1)))
         return self
 
     @property
     def positive(self) -> bool:
         """Whether every weight this variant produces is >= 0 by construction."""
-        if self.kind == "softmax":
-            return True
-        if self.kind == "power":
-            return self.factors % 2 == 0
-        if self.phi == "affine":
-            return self.tied and self.factors % 2 == 0
-        return FEATURE_MAPS[self.phi].positive
+        return self.parsed.positive
 
     @property
     def sign_blind(self) -> bool:
@@ -185,8 +131,7 @@ class Variant(nn.Module):
         identity features) gives ``w(q, k) = w(q, -k)``. Reported in comparison tables, since
         averaging over heads would hide it.
         """
-        even = self.factors is not None and self.factors % 2 == 0
-        return even and (self.kind == "power" or (self.tied and self.phi == "identity"))
+        return self.parsed.sign_blind
 
     # -- the maths ------------------------------------------------------------------
     def features(
@@ -308,12 +253,6 @@ class Variant(nn.Module):
         return f"spec={self.spec!r}"
 
 
-def _canonical(family: str, options: dict) -> str:
-    if not options:
-        return family
-    return family + ":" + ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in options.items())
-
-
 def make_variant(spec: str) -> Variant:
     """Turn a spec string into a configured :class:`Variant`.
 
@@ -322,8 +261,10 @@ def make_variant(spec: str) -> Variant:
     spec : str
         ``softmax``, ``linear:phi=NAME[,opts]``, ``hla:m=M,phi=NAME[,c=..,proj=1,tied=0,shift=1]`` or
         ``power:p=P``. Feature maps: identity, elu1, relu, exp, affine (option ``c``), favor
-        (options ``m`` features, ``seed``; in hla specs ``m`` is the factor count), taylor,
-        cosformer, hedgehog, rebased. Odd ``p`` is allowed: its weights can be negative.
+        (options ``features``, ``seed``), taylor, cosformer, hedgehog, rebased. ``m`` is
+        the factor count of hla specs; ``linear:phi=favor,m=N`` (the old spelling of
+        ``features=N``) still works for one release, with a ``DeprecationWarning``. Odd ``p``
+        is allowed: its weights can be negative.
 
     Raises
     ------
@@ -333,52 +274,14 @@ def make_variant(spec: str) -> Variant:
 
     Examples
     --------
-    >>> make_variant("linear:phi=favor,m=128").spec
-    'linear:phi=favor,m=128'
+    >>> make_variant("linear:phi=favor,features=128").spec
+    'linear:phi=favor,features=128'
     >>> make_variant("hla:m=0")
     Traceback (most recent call last):
     ...
     ValueError: hla needs m >= 1 factors, got 0 (spec 'hla:m=0').
     """
-    family, options = parse_spec(spec)
-    if family == "linear":
-        options = {"phi": options.pop("phi", "elu1"), **options}
-    elif family == "hla":
-        options = {"m": options.pop("m", 2), "phi": options.pop("phi", "affine"), **options}
-        if not 1 <= options["m"] <= _MAX_FACTORS:
-            raise ValueError(
-                f"hla needs m >= 1 factors, got {options['m']} (spec {spec!r})."
-                if options["m"] < 1
-                else f"hla with m={options['m']} factors is beyond this toolkit's limit of {_MAX_FACTORS} (spec {spec!r})."
-            )
-        for flag in ("tied", "proj", "shift"):
-            if options.get(flag, 0) not in (0, 1):
-                raise ValueError(f"{flag} must be 0 or 1, got {options[flag]} (spec {spec!r}).")
-    elif family == "power":
-        options = {"p": options.pop("p", 2), **options}
-        if options["p"] < 1 or options["p"] > _MAX_FACTORS:
-            raise ValueError(f"power needs 1 <= p <= {_MAX_FACTORS}, got {options['p']} (spec {spec!r}).")
-    if "phi" in options and options["phi"] not in FEATURE_MAPS:
-        raise ValueError(
-            f"unknown feature map phi={options['phi']!r} in {spec!r}; choose one of {', '.join(FEATURE_MAPS)}."
-        )
-    if "phi" in options:
-        # in hla specs m is the factor count, so it never reaches the feature map
-        given = {k for k in options if k in _MAP_OPTIONS and not (k == "m" and family == "hla")}
-        unknown = given - _PHI_OPTIONS.get(options["phi"], set())
-        if unknown:
-            takes = ", ".join(sorted(_PHI_OPTIONS.get(options["phi"], set()))) or "no options"
-            raise ValueError(
-                f"feature map phi={options['phi']} does not take {', '.join(sorted(unknown))} "
-                f"(spec {spec!r}); it takes {takes}."
-            )
-    if options.get("shift") and options.get("phi") != "affine":
-        raise ValueError(f"shift=1 needs affine factors (phi=affine), got phi={options.get('phi')} (spec {spec!r}).")
-    if "c" in options and not (math.isfinite(options["c"]) and options["c"] > 0):
-        raise ValueError(f"c must be a finite number > 0 (similarity 1 + s/c), got {options['c']} (spec {spec!r}).")
-    if "m" in options and family == "linear" and options["m"] < 1:
-        raise ValueError(f"favor needs m >= 1 random features, got {options['m']} (spec {spec!r}).")
-    return Variant(family, options, _canonical(family, options))
+    return Variant(normalize_spec(spec))
 
 
 def list_variants() -> list[str]:

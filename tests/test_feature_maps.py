@@ -54,10 +54,10 @@ def test_exp_is_stabilised_and_proportional():
 
 def test_favor_is_unbiased_for_exp_and_seeded():
     q, k = pair(n=4, d=4, scale=0.4)
-    a = make_feature_map("favor", 4, m=20000, seed=1)
-    b = make_feature_map("favor", 4, m=20000, seed=1)
+    a = make_feature_map("favor", 4, features=20000, seed=1)
+    b = make_feature_map("favor", 4, features=20000, seed=1)
     assert torch.equal(a.projection, b.projection)
-    assert not torch.equal(a.projection, make_feature_map("favor", 4, m=20000, seed=2).projection)
+    assert not torch.equal(a.projection, make_feature_map("favor", 4, features=20000, seed=2).projection)
     assert (a(q) > 0).all()
     # row-normalised weights of FAVOR+ approach softmax weights as m grows
     approx = torch.softmax(q @ k.T, -1)
@@ -95,8 +95,9 @@ def test_hedgehog_and_rebased_learnable():
 def test_unknown_map_and_bad_options():
     with pytest.raises(ValueError, match="unknown feature map 'softplus'"):
         make_feature_map("softplus", 4)
-    with pytest.raises(ValueError, match="does not take options"):
+    with pytest.raises(ValueError, match="does not take m"):
         make_feature_map("elu1", 4, m=3)
-    with pytest.raises(ValueError, match="c > 0"):
+    with pytest.raises(ValueError, match="finite number > 0"):
         make_feature_map("affine", 4, c=0)
     assert set(FEATURE_MAPS) == {"identity", "elu1", "relu", "exp", "affine", "favor", "taylor", "cosformer", "hedgehog", "rebased"}
+

@@ -102,8 +102,8 @@ def test_spec_parsing_and_errors():
             make_variant(bad)
     with pytest.raises(ValueError, match="phi=elu1 does not take m"):
         make_variant("linear:phi=elu1,m=3")
-    with pytest.raises(ValueError, match="m >= 1 random features"):
-        make_variant("linear:phi=favor,m=0")
+    with pytest.raises(ValueError, match="features must be >= 1"):
+        make_variant("linear:phi=favor,features=0")
     with pytest.raises(ValueError, match="must be a torch.Tensor"):
         make_variant("hla:m=2").attention_map([[1.0]], [[1.0]])
     with pytest.raises(ValueError, match=r"\[\.\.\., N, d\]"):
@@ -156,3 +156,4 @@ def test_shifted_affine_factors():
     torch.testing.assert_close(var(q, k, v), var.attention_map(q, k) @ v)  # still tied: symmetric state
     with pytest.raises(ValueError, match="shift=1 needs affine"):
         make_variant("hla:m=2,phi=exp,shift=1")
+

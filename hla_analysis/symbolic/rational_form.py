@@ -129,8 +129,8 @@ def _map_options(phi: str | None, options: dict | None, tag: str, key: str) -> t
         q_opts["c"] = k_opts["c"] = options.get("c", 1)
     elif phi == "favor":
         # Two symbolic random directions already show whether exp terms survive; the
-        # registry's m (often 64+) would only make the expression longer.
-        q_opts["features"] = k_opts["features"] = min(int(options.get("m", 2)), 2)
+        # registry's feature count (often 64+) would only make the expression longer.
+        q_opts["features"] = k_opts["features"] = min(int(options.get("features", 2)), 2)
     elif phi == "cosformer":
         q_opts["angle"] = sp.Symbol(f"theta_q{tag}", real=True)
         k_opts["angle"] = sp.Symbol(f"theta_{key}{tag}", real=True)
@@ -143,7 +143,7 @@ def factor_similarity(
     """The factor similarity ``phi(t q) . phi(k)`` for symbolic ``q``, ``k`` of ``width``.
 
     ``phi=None`` means softmax's kernel ``exp(t q.k)``. ``options`` are the map options
-    (``c`` for affine, ``m`` for favor).
+    (``c`` for affine, ``features`` for favor).
 
     Returns
     -------
@@ -257,7 +257,7 @@ def derive_rational_form(
     n_keys : int
         Number of keys in the row (3 is generic enough; >= 2).
     options : dict, optional
-        Feature-map options as in the registry (``c`` for affine, ``m`` for favor).
+        Feature-map options as in the registry (``c`` for affine, ``features`` for favor).
     variant : str, optional
         Label stored in the result (default: built from the other arguments).
     max_degree : int
