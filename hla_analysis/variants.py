@@ -74,10 +74,13 @@ DEFAULT_VARIANTS = (
 class Variant(nn.Module):
     """A configured attention variant: ``attention_map`` and ``forward`` with one signature.
 
-    Build with :func:`make_variant`. Attributes: ``kind`` (family), ``factors`` (M; 1 for
-    linear, p for power, None for softmax), ``phi`` (feature-map name or None), ``options``
-    and ``spec`` (canonical spec string). Learnable parts (Hedgehog, ReBased, untied HLA
-    projections) are created on first use, when the head dim is known, or by :meth:`bind`.
+    Build with :func:`make_variant`, which returns the family's subclass
+    (:class:`SoftmaxVariant`, :class:`KernelVariant` for linear and hla,
+    :class:`PowerVariant`). Attributes: ``kind`` (family), ``factors`` (M; 1 for linear, p
+    for power, None for softmax), ``phi`` (feature-map name or None), ``options``, ``spec``
+    (canonical spec string) and ``parsed`` (its :class:`~hla_analysis.spec.VariantSpec`).
+    Learnable parts (Hedgehog, ReBased, untied HLA projections) are created on first use,
+    when the head dim is known, or by :meth:`bind`.
     """
 
     def __init__(self, spec: VariantSpec):
@@ -109,14 +112,11 @@ class Variant(nn.Module):
                 raise ValueError(f"variant {self.spec!r} was built for head dim {self.dim}, got {dim}.")
             return self
         self.dim, self.heads = dim, heads
-        for _ in range(self.parsed.feature_maps):
-            self.maps.append(make_feature_map(self.phi, dim, heads=heads, **self.parsed.map_options))
-        eye = torch.eye(dim) if heads is None else torch.eye(dim).repeat(heads, 1, 1)
-        for _ in range(self.parsed.projections):
-            self.proj.append(nn.Parameter(eye.clone()))
-        if self.shifted:
-            self.shift = nn.Parameter(torch.zeros(() if heads is None else (heads, 1, 1)))
+        self._build(dim, heads)
         return self
+
+    def _build(self, dim: int, heads: int | None) -> None:
+        """Create the family's modules and parameters (none by default)."""
 
     @property
     def positive(self) -> bool:
@@ -133,42 +133,12 @@ class Variant(nn.Module):
         """
         return self.parsed.sign_blind
 
-    # -- the maths ------------------------------------------------------------------
+    # -- the maths (one signature for every family) ----------------------------------
     def features(
         self, q: Tensor, k: Tensor, *, scale: float | None = None, query_offset: int = 0
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Factor features ``(qs, ks)``: M tensors each; tied factors share one object."""
-        if self.kind == "softmax":
-            raise ValueError("softmax has no feature factors; it is not a (finite) kernel.")
-        check_pair(q, k)  # NaN/Inf: a flag of its own, since e.g. relu(-inf) = 0 hides it
-        self.bind(q.shape[-1])
-        root = math.sqrt(check_scale(scale, q.shape[-1]))
-        q, k = q * root, k * root
-        n_keys = k.shape[-2]
-        q_pos = torch.arange(query_offset, query_offset + q.shape[-2], device=q.device)
-        k_pos = torch.arange(n_keys, device=k.device)
-        if self.kind == "power":
-            return [q] * self.factors, [k] * self.factors
-        if self.tied or self.kind == "linear":
-            if self.shared_proj:
-                w = self.proj[0].to(q.dtype).transpose(-1, -2)
-                q, k = q @ w, k @ w
-            fq = self._shifted(self.maps[0], self.maps[0](q, positions=q_pos, length=n_keys))
-            fk = self.maps[0](k, positions=k_pos, length=n_keys)
-            return [fq] * self.factors, [fk] * self.factors
-        qs, ks = [], []
-        for phi, w in zip(self.maps, self.proj):
-            w = w.to(q.dtype).transpose(-1, -2)
-            qs.append(self._shifted(phi, phi(q @ w, positions=q_pos, length=n_keys)))
-            ks.append(phi(k @ w, positions=k_pos, length=n_keys))
-        return qs, ks
-
-    def _shifted(self, phi, fq: Tensor) -> Tensor:
-        """Query features ``[1 - b/c, q/sqrt(c)]``: similarity ``1 + (s - b)/c`` against ``[1, k/sqrt(c)]``."""
-        if self.shift is None:
-            return fq
-        lead = fq[..., :1] * (1 - self.shift.to(fq.dtype) / phi.c)
-        return torch.cat([lead, fq[..., 1:]], dim=-1)
+        raise NotImplementedError
 
     def attention_map(
         self,
@@ -186,16 +156,7 @@ class Variant(nn.Module):
         Negative weights or a non-positive row normaliser raise a ``ValueError`` unless
         ``allow_signed=True`` (as in :func:`~hla_analysis.ops.hla_attention_map`).
         """
-        if self.kind == "softmax":
-            return softmax_attention_map(
-                q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
-            )
-        with check_batch():
-            qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
-            return hla_attention_map(
-                qs, ks, causal=causal, key_padding_mask=key_padding_mask,
-                query_offset=query_offset, allow_signed=allow_signed,
-            )
+        raise NotImplementedError
 
     def weights(
         self,
@@ -213,13 +174,7 @@ class Variant(nn.Module):
         normalizer is <= 0 is a failure even where the ratio looks like a distribution.
         Softmax returns its map and a normalizer of one.
         """
-        if self.kind == "softmax":
-            attn = self.attention_map(
-                q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
-            )
-            return attn, torch.ones_like(attn[..., :1])
-        qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
-        return hla_weights(qs, ks, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset)
+        raise NotImplementedError
 
     def forward(
         self,
@@ -240,8 +195,62 @@ class Variant(nn.Module):
         that are not positive by construction (``positive`` is False) may raise for
         weights that could be negative unless ``allow_signed=True``.
         """
-        if self.kind == "softmax":
-            return softmax_attention_output(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"spec={self.spec!r}"
+
+
+class SoftmaxVariant(Variant):
+    """The reference: ``exp(s_ij)`` normalised per row; not a finite kernel."""
+
+    def features(self, q, k, *, scale=None, query_offset=0):
+        raise ValueError("softmax has no feature factors; it is not a (finite) kernel.")
+
+    def attention_map(self, q, k, *, scale=None, causal=False, key_padding_mask=None, query_offset=0,
+                      allow_signed=False):
+        return softmax_attention_map(
+            q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
+        )
+
+    def weights(self, q, k, *, scale=None, causal=False, key_padding_mask=None, query_offset=0):
+        attn = self.attention_map(
+            q, k, scale=scale, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset
+        )
+        return attn, torch.ones_like(attn[..., :1])
+
+    def forward(self, q, k, v, *, scale=None, causal=False, key_padding_mask=None, allow_signed=False,
+                form="auto", backend="auto"):
+        return softmax_attention_output(q, k, v, scale=scale, causal=causal, key_padding_mask=key_padding_mask)
+
+
+class _FactorVariant(Variant):
+    """A product of M factor similarities ``phi_m(q).phi_m(k)``: the maths runs in :mod:`hla_analysis.ops`."""
+
+    def features(self, q, k, *, scale=None, query_offset=0):
+        check_pair(q, k)  # NaN/Inf: a flag of its own, since e.g. relu(-inf) = 0 hides it
+        self.bind(q.shape[-1])
+        root = math.sqrt(check_scale(scale, q.shape[-1]))
+        return self._factor_features(q * root, k * root, query_offset=query_offset)
+
+    def _factor_features(self, q: Tensor, k: Tensor, *, query_offset: int) -> tuple[list[Tensor], list[Tensor]]:
+        raise NotImplementedError
+
+    def attention_map(self, q, k, *, scale=None, causal=False, key_padding_mask=None, query_offset=0,
+                      allow_signed=False):
+        with check_batch():
+            qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
+            return hla_attention_map(
+                qs, ks, causal=causal, key_padding_mask=key_padding_mask,
+                query_offset=query_offset, allow_signed=allow_signed,
+            )
+
+    def weights(self, q, k, *, scale=None, causal=False, key_padding_mask=None, query_offset=0):
+        qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
+        return hla_weights(qs, ks, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset)
+
+    def forward(self, q, k, v, *, scale=None, causal=False, key_padding_mask=None, allow_signed=False,
+                form="auto", backend="auto"):
         with check_batch():  # the input flags and hla's join one host sync
             qs, ks = self.features(q, k, scale=scale)
             return hla(
@@ -249,8 +258,55 @@ class Variant(nn.Module):
                 allow_signed=allow_signed, form=form, backend=backend,
             )
 
-    def extra_repr(self) -> str:
-        return f"spec={self.spec!r}"
+
+class PowerVariant(_FactorVariant):
+    """``(s_ij)^p``: p tied identity factors."""
+
+    def _factor_features(self, q, k, *, query_offset):
+        return [q] * self.factors, [k] * self.factors
+
+
+class KernelVariant(_FactorVariant):
+    """Kernel linear attention (M = 1) and HLA: feature maps, optional projections and shift."""
+
+    def _build(self, dim, heads):
+        for _ in range(self.parsed.feature_maps):
+            self.maps.append(make_feature_map(self.phi, dim, heads=heads, **self.parsed.map_options))
+        eye = torch.eye(dim) if heads is None else torch.eye(dim).repeat(heads, 1, 1)
+        for _ in range(self.parsed.projections):
+            self.proj.append(nn.Parameter(eye.clone()))
+        if self.shifted:
+            self.shift = nn.Parameter(torch.zeros(() if heads is None else (heads, 1, 1)))
+
+    def _factor_features(self, q, k, *, query_offset):
+        n_keys = k.shape[-2]
+        q_pos = torch.arange(query_offset, query_offset + q.shape[-2], device=q.device)
+        k_pos = torch.arange(n_keys, device=k.device)
+        if not self.parsed.untied:  # one map shared by every factor, at most one projection
+            if self.shared_proj:
+                w = self.proj[0].to(q.dtype).transpose(-1, -2)
+                q, k = q @ w, k @ w
+            fq = self._shifted(self.maps[0], self.maps[0](q, positions=q_pos, length=n_keys))
+            fk = self.maps[0](k, positions=k_pos, length=n_keys)
+            return [fq] * self.factors, [fk] * self.factors
+        qs, ks = [], []
+        for phi, w in zip(self.maps, self.proj):
+            w = w.to(q.dtype).transpose(-1, -2)
+            qs.append(self._shifted(phi, phi(q @ w, positions=q_pos, length=n_keys)))
+            ks.append(phi(k @ w, positions=k_pos, length=n_keys))
+        return qs, ks
+
+    def _shifted(self, phi, fq: Tensor) -> Tensor:
+        """Query features ``[1 - b/c, q/sqrt(c)]``: similarity ``1 + (s - b)/c`` against ``[1, k/sqrt(c)]``."""
+        if self.shift is None:
+            return fq
+        lead = fq[..., :1] * (1 - self.shift.to(fq.dtype) / phi.c)
+        return torch.cat([lead, fq[..., 1:]], dim=-1)
+
+
+_FAMILY_CLASSES: dict[str, type[Variant]] = {
+    "softmax": SoftmaxVariant, "linear": KernelVariant, "hla": KernelVariant, "power": PowerVariant,
+}
 
 
 def make_variant(spec: str) -> Variant:
@@ -281,7 +337,8 @@ def make_variant(spec: str) -> Variant:
     ...
     ValueError: hla needs m >= 1 factors, got 0 (spec 'hla:m=0').
     """
-    return Variant(normalize_spec(spec))
+    parsed = normalize_spec(spec)
+    return _FAMILY_CLASSES[parsed.family](parsed)
 
 
 def list_variants() -> list[str]:

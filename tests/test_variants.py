@@ -157,3 +157,21 @@ def test_shifted_affine_factors():
     with pytest.raises(ValueError, match="shift=1 needs affine"):
         make_variant("hla:m=2,phi=exp,shift=1")
 
+
+def test_make_variant_returns_the_family_class():
+    from hla_analysis.variants import KernelVariant, PowerVariant, SoftmaxVariant, Variant
+
+    for spec, cls in (("softmax", SoftmaxVariant), ("linear:phi=elu1", KernelVariant),
+                      ("hla:m=2,phi=affine", KernelVariant), ("power:p=2", PowerVariant)):
+        var = make_variant(spec)
+        assert type(var) is cls and isinstance(var, Variant) and var.kind == spec.split(":")[0]
+    # one untied factor still applies its own projection (not the tied single-map path)
+    var = make_variant("hla:m=1,phi=affine,tied=0").bind(4).double()
+    with torch.no_grad():
+        var.proj[0].copy_(torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0])))
+    q, k = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    w, _ = var.weights(q, k, scale=1.0)
+    qw, kw = q.clone(), k.clone()
+    qw[:, 0] *= 2
+    kw[:, 0] *= 2
+    torch.testing.assert_close(w, 1 + qw @ kw.T)
