@@ -222,8 +222,8 @@ def test_fit_loss_skips_rows_without_a_distribution():
 def test_figures_read_the_table_and_save_their_numbers(default_results, small_capture, tmp_path):
     from hla_analysis.report import comparison_figures
 
-    table, _ = default_results
-    paths = comparison_figures(table, load_capture(small_capture), tmp_path)
+    table, out = default_results
+    paths = comparison_figures(table, out, tmp_path)  # the figure tables compare wrote beside the results
     assert sorted(p.name for p in paths) == ["attention_maps.png", "error_vs_factors.png", "kl_heatmaps.png", "monotonicity.png"]
     for p in paths:
         assert p.stat().st_size > 10_000 and p.with_suffix(".csv").exists()
