@@ -243,9 +243,13 @@ class ReBased(FeatureMap):
         return symmetric_power_features(y, 2)
 
 
-_CLASSES = {cls.__name__: cls for cls in (Identity, Elu1, Relu, Exp, Affine, Favor, Taylor, CosFormer, Hedgehog, ReBased)}
+_CLASSES = {
+    cls.__name__: cls for cls in (Identity, Elu1, Relu, Exp, Affine, Favor, Taylor, CosFormer, Hedgehog, ReBased)
+}
 #: The PyTorch class of every registered map, in the registry's order.
-FEATURE_MAPS: dict[str, type[FeatureMap]] = {name: _CLASSES[entry.torch] for name, entry in FEATURE_MAP_REGISTRY.items()}
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {
+    name: _CLASSES[entry.torch] for name, entry in FEATURE_MAP_REGISTRY.items()
+}
 assert all(cls.name == name for name, cls in FEATURE_MAPS.items()), "class names disagree with the registry"
 
 

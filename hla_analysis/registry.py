@@ -63,7 +63,9 @@ class FeatureMapEntry:
         unknown = sorted(set(options) - set(self.options))
         if unknown:
             takes = ", ".join(self.options) or "no options"
-            raise ValueError(f"feature map phi={self.name} does not take {', '.join(unknown)}{where}; it takes {takes}.")
+            raise ValueError(
+                f"feature map phi={self.name} does not take {', '.join(unknown)}{where}; it takes {takes}."
+            )
         out = self.defaults()
         for key, value in options.items():
             option = self.options[key]

@@ -280,8 +280,9 @@ def spec_columns(spec: str | VariantSpec, *, head_dim: int) -> dict:
 
     Examples
     --------
-    >>> spec_columns("linear:phi=hedgehog", head_dim=8)
-    {'family': 'linear', 'factors': 1, 'phi': 'hedgehog', 'tied': False, 'proj': False, 'shift': False, 'learnable': True, 'params_per_head': 64}
+    >>> cols = spec_columns("linear:phi=hedgehog", head_dim=8)
+    >>> cols["family"], cols["factors"], cols["tied"], cols["learnable"], cols["params_per_head"]
+    ('linear', 1, False, True, 64)
     """
     if isinstance(head_dim, bool) or not isinstance(head_dim, int) or head_dim < 1:
         raise ValueError(f"head_dim must be an integer >= 1, got {head_dim!r}.")

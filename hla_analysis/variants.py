@@ -16,7 +16,8 @@ variant feeds ``sqrt(scale) * q`` and ``sqrt(scale) * k`` to its feature maps, s
 ``hla:m=3,phi=affine`` has factor similarity ``1 + s/3`` and weight ``(1 + s/3)^3``.
 Feature-map options (``features`` and ``seed`` for favor, ``c`` for affine; see
 :mod:`hla_analysis.registry`) go in the same spec, e.g. ``linear:phi=favor,features=128,seed=1``
-or ``hla:m=2,phi=favor,features=32``. Specs are parsed by :mod:`hla_analysis.spec`. Learnable HLA (fit with :mod:`hla_analysis.fit`):
+or ``hla:m=2,phi=favor,features=32``. Specs are parsed by :mod:`hla_analysis.spec`.
+Learnable HLA (fit with :mod:`hla_analysis.fit`):
 ``proj=1`` adds one projection ``W`` (d x d per head, identity at start) applied to q and k
 before the factors, which stay tied -- the same parameter budget as Hedgehog's map; ``tied=0``
 gives every factor its own projection ``W_m`` (M d^2 parameters). ``shift=1`` (affine factors

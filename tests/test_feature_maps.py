@@ -37,7 +37,8 @@ def test_taylor_similarity_is_based_kernel():
 def test_elu_relu_identity():
     q, k = pair()
     torch.testing.assert_close(sim(make_feature_map("identity", 5), q, k), q @ k.T)
-    torch.testing.assert_close(sim(make_feature_map("elu1", 5), q, k), (torch.nn.functional.elu(q) + 1) @ (torch.nn.functional.elu(k) + 1).T)
+    elu = torch.nn.functional.elu
+    torch.testing.assert_close(sim(make_feature_map("elu1", 5), q, k), (elu(q) + 1) @ (elu(k) + 1).T)
     torch.testing.assert_close(sim(make_feature_map("relu", 5), q, k), q.clamp_min(0) @ k.clamp_min(0).T)
 
 
@@ -100,7 +101,9 @@ def test_unknown_map_and_bad_options():
         make_feature_map("elu1", 4, m=3)
     with pytest.raises(ValueError, match="finite number > 0"):
         make_feature_map("affine", 4, c=0)
-    assert set(FEATURE_MAPS) == {"identity", "elu1", "relu", "exp", "affine", "favor", "taylor", "cosformer", "hedgehog", "rebased"}
+    assert set(FEATURE_MAPS) == {
+        "identity", "elu1", "relu", "exp", "affine", "favor", "taylor", "cosformer", "hedgehog", "rebased"
+    }
 
 
 # -- every registered map: PyTorch class against its SymPy form ----------------------------

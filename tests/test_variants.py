@@ -52,7 +52,8 @@ def test_power_and_query_offset_blocks():
     for spec in ("power:p=2", "linear:phi=cosformer", "softmax"):
         var = make_variant(spec)
         whole = var.attention_map(q, k, causal=True)
-        parts = torch.cat([var.attention_map(q[:, a:b], k, causal=True, query_offset=a) for a, b in ((0, 5), (5, 12))], -2)
+        blocks = ((0, 5), (5, 12))
+        parts = torch.cat([var.attention_map(q[:, a:b], k, causal=True, query_offset=a) for a, b in blocks], -2)
         torch.testing.assert_close(parts, whole)
     assert make_variant("power:p=2").sign_blind and not make_variant("power:p=3").sign_blind
     assert not make_variant("hla:m=2,phi=affine").sign_blind
@@ -67,7 +68,8 @@ def test_untied_hla_starts_equal_to_tied_and_has_parameters():
     assert sum(p.numel() for p in untied.parameters()) == 3 * 8 * 8
     assert sum(p.numel() for p in tied.parameters()) == 0
     shared = make_variant("hla:m=3,phi=affine,proj=1")
-    torch.testing.assert_close(shared.attention_map(q, k, allow_signed=True).double(), tied.attention_map(q, k, allow_signed=True))
+    torch.testing.assert_close(shared.attention_map(q, k, allow_signed=True).double(),
+                               tied.attention_map(q, k, allow_signed=True))
     assert sum(p.numel() for p in shared.parameters()) == 8 * 8  # Hedgehog's budget
     feats = shared.features(q.float(), k.float())[0]
     assert shared.tied and feats[0] is feats[2]
