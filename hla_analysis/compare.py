@@ -392,7 +392,14 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     result["fit_lr"] = config.fit.lr
     result["fit_seed"] = config.fit.seed
     result["row_stride"] = config.row_stride
+    # -- issue 17 (helper i17): the parsed spec as typed columns beside `variant` --
+    from hla_analysis.figure_tables import write_figure_tables
+    from hla_analysis.spec import add_spec_columns
+
+    result = add_spec_columns(result, head_dim=cap.head_dim)
+    # -- end issue 17 --
     atomic_write_table(out, result)
+    write_figure_tables(cap, result, out)  # issue 17: the numbers the single-head figures show
     fits_table = pd.DataFrame(fits, columns=["layer", "variant", "params_per_head", "loss_initial", "loss_final", "steps"])
     atomic_write_table(out.with_name(out.stem + ".fits.csv"), fits_table)
     atomic_write_json(out.with_name(out.stem + ".settings.json"),

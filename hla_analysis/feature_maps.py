@@ -6,28 +6,35 @@ similarity is ``phi(q_i) . phi(k_j)``. Maps receive the already-scaled vectors
 
 Some maps need the token positions (cosFormer) or carry learnable weights (Hedgehog,
 ReBased); all are ``nn.Module`` with ``forward(x, *, positions=None, length=None)``.
+Which maps exist, their options, positivity, learnability and parameter counts come from
+:mod:`hla_analysis.registry`; this module holds only their PyTorch arithmetic.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from hla_analysis.ops.tied import symmetric_power_features
+from hla_analysis.registry import DEPRECATED_MAP_OPTIONS, FEATURE_MAP_REGISTRY, feature_map_entry
 
 
 class FeatureMap(nn.Module):
-    """Base class. ``positive`` says whether every similarity it produces is >= 0.
+    """Base class. ``positive`` (from the registry) says whether every similarity is >= 0.
 
     Learnable maps take ``heads``: with it their parameters get a leading head axis, so one
     module serves inputs ``[..., heads, N, d]`` with separate weights per head.
     """
 
     name = "base"
-    positive = False
+
+    @property
+    def positive(self) -> bool:
+        return FEATURE_MAP_REGISTRY[self.name].positive
 
     def __init__(self, dim: int, *, heads: int | None = None):
         super().__init__()
@@ -63,7 +70,6 @@ class Elu1(FeatureMap):
     """``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020): positive."""
 
     name = "elu1"
-    positive = True
 
     def out_dim(self):
         return self.dim
@@ -76,7 +82,6 @@ class Relu(FeatureMap):
     """``phi(x) = relu(x)``: non-negative, but a row can get an all-zero normalizer."""
 
     name = "relu"
-    positive = True
 
     def out_dim(self):
         return self.dim
@@ -93,7 +98,6 @@ class Exp(FeatureMap):
     """
 
     name = "exp"
-    positive = True
 
     def out_dim(self):
         return self.dim
@@ -127,19 +131,18 @@ class Affine(FeatureMap):
 class Favor(FeatureMap):
     """FAVOR+ positive orthogonal random features (Performer, Choromanski et al. 2021).
 
-    ``phi(x) = exp(W x - |x|^2/2 - c) / sqrt(m)`` with ``W`` blocks of random orthogonal rows
+    ``phi(x) = exp(W x - |x|^2/2 - c) / sqrt(m)`` (``m = features``) with ``W`` blocks of random orthogonal rows
     scaled to Gaussian norms, so that ``E[phi(q).phi(k)] = exp(q.k)`` (times a constant that
     row normalisation cancels). Seeded: the same ``seed`` gives the same features.
     """
 
     name = "favor"
-    positive = True
 
-    def __init__(self, dim: int, *, m: int = 64, seed: int = 0, heads: int | None = None):
+    def __init__(self, dim: int, *, features: int = 64, seed: int = 0, heads: int | None = None):
         super().__init__(dim, heads=heads)
-        if m < 1:
-            raise ValueError(f"FAVOR+ needs m >= 1 random features, got {m}.")
-        self.m = int(m)
+        if features < 1:
+            raise ValueError(f"FAVOR+ needs features >= 1 random features, got {features}.")
+        self.m = int(features)
         g = torch.Generator().manual_seed(int(seed))
         blocks = []
         for _ in range(math.ceil(self.m / dim)):
@@ -168,7 +171,6 @@ class Taylor(FeatureMap):
     """
 
     name = "taylor"
-    positive = True  # 1 + s + s^2/2 > 0 for every real s
 
     def out_dim(self):
         return 1 + self.dim + self.dim * (self.dim + 1) // 2
@@ -186,7 +188,6 @@ class CosFormer(FeatureMap):
     """
 
     name = "cosformer"
-    positive = True
 
     def out_dim(self):
         return 2 * self.dim
@@ -208,7 +209,6 @@ class Hedgehog(FeatureMap):
     """
 
     name = "hedgehog"
-    positive = True
 
     def __init__(self, dim: int, *, heads: int | None = None):
         super().__init__(dim, heads=heads)
@@ -229,7 +229,6 @@ class ReBased(FeatureMap):
     """
 
     name = "rebased"
-    positive = True
 
     def __init__(self, dim: int, *, heads: int | None = None):
         super().__init__(dim, heads=heads)
@@ -244,13 +243,18 @@ class ReBased(FeatureMap):
         return symmetric_power_features(y, 2)
 
 
-FEATURE_MAPS: dict[str, type[FeatureMap]] = {
-    cls.name: cls for cls in (Identity, Elu1, Relu, Exp, Affine, Favor, Taylor, CosFormer, Hedgehog, ReBased)
+_CLASSES = {
+    cls.__name__: cls for cls in (Identity, Elu1, Relu, Exp, Affine, Favor, Taylor, CosFormer, Hedgehog, ReBased)
 }
+#: The PyTorch class of every registered map, in the registry's order.
+FEATURE_MAPS: dict[str, type[FeatureMap]] = {
+    name: _CLASSES[entry.torch] for name, entry in FEATURE_MAP_REGISTRY.items()
+}
+assert all(cls.name == name for name, cls in FEATURE_MAPS.items()), "class names disagree with the registry"
 
 
-def make_feature_map(name: str, dim: int, **options) -> FeatureMap:
-    """Build a feature map by name.
+def make_feature_map(name: str, dim: int, *, heads: int | None = None, **options) -> FeatureMap:
+    """Build a registered feature map by name, with its options checked against the registry.
 
     Examples
     --------
@@ -259,9 +263,11 @@ def make_feature_map(name: str, dim: int, **options) -> FeatureMap:
     >>> float(phi(x) @ phi(x).T)   # 1 + x.x / 2
     3.0
     """
-    if name not in FEATURE_MAPS:
-        raise ValueError(f"unknown feature map {name!r}; choose one of {', '.join(FEATURE_MAPS)}.")
-    try:
-        return FEATURE_MAPS[name](dim, **options)
-    except TypeError:
-        raise ValueError(f"feature map {name!r} does not take options {sorted(options)}.") from None
+    entry = feature_map_entry(name)
+    for old, new in DEPRECATED_MAP_OPTIONS.get(name, {}).items():
+        if old in options:
+            if new in options:
+                raise ValueError(f"feature map {name!r} got both {old}= and {new}=; pass {new}= only.")
+            warnings.warn(f"{name} feature map: {old}= is deprecated, pass {new}=.", DeprecationWarning, stacklevel=2)
+            options[new] = options.pop(old)
+    return FEATURE_MAPS[name](dim, heads=heads, **entry.check_options(options))

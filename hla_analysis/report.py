@@ -1,8 +1,9 @@
 """Figures of a comparison: each PNG is saved beside the CSV of the numbers it shows.
 
-The heatmap and factor-count figures read the results table and never recompute a metric.
-The attention-map and monotonicity figures show raw weights of one head, which the table
-does not hold, so they read the capture and evaluate the variants there.
+Every figure reads tables and recomputes nothing. The heatmap and factor-count figures
+read the results table (and its typed spec columns); the attention-map and monotonicity
+figures read the raw weights of one head, which ``compare`` wrote beside the results
+(:mod:`hla_analysis.figure_tables`).
 """
 
 from __future__ import annotations
@@ -17,12 +18,12 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hla_analysis._io import atomic_save_figure, atomic_write_table  # noqa: E402
-from hla_analysis.variants import make_variant  # noqa: E402
+from hla_analysis.figure_tables import load_figure_tables  # noqa: E402
+from hla_analysis.spec import add_spec_columns  # noqa: E402
 
 _CSV_POINTS = 1500  # scatter points per variant kept in a figure's CSV (< 1 MB in all)
 _CSV_SEED = 0
 _MAX_FAILED = 0.01  # a variant counts as "best" only if at most 1% of its rows failed
-MAP_VARIANTS = ("softmax", "linear:phi=elu1", "hla:m=2,phi=affine", "hla:m=3,phi=affine", "hla:m=4,phi=affine")
 
 
 def sample_scatter(table: pd.DataFrame, *, by: str = "variant", points: int = _CSV_POINTS,
@@ -54,23 +55,26 @@ def _heldout_head_kl(results: pd.DataFrame) -> pd.DataFrame:
 
 def kl_heatmaps(results: pd.DataFrame, out_dir: Path, *, name: str = "kl_heatmaps") -> Path:
     """Layer x head heatmaps of held-out KL: best linear variant and HLA with M = 2, 3, 4."""
+    results = add_spec_columns(results)
     per_head = _heldout_head_kl(results)
     means = per_head.groupby("variant")["value"].mean()
     failed = results[(results["split"] == "heldout") & (results["metric"] == "failed_fraction")]
     failed = failed.groupby("variant")["value"].mean()
+    specs = results.drop_duplicates("variant").set_index("variant")
 
-    def best(prefix: str) -> str | None:
+    def best(family_name: str, factors: int) -> str | None:
         # a variant whose rows mostly fail has a small KL over the few rows left: prefer
         # reliable ones, and show an unreliable family only with its failure rate in the title
-        family = means[[v for v in means.index if v.startswith(prefix)]].dropna()
+        members = specs.index[(specs["family"] == family_name) & (specs["factors"] == factors).fillna(False)]
+        family = means[means.index.isin(members)].dropna()
         reliable = family[failed.reindex(family.index).fillna(1.0) <= _MAX_FAILED]
         pool = reliable if len(reliable) else family
         return pool.idxmin() if len(pool) else None
 
     panels = []
-    for prefix, label in (("linear:", "best linear"), ("hla:m=2,", "best HLA, M=2"),
-                          ("hla:m=3,", "best HLA, M=3"), ("hla:m=4,", "best HLA, M=4")):
-        variant = best(prefix)
+    for family_name, factors, label in (("linear", 1, "best linear"), ("hla", 2, "best HLA, M=2"),
+                                        ("hla", 3, "best HLA, M=3"), ("hla", 4, "best HLA, M=4")):
+        variant = best(family_name, factors)
         if variant is not None:
             note = f", {failed.get(variant, 0):.0%} rows failed" if failed.get(variant, 0) > _MAX_FAILED else ""
             panels.append((variant, f"{label}\n{variant}\nmean {means[variant]:.3f} nats{note}"))
@@ -101,13 +105,14 @@ def error_vs_factors(results: pd.DataFrame, out_dir: Path, *, name: str = "error
     A point whose rows failed on more than 1% (negative weights or normalizer) is drawn as a
     hollow cross: its KL covers only the surviving rows and is not comparable.
     """
-    held = results[results["split"] == "heldout"]
-    held = held[held["variant"].str.startswith("hla:") & held["variant"].str.contains("phi=affine")]
+    results = add_spec_columns(results)
+    held = results[(results["split"] == "heldout") & (results["family"] == "hla") & (results["phi"] == "affine")]
     if held.empty:
         raise ValueError("the results hold no affine HLA variants (hla:m=M,phi=affine[,proj=1]).")
-    per_head = held.pivot_table(index=["variant", "layer", "head"], columns="metric", values="value").reset_index()
-    per_head["M"] = per_head["variant"].str.extract(r"m=(\d+)")[0].astype(int)
-    per_head["family"] = np.where(per_head["variant"].str.contains("proj=1|tied=0"), "fitted", "tied (1+s/M)^M")
+    fitted = held["proj"] | ~held["tied"]
+    held = held.assign(M=held["factors"].astype(int), family=np.where(fitted, "fitted", "tied (1+s/M)^M"))
+    per_head = held.pivot_table(index=["variant", "M", "family", "layer", "head"], columns="metric",
+                                values="value").reset_index()
     table = per_head.groupby(["family", "M", "layer"], as_index=False).agg(
         median_head_kl_heldout=("kl_mean", "median"), failed_fraction=("failed_fraction", "mean")
     )
@@ -135,78 +140,61 @@ def error_vs_factors(results: pd.DataFrame, out_dir: Path, *, name: str = "error
     return _save(fig, table, out_dir, name)
 
 
-def _head_data(capture, layer: int, head: int, input_index: int, tokens: int):
-    """The first ``tokens`` queries of one head with ALL keys, so every row is the real row."""
-    d = capture.get(layer, input_index)
-    n = min(tokens, d["q"].shape[-2])
-    return d["q"][head, :n], d["k"][head], d["scale"], d["causal"]
+def _one_head(table: pd.DataFrame) -> tuple[pd.DataFrame, int, int, int]:
+    first = table.iloc[0]
+    return table, int(first["layer"]), int(first["head"]), int(first["input"])
 
 
-def attention_maps(capture, out_dir: Path, *, layer: int, head: int, input_index: int = 0, tokens: int = 48,
-                   name: str = "attention_maps") -> Path:
+def attention_maps(maps: pd.DataFrame, out_dir: Path, *, name: str = "attention_maps") -> Path:
     """One head's map under softmax, linear (elu+1) and HLA M = 2, 3, 4 on the same tokens.
 
-    Rows are computed over the whole sequence and the top-left ``tokens x tokens`` block is shown.
+    ``maps`` is the ``figure_maps`` table: rows were normalised over the whole sequence and
+    the top-left block is shown.
     """
-    q, k, scale, causal = _head_data(capture, layer, head, input_index, tokens)
-    rows, maps = [], []
-    for spec in MAP_VARIANTS:
-        attn = make_variant(spec).attention_map(q, k, scale=scale, causal=causal, allow_signed=True).detach()
-        attn = attn[:, : q.shape[0]]
-        maps.append((spec, attn.numpy()))
-        i, j = np.meshgrid(range(attn.shape[0]), range(attn.shape[1]), indexing="ij")
-        rows.append(pd.DataFrame({"variant": spec, "query": i.ravel(), "key": j.ravel(), "weight": attn.numpy().ravel()}))
-    vmax = float(maps[0][1].max())
+    maps, layer, head, input_index = _one_head(maps)
+    shown = []
+    for spec, part in maps.groupby("variant", sort=False):
+        grid = part.pivot(index="query", columns="key", values="weight").to_numpy()
+        shown.append((spec, grid))
+    vmax = float(shown[0][1].max())
     # one colour scale for all panels; weights < 0 (signed variants) show red, > softmax's max white
     cmap = plt.get_cmap("viridis").with_extremes(under="red", over="white")
-    fig, axes = plt.subplots(1, len(maps), figsize=(3.2 * len(maps), 3.4))
-    for ax, (spec, attn) in zip(axes, maps):
+    fig, axes = plt.subplots(1, len(shown), figsize=(3.2 * len(shown), 3.4))
+    for ax, (spec, attn) in zip(axes, shown):
         im = ax.imshow(attn, cmap=cmap, vmin=0.0, vmax=vmax)
         negative = float((attn < 0).mean())
         ax.set_title(spec + (f"\n{negative:.0%} weights < 0 (red)" if negative else ""), fontsize=9)
         ax.set_xlabel("key")
     axes[0].set_ylabel("query")
     fig.colorbar(im, ax=axes.tolist(), label="attention weight", shrink=0.8, extend="both")
-    fig.suptitle(f"layer {layer}, head {head}, input {input_index}: the first {q.shape[0]} queries and keys "
-                 f"of {k.shape[0]} tokens (rows normalised over all keys)", fontsize=10)
-    return _save(fig, pd.concat(rows, ignore_index=True), out_dir, name)
+    fig.suptitle(f"layer {layer}, head {head}, input {input_index}: the first {shown[0][1].shape[0]} queries and keys "
+                 f"of {int(maps['keys'].iloc[0])} tokens (rows normalised over all keys)", fontsize=10)
+    return _save(fig, maps[["variant", "query", "key", "weight"]], out_dir, name)
 
 
-def monotonicity(capture, out_dir: Path, *, layer: int, head: int, input_index: int = 0, tokens: int = 256,
-                 name: str = "monotonicity") -> Path:
+def monotonicity(points: pd.DataFrame, out_dir: Path, *, name: str = "monotonicity") -> Path:
     """Weight against the logit q.k for one head: softmax is monotone in it, approximations may not be."""
-    q, k, scale, causal = _head_data(capture, layer, head, input_index, tokens)
-    scores = (q @ k.T * scale).numpy()
-    frames = []
-    fig, axes = plt.subplots(1, len(MAP_VARIANTS), figsize=(3.2 * len(MAP_VARIANTS), 3.2), sharex=True)
-    for ax, spec in zip(axes, MAP_VARIANTS):
-        attn = make_variant(spec).attention_map(q, k, scale=scale, causal=causal, allow_signed=True).detach().numpy()
-        keep = np.tril(np.ones_like(attn, dtype=bool)) if causal else np.ones_like(attn, dtype=bool)
-        # weights relative to the row mean, so rows of different lengths share one axis
-        rel = attn * keep.sum(-1, keepdims=True)
-        frames.append(pd.DataFrame({"variant": spec, "score": scores[keep], "weight_times_row_len": rel[keep]}))
-        ax.scatter(scores[keep], rel[keep], s=1, alpha=0.15, rasterized=True)
+    points, layer, head, input_index = _one_head(points)
+    groups = list(points.groupby("variant", sort=False))
+    fig, axes = plt.subplots(1, len(groups), figsize=(3.2 * len(groups), 3.2), sharex=True)
+    for ax, (spec, part) in zip(axes, groups):
+        ax.scatter(part["score"], part["weight_times_row_len"], s=1, alpha=0.15, rasterized=True)
         ax.set_yscale("symlog", linthresh=1e-2)
         ax.set_title(spec, fontsize=9)
         ax.set_xlabel("logit s = scale q.k")
     axes[0].set_ylabel("weight x row length")
     fig.suptitle(f"monotonicity in q.k: layer {layer}, head {head}, input {input_index}", fontsize=10)
-    return _save(fig, sample_scatter(pd.concat(frames, ignore_index=True)), out_dir, name)
+    return _save(fig, sample_scatter(points[["variant", "score", "weight_times_row_len"]]), out_dir, name)
 
 
-def comparison_figures(results: pd.DataFrame, capture, out_dir: str | Path) -> list[Path]:
-    """All four comparison figures; the single-head ones use the head HLA M=2 fits worst."""
+def comparison_figures(results: pd.DataFrame, tables, out_dir: str | Path) -> list[Path]:
+    """All four comparison figures, from tables only.
+
+    ``tables`` is the results file ``compare`` wrote (its figure tables sit beside it) or
+    the mapping :func:`~hla_analysis.figure_tables.load_figure_tables` returns.
+    """
     out_dir = Path(out_dir)
-    paths = [kl_heatmaps(results, out_dir), error_vs_factors(results, out_dir)]
-    per_head = _heldout_head_kl(results)
-    target = per_head[per_head["variant"] == "hla:m=2,phi=affine"]
-    if target.empty:
-        layer, head = 0, 0
-    else:
-        worst = target.loc[target["value"].idxmax()]
-        layer, head = int(worst["layer"]), int(worst["head"])
-    held = sorted(results.loc[results["split"] == "heldout", "input"].unique())
-    index = int(held[0]) if held else 0
-    paths.append(attention_maps(capture, out_dir, layer=layer, head=head, input_index=index))
-    paths.append(monotonicity(capture, out_dir, layer=layer, head=head, input_index=index))
-    return paths
+    if not isinstance(tables, dict):
+        tables = load_figure_tables(tables)
+    return [kl_heatmaps(results, out_dir), error_vs_factors(results, out_dir),
+            attention_maps(tables["maps"], out_dir), monotonicity(tables["monotonicity"], out_dir)]

@@ -248,3 +248,25 @@ def test_rerun_over_a_damaged_complete_capture_reports_it(tmp_path):
     victim.write_bytes(victim.read_bytes()[:-8])
     with pytest.raises(ValueError, match="truncated|modified"):
         capture("minilm", out=out, num_inputs=2, max_tokens=16, progress=False)
+
+
+def test_as_cache_uses_transformer_lens_names_and_layouts(mixed_capture, minilm):
+    cap = mixed_capture
+    i = 1
+    cache = cap.as_cache(i)
+    n = cap.lengths[i]
+    assert set(cache) == {f"blocks.{l}.attn.hook_{name}" for l in range(cap.num_layers)
+                          for name in ("q", "k", "v", "pattern")}
+    probs, values = _model_reference(minilm.model, cap.get(0, i)["input_ids"])
+    for layer in range(cap.num_layers):
+        d = cap.get(layer, i, as_recorded=True)
+        q, pattern = cache[f"blocks.{layer}.attn.hook_q"], cache[f"blocks.{layer}.attn.hook_pattern"]
+        assert q.shape == (1, n, 12, 32) and pattern.shape == (1, 12, n, n)  # [batch, pos, head, d_head]
+        assert torch.equal(q[0, 3, 5], d["q"][5, 3])
+        assert torch.equal(cache[f"blocks.{layer}.attn.hook_k"][0, 2, 7], d["k"][7, 2])
+        torch.testing.assert_close(cache[f"blocks.{layer}.attn.hook_v"][0].transpose(0, 1), values[layer],
+                                   rtol=1e-5, atol=1e-5)
+        # the recomputed pattern is the model's own, as the capture check guarantees (<= 1e-5)
+        torch.testing.assert_close(pattern[0], probs[layer], rtol=0, atol=1e-5)
+    with pytest.raises(ValueError):
+        cap.as_cache(cap.num_inputs)

@@ -222,8 +222,8 @@ def test_fit_loss_skips_rows_without_a_distribution():
 def test_figures_read_the_table_and_save_their_numbers(default_results, small_capture, tmp_path):
     from hla_analysis.report import comparison_figures
 
-    table, _ = default_results
-    paths = comparison_figures(table, load_capture(small_capture), tmp_path)
+    table, out = default_results
+    paths = comparison_figures(table, out, tmp_path)  # the figure tables compare wrote beside the results
     assert sorted(p.name for p in paths) == ["attention_maps.png", "error_vs_factors.png", "kl_heatmaps.png", "monotonicity.png"]
     for p in paths:
         assert p.stat().st_size > 10_000 and p.with_suffix(".csv").exists()
@@ -266,10 +266,25 @@ def test_table_matches_the_expected_fixture(tmp_path):
 
     from pathlib import Path
 
+    from hla_analysis.spec import SPEC_COLUMNS, spec_columns
+
     expected = pd.read_parquet(Path(__file__).parent / "data" / "compare_expected.parquet")
+    # the fixture predates favor's features= (issue 17): compare under the canonical names
+    with pytest.warns(DeprecationWarning, match="features="):
+        canonical = {spec: make_variant(spec).spec for spec in FIXTURE_VARIANTS}
+    expected["variant"] = expected["variant"].map(canonical)
     cap = capture("minilm", out=tmp_path / "cap", texts=FIXTURE_TEXTS, progress=False, **FIXTURE_KW)
-    got = run_comparison(cap, out=tmp_path / "r.parquet", variants=list(FIXTURE_VARIANTS), fit=FIXTURE_FIT,
+    got = run_comparison(cap, out=tmp_path / "r.parquet", variants=list(canonical.values()), fit=FIXTURE_FIT,
                          block_rows=FIXTURE_BLOCK_ROWS, progress=False)
+    # the typed spec columns (issue 17) are new; every row carries its variant's
+    assert set(SPEC_COLUMNS) <= set(got.columns)
+    head_dim = load_capture(cap).head_dim
+    for spec, rows in got.groupby("variant"):
+        want = spec_columns(spec, head_dim=head_dim)
+        have = rows[list(SPEC_COLUMNS)].drop_duplicates()
+        assert len(have) == 1, spec
+        have = {k: (None if pd.isna(v) else v) for k, v in have.iloc[0].to_dict().items()}
+        assert have == want, spec
     key = ["input", "layer", "head", "variant", "metric"]
     merged = expected.merge(got, on=key, suffixes=("_want", "_got"), how="outer", indicator=True)
     assert (merged["_merge"] == "both").all(), "the table has other rows than the fixture"

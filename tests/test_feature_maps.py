@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
+from hla_analysis.registry import FEATURE_MAP_REGISTRY
 
 F64 = dict(dtype=torch.float64)
 
@@ -36,7 +37,8 @@ def test_taylor_similarity_is_based_kernel():
 def test_elu_relu_identity():
     q, k = pair()
     torch.testing.assert_close(sim(make_feature_map("identity", 5), q, k), q @ k.T)
-    torch.testing.assert_close(sim(make_feature_map("elu1", 5), q, k), (torch.nn.functional.elu(q) + 1) @ (torch.nn.functional.elu(k) + 1).T)
+    elu = torch.nn.functional.elu
+    torch.testing.assert_close(sim(make_feature_map("elu1", 5), q, k), (elu(q) + 1) @ (elu(k) + 1).T)
     torch.testing.assert_close(sim(make_feature_map("relu", 5), q, k), q.clamp_min(0) @ k.clamp_min(0).T)
 
 
@@ -54,10 +56,10 @@ def test_exp_is_stabilised_and_proportional():
 
 def test_favor_is_unbiased_for_exp_and_seeded():
     q, k = pair(n=4, d=4, scale=0.4)
-    a = make_feature_map("favor", 4, m=20000, seed=1)
-    b = make_feature_map("favor", 4, m=20000, seed=1)
+    a = make_feature_map("favor", 4, features=20000, seed=1)
+    b = make_feature_map("favor", 4, features=20000, seed=1)
     assert torch.equal(a.projection, b.projection)
-    assert not torch.equal(a.projection, make_feature_map("favor", 4, m=20000, seed=2).projection)
+    assert not torch.equal(a.projection, make_feature_map("favor", 4, features=20000, seed=2).projection)
     assert (a(q) > 0).all()
     # row-normalised weights of FAVOR+ approach softmax weights as m grows
     approx = torch.softmax(q @ k.T, -1)
@@ -95,8 +97,83 @@ def test_hedgehog_and_rebased_learnable():
 def test_unknown_map_and_bad_options():
     with pytest.raises(ValueError, match="unknown feature map 'softplus'"):
         make_feature_map("softplus", 4)
-    with pytest.raises(ValueError, match="does not take options"):
+    with pytest.raises(ValueError, match="does not take m"):
         make_feature_map("elu1", 4, m=3)
-    with pytest.raises(ValueError, match="c > 0"):
+    with pytest.raises(ValueError, match="finite number > 0"):
         make_feature_map("affine", 4, c=0)
-    assert set(FEATURE_MAPS) == {"identity", "elu1", "relu", "exp", "affine", "favor", "taylor", "cosformer", "hedgehog", "rebased"}
+    assert set(FEATURE_MAPS) == {
+        "identity", "elu1", "relu", "exp", "affine", "favor", "taylor", "cosformer", "hedgehog", "rebased"
+    }
+
+
+# -- every registered map: PyTorch class against its SymPy form ----------------------------
+# Maps whose features are defined up to one positive constant per tensor (a shift that keeps
+# exp from overflowing; row normalisation cancels it): compared after dividing by that constant.
+_UP_TO_A_CONSTANT = {"exp", "favor"}
+
+
+def _symbolic_features(name, x, *, angles=None, projection=None, **options):
+    """The SymPy form of ``name`` evaluated row by row on float64 ``x`` [N, d]."""
+    import numpy as np
+    import sympy as sp
+
+    from hla_analysis.symbolic.feature_maps import symbolic_feature_map
+
+    d = x.shape[-1]
+    xs = sp.symbols(f"x1:{d + 1}", real=True)
+    angle = sp.Symbol("theta", real=True)
+    extra = {"angle": angle} if FEATURE_MAP_REGISTRY[name].positional else {}
+    exprs = symbolic_feature_map(name, list(xs), **options, **extra)
+    subs = {sp.Symbol("epsilon", positive=True): sp.Float(1e-5)}  # torch's layer_norm eps
+    if projection is not None:  # favor: the symbolic directions w_r are the torch map's rows
+        subs.update({sp.Symbol(f"w{r}_{i + 1}", real=True): float(projection[r, i])
+                     for r in range(projection.shape[0]) for i in range(d)})
+    exprs = [sp.sympify(e).xreplace(subs) for e in exprs]
+    fn = sp.lambdify([*xs, angle], exprs, "numpy")
+    rows = []
+    for n, row in enumerate(x.tolist()):
+        theta = 0.0 if angles is None else float(angles[n])
+        rows.append(np.broadcast_to(np.asarray(fn(*row, theta), dtype=float), (len(exprs),)))
+    return torch.tensor(np.stack(rows), **F64)
+
+
+@pytest.mark.parametrize("name", list(FEATURE_MAP_REGISTRY))
+def test_every_registered_map_matches_its_symbolic_form(name):
+    entry = FEATURE_MAP_REGISTRY[name]
+    d, n = 3, 5
+    q, k = pair(n=n, d=d, seed=7, scale=0.8)
+    options = {"features": 2, "seed": 3} if "features" in entry.options else {}
+    if "c" in entry.options:
+        options["c"] = 3.0
+    phi = make_feature_map(name, d, **options).double()
+    assert isinstance(phi, FEATURE_MAPS[name]) and phi.positive == entry.positive
+    positions = torch.arange(n)
+    angles = (math.pi / 2) * positions.double() / n
+    kw = dict(positions=positions, length=n)
+    projection = getattr(phi, "projection", None)
+    sym = {"c": 3} if "c" in entry.options else ({"features": 2} if "features" in entry.options else {})
+    for x in (q, k):
+        got = phi(x, **kw).detach()
+        want = _symbolic_features(name, x, angles=angles, projection=projection, **sym)
+        assert got.shape == want.shape == (n, phi.out_dim())
+        if name in _UP_TO_A_CONSTANT:
+            ratio = got / want
+            assert (ratio > 0).all()
+            want = want * ratio.flatten()[0]
+        # float64 arithmetic on O(1) values: a few ulps, times the few operations per feature
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    # learnable maps: the registry's parameter count is what the module holds
+    assert sum(p.numel() for p in phi.parameters()) == entry.params_per_head(d)
+    assert (entry.params_per_head(d) > 0) == entry.learnable
+
+
+def test_registry_names_match_both_sides():
+    from hla_analysis.symbolic.feature_maps import SYMBOLIC_FEATURE_MAPS
+
+    assert list(FEATURE_MAPS) == list(SYMBOLIC_FEATURE_MAPS) == list(FEATURE_MAP_REGISTRY)
+
+
+def test_old_favor_option_name_warns():
+    with pytest.warns(DeprecationWarning, match="pass features="):
+        phi = make_feature_map("favor", 4, m=8)
+    assert phi.out_dim() == 8

@@ -52,7 +52,8 @@ def test_power_and_query_offset_blocks():
     for spec in ("power:p=2", "linear:phi=cosformer", "softmax"):
         var = make_variant(spec)
         whole = var.attention_map(q, k, causal=True)
-        parts = torch.cat([var.attention_map(q[:, a:b], k, causal=True, query_offset=a) for a, b in ((0, 5), (5, 12))], -2)
+        blocks = ((0, 5), (5, 12))
+        parts = torch.cat([var.attention_map(q[:, a:b], k, causal=True, query_offset=a) for a, b in blocks], -2)
         torch.testing.assert_close(parts, whole)
     assert make_variant("power:p=2").sign_blind and not make_variant("power:p=3").sign_blind
     assert not make_variant("hla:m=2,phi=affine").sign_blind
@@ -67,7 +68,8 @@ def test_untied_hla_starts_equal_to_tied_and_has_parameters():
     assert sum(p.numel() for p in untied.parameters()) == 3 * 8 * 8
     assert sum(p.numel() for p in tied.parameters()) == 0
     shared = make_variant("hla:m=3,phi=affine,proj=1")
-    torch.testing.assert_close(shared.attention_map(q, k, allow_signed=True).double(), tied.attention_map(q, k, allow_signed=True))
+    torch.testing.assert_close(shared.attention_map(q, k, allow_signed=True).double(),
+                               tied.attention_map(q, k, allow_signed=True))
     assert sum(p.numel() for p in shared.parameters()) == 8 * 8  # Hedgehog's budget
     feats = shared.features(q.float(), k.float())[0]
     assert shared.tied and feats[0] is feats[2]
@@ -102,8 +104,8 @@ def test_spec_parsing_and_errors():
             make_variant(bad)
     with pytest.raises(ValueError, match="phi=elu1 does not take m"):
         make_variant("linear:phi=elu1,m=3")
-    with pytest.raises(ValueError, match="m >= 1 random features"):
-        make_variant("linear:phi=favor,m=0")
+    with pytest.raises(ValueError, match="features must be >= 1"):
+        make_variant("linear:phi=favor,features=0")
     with pytest.raises(ValueError, match="must be a torch.Tensor"):
         make_variant("hla:m=2").attention_map([[1.0]], [[1.0]])
     with pytest.raises(ValueError, match=r"\[\.\.\., N, d\]"):
@@ -156,3 +158,22 @@ def test_shifted_affine_factors():
     torch.testing.assert_close(var(q, k, v), var.attention_map(q, k) @ v)  # still tied: symmetric state
     with pytest.raises(ValueError, match="shift=1 needs affine"):
         make_variant("hla:m=2,phi=exp,shift=1")
+
+
+def test_make_variant_returns_the_family_class():
+    from hla_analysis.variants import KernelVariant, PowerVariant, SoftmaxVariant, Variant
+
+    for spec, cls in (("softmax", SoftmaxVariant), ("linear:phi=elu1", KernelVariant),
+                      ("hla:m=2,phi=affine", KernelVariant), ("power:p=2", PowerVariant)):
+        var = make_variant(spec)
+        assert type(var) is cls and isinstance(var, Variant) and var.kind == spec.split(":")[0]
+    # one untied factor still applies its own projection (not the tied single-map path)
+    var = make_variant("hla:m=1,phi=affine,tied=0").bind(4).double()
+    with torch.no_grad():
+        var.proj[0].copy_(torch.diag(torch.tensor([2.0, 1.0, 1.0, 1.0])))
+    q, k = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+    w, _ = var.weights(q, k, scale=1.0)
+    qw, kw = q.clone(), k.clone()
+    qw[:, 0] *= 2
+    kw[:, 0] *= 2
+    torch.testing.assert_close(w, 1 + qw @ kw.T)

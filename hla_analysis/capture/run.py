@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,13 +27,28 @@ from hla_analysis.capture.models import LoadedModel, load_model, resolve_model
 from hla_analysis.capture.recorder import AttentionCall, AttentionRecorder, CaptureError
 from hla_analysis.capture.scale_split import CONVENTION, apply_factors, canonical_scale, split_factors
 from hla_analysis.capture.sources import (
-    ModelInput, batch_key, check_argument_names, forward_arguments, image_inputs, inputs_sha256, stack_batch,
+    ModelInput,
+    batch_key,
+    check_argument_names,
+    forward_arguments,
+    image_inputs,
+    inputs_sha256,
+    stack_batch,
     tensor_inputs,
 )
 from hla_analysis.capture.store import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    PARTIAL,
+    atomic_save_tensors,
+    atomic_write_json,
+    file_sha256,
+    input_file_name,
     load_capture,
-    DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, PARTIAL, atomic_save_tensors, atomic_write_json,
-    file_sha256, input_file_name, read_manifest, tensor_sha256,
+    read_manifest,
+    tensor_sha256,
 )
 from hla_analysis.capture.texts import Document, default_documents, read_documents
 
@@ -521,16 +537,60 @@ def capture(model="minilm", *, out, inputs=None, texts=None, images=None, num_in
     >>> manifest["input_kind"], manifest["max_abs_prob_error"] < 1e-5
     ('text', True)
     """
-    from tqdm.auto import tqdm
-
     _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolerance)
+    out = Path(out)
+    started = time.perf_counter()
+    plan = _plan(model, out=out, inputs=inputs, texts=texts, images=images, num_inputs=num_inputs,
+                 max_tokens=max_tokens, packing=packing, dtype=dtype, modules=modules, device=device,
+                 progress=progress, tokenizer=tokenizer, submodule=submodule)
+    options = _RunOptions(dtype=dtype, batch_size=batch_size, max_tokens=max_tokens, modules=modules,
+                          attention_function=attention_function, tolerance=check_tolerance, progress=progress,
+                          started=started)
+    net = plan.loaded.model
+    was_training = {m: m.training for m in net.modules()}
+    net.eval()
+    try:
+        with exclusive_output_lock(out, command="capture"):
+            _prepare_out(out)
+            return _run(plan, out, options)
+    finally:
+        for module, mode in was_training.items():
+            module.training = mode
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a capture will run: the loaded model, the inputs and the settings that identify it."""
+
+    loaded: LoadedModel
+    items: list
+    kind: str
+    arguments: list
+    settings: dict
+    device: object
+
+
+@dataclass(frozen=True)
+class _RunOptions:
+    dtype: str
+    batch_size: int | None
+    max_tokens: int
+    modules: str | None
+    attention_function: Callable | None
+    tolerance: float
+    progress: bool
+    started: float
+
+
+def _plan(model, *, out: Path, inputs, texts, images, num_inputs, max_tokens, packing, dtype, modules, device,
+          progress, tokenizer, submodule) -> _Plan:
+    """Step 1, plan: check the arguments, load the model, build the inputs and the settings."""
     given = [name for name, value in (("inputs", inputs), ("texts", texts), ("images", images)) if value is not None]
     if len(given) > 1:
         raise ValueError(f"pass one of inputs=, texts= or images=, not {' and '.join(given)}")
     kind = {"inputs": "tensors", "images": "images"}.get(given[0] if given else "texts", "text")
     if device is not None:
         check_device(device)
-    out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"out={str(out)!r} is a file; pass a directory for the capture")
     if images is not None and isinstance(model, torch.nn.Module):
@@ -538,108 +598,131 @@ def capture(model="minilm", *, out, inputs=None, texts=None, images=None, num_in
             "images= needs a model name or folder holding its image processor; for a module, run its image "
             "processor yourself and pass inputs=[{'pixel_values': ...}]"
         )
-    started = time.perf_counter()
     loaded = _model_source(model, device=device, progress=progress, tokenizer=tokenizer, submodule=submodule,
                            need_tokenizer=kind == "text")
     net = loaded.model
-    device = _model_device(net)
     if kind == "text":
         items, source_settings = _text_items(loaded, texts, num_inputs=num_inputs or _DEFAULT_TEXT_INPUTS,
                                              max_tokens=max_tokens, packing=packing)
     else:
-        if kind == "tensors":
-            items, origin = tensor_inputs(inputs), "inputs"
-            source = str(Path(inputs).resolve()) if isinstance(inputs, (str, Path)) else "python inputs"
-        else:
-            items, origin = image_inputs(images, resolve_model(model)[0], net), "images"
-            source = str(Path(images).resolve()) if isinstance(images, (str, Path)) else "python list of images"
-        items = _select(items, num_inputs, origin)
-        _check_tensor_items(net, items, origin)
-        source_settings = {kind: source, "inputs_sha256": inputs_sha256(items)}
+        items, source_settings = _tensor_items(model, net, kind, inputs=inputs, images=images,
+                                               num_inputs=num_inputs)
     arguments = ["input_ids", "attention_mask"] if kind == "text" else sorted({k for i in items for k in i.tensors})
     settings = {
         "model": loaded.name, "weights_sha256": weights_sha256(net), "input_kind": kind,
         "num_inputs": len(items), "dtype": dtype, "modules": modules, "scale_convention": CONVENTION,
         **source_settings,
     }
-
-    was_training = {m: m.training for m in net.modules()}
-    net.eval()
-    try:
-        with exclusive_output_lock(out, command="capture"):
-            _prepare_out(out)
-            return _run(loaded, items, out, settings, kind=kind, arguments=arguments, dtype=dtype,
-                        batch_size=batch_size, max_tokens=max_tokens, modules=modules,
-                        attention_function=attention_function, tolerance=check_tolerance, device=device,
-                        progress=progress, started=started, tqdm=tqdm)
-    finally:
-        for module, mode in was_training.items():
-            module.training = mode
+    return _Plan(loaded, items, kind, arguments, settings, _model_device(net))
 
 
-def _run(loaded, items, out, settings, *, kind, arguments, dtype, batch_size, max_tokens, modules,
-         attention_function, tolerance, device, progress, started, tqdm) -> Path:
-    if (out / MANIFEST).is_file():
-        existing = read_manifest(out / MANIFEST)
-        if existing.get("settings") == settings and existing.get("complete"):
-            # "already complete" must mean intact: a damaged file is reported now, not later
-            load_capture(out).verify()
-            if progress:
-                print(f"{out}: capture already complete (verified)")
-            return out
-        raise ValueError(f"out={str(out)!r} holds a complete capture with different settings; pass a new directory")
+def _tensor_items(model, net, kind: str, *, inputs, images, num_inputs) -> tuple[list[ModelInput], dict]:
+    if kind == "tensors":
+        items, origin = tensor_inputs(inputs), "inputs"
+        source = str(Path(inputs).resolve()) if isinstance(inputs, (str, Path)) else "python inputs"
+    else:
+        items, origin = image_inputs(images, resolve_model(model)[0], net), "images"
+        source = str(Path(images).resolve()) if isinstance(images, (str, Path)) else "python list of images"
+    items = _select(items, num_inputs, origin)
+    _check_tensor_items(net, items, origin)
+    return items, {kind: source, "inputs_sha256": inputs_sha256(items)}
 
-    records, previous = _finished_records(out, settings)
+
+def _run(plan: _Plan, out: Path, options: _RunOptions) -> Path:
+    """Steps 2-4: run the batches, record every input as it finishes, write the manifest."""
+    from tqdm.auto import tqdm
+
+    if _already_complete(out, plan.settings, progress=options.progress):
+        return out
+    records, previous = _finished_records(out, plan.settings)
     layers: list[dict] | None = previous.get("layers")
     elapsed_before = float(previous.get("capture_seconds", 0.0))
-    net = loaded.model
-    text = kind == "text"
-    if batch_size:
-        batch = batch_size
-    elif text:
-        batch = _auto_batch_size(max_tokens, getattr(getattr(net, "config", None), "num_attention_heads", 12))
-    elif layers:
-        batch = _auto_batch_size(records[0]["length"], layers[0]["heads"])
-    else:
-        batch = 1  # learn the sequence length and head count from the first input
-    pad_id = 0
-    if text and loaded.tokenizer.pad_token_id is not None:
-        pad_id = loaded.tokenizer.pad_token_id
-    storage = DTYPES[dtype]
-    float_dtype = _float_dtype(net)
-
-    bar = tqdm(total=len(items), initial=len(records), disable=not progress, unit="input",
-               desc=f"capture {loaded.name}", dynamic_ncols=True)
+    bar = tqdm(total=len(plan.items), initial=len(records), disable=not options.progress, unit="input",
+               desc=f"capture {plan.loaded.name}", dynamic_ncols=True)
     with torch.inference_mode():
-        start = len(records)
-        while start < len(items):
-            start, chunk = next(_batches(items, start, batch, text=text))
-            if text:
-                kwargs, lengths = _text_batch(chunk, pad_id, device)
-            else:
-                kwargs, lengths = stack_batch(chunk, device=device, float_dtype=float_dtype), None
-            collector = _BatchCollector(len(chunk), lengths, storage, tolerance, layers)
-            _forward(loaded, kwargs, collector, modules=modules, attention_function=attention_function,
-                     first=chunk[0])
-            if layers is None:
-                layers = collector.layers
-                if not batch_size and not text:
-                    batch = _auto_batch_size(collector.width, layers[0]["heads"])
-            elif len(layers) != len(collector.layers):
-                raise ValueError("the model called a different number of attention modules between batches")
-            for row, item in enumerate(chunk):
-                records.append(_write_input(out, start + row, item, row, collector, layers))
-            elapsed = elapsed_before + time.perf_counter() - started
-            atomic_write_json(out / PARTIAL, _manifest(loaded, settings, layers, records, elapsed,
-                                                       complete=False, kind=kind, arguments=arguments))
+        for start, chunk, collector in _forward_batches(plan, options, start=len(records), layers=layers,
+                                                        records=records):
+            layers = _checked_layers(layers, collector)
+            records.extend(_record(out, start, chunk, collector, layers))
+            elapsed = elapsed_before + time.perf_counter() - options.started
+            atomic_write_json(out / PARTIAL, _manifest(plan.loaded, plan.settings, layers, records, elapsed,
+                                                       complete=False, kind=plan.kind, arguments=plan.arguments))
             bar.update(len(chunk))
-            start += len(chunk)
     bar.close()
-    elapsed = elapsed_before + time.perf_counter() - started
-    atomic_write_json(out / MANIFEST, _manifest(loaded, settings, layers, records, elapsed, complete=True,
-                                                kind=kind, arguments=arguments))
-    (out / PARTIAL).unlink(missing_ok=True)
+    _write(out, plan, layers, records, elapsed_before + time.perf_counter() - options.started)
     return out
+
+
+def _already_complete(out: Path, settings: dict, *, progress: bool) -> bool:
+    """A complete capture with these settings (verified intact) is returned as it is."""
+    if not (out / MANIFEST).is_file():
+        return False
+    existing = read_manifest(out / MANIFEST)
+    if existing.get("settings") == settings and existing.get("complete"):
+        # "already complete" must mean intact: a damaged file is reported now, not later
+        load_capture(out).verify()
+        if progress:
+            print(f"{out}: capture already complete (verified)")
+        return True
+    raise ValueError(f"out={str(out)!r} holds a complete capture with different settings; pass a new directory")
+
+
+def _first_batch_size(plan: _Plan, options: _RunOptions, layers, records) -> int:
+    net = plan.loaded.model
+    if options.batch_size:
+        return options.batch_size
+    if plan.kind == "text":
+        return _auto_batch_size(options.max_tokens, getattr(getattr(net, "config", None), "num_attention_heads", 12))
+    if layers:
+        return _auto_batch_size(records[0]["length"], layers[0]["heads"])
+    return 1  # learn the sequence length and head count from the first input
+
+
+def _forward_batches(plan: _Plan, options: _RunOptions, *, start: int, layers, records):
+    """Step 2, run: yield ``(start, chunk, collector)`` per forward pass from input ``start`` on."""
+    text = plan.kind == "text"
+    net = plan.loaded.model
+    batch = _first_batch_size(plan, options, layers, records)
+    pad_id = 0
+    if text and plan.loaded.tokenizer.pad_token_id is not None:
+        pad_id = plan.loaded.tokenizer.pad_token_id
+    storage = DTYPES[options.dtype]
+    float_dtype = _float_dtype(net)
+    while start < len(plan.items):
+        start, chunk = next(_batches(plan.items, start, batch, text=text))
+        if text:
+            kwargs, lengths = _text_batch(chunk, pad_id, plan.device)
+        else:
+            kwargs, lengths = stack_batch(chunk, device=plan.device, float_dtype=float_dtype), None
+        collector = _BatchCollector(len(chunk), lengths, storage, options.tolerance, layers)
+        _forward(plan.loaded, kwargs, collector, modules=options.modules,
+                 attention_function=options.attention_function, first=chunk[0])
+        if layers is None:
+            layers = collector.layers
+            if not options.batch_size and not text:
+                batch = _auto_batch_size(collector.width, layers[0]["heads"])
+        yield start, chunk, collector
+        start += len(chunk)
+
+
+def _checked_layers(layers, collector) -> list[dict]:
+    if layers is None:
+        return collector.layers
+    if len(layers) != len(collector.layers):
+        raise ValueError("the model called a different number of attention modules between batches")
+    return layers
+
+
+def _record(out: Path, start: int, chunk, collector, layers) -> list[dict]:
+    """Step 3, record: one file per input of the batch, and its manifest record."""
+    return [_write_input(out, start + row, item, row, collector, layers) for row, item in enumerate(chunk)]
+
+
+def _write(out: Path, plan: _Plan, layers, records, elapsed: float) -> None:
+    """Step 4, write: the sealed manifest marks the capture complete."""
+    atomic_write_json(out / MANIFEST, _manifest(plan.loaded, plan.settings, layers, records, elapsed, complete=True,
+                                                kind=plan.kind, arguments=plan.arguments))
+    (out / PARTIAL).unlink(missing_ok=True)
 
 
 def _write_input(out: Path, index: int, item: ModelInput, row: int, collector, layers) -> dict:

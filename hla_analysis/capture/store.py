@@ -98,7 +98,9 @@ class Capture:
         self.lengths = [int(rec["length"]) for rec in manifest["inputs"]]
         self.input_kind = manifest["input_kind"]
         if manifest["dtype"] not in DTYPES:
-            raise ValueError(f"{self.path}: manifest dtype {manifest['dtype']!r} is not one of {sorted(DTYPES)}; capture again")
+            raise ValueError(
+                f"{self.path}: manifest dtype {manifest['dtype']!r} is not one of {sorted(DTYPES)}; capture again"
+            )
         self.dtype = DTYPES[manifest["dtype"]]
         self._kv_index = torch.tensor(manifest["kv_head_for_query_head"], dtype=torch.long)
 
@@ -192,7 +194,9 @@ class Capture:
             if "input_ids" in rec["tensor_sha256"]:
                 ids = self._read(handle, rec, "input_ids", verify, torch.int64, (n,))
             mask_key = f"layer.{layer}.mask"
-            mask = self._read(handle, rec, mask_key, verify, torch.bool, (n, n)) if mask_key in rec["tensor_sha256"] else None
+            mask = None
+            if mask_key in rec["tensor_sha256"]:
+                mask = self._read(handle, rec, mask_key, verify, torch.bool, (n, n))
         scale = float(info["scale"])
         if as_recorded:
             q = apply_factors(q, [1.0 / f for f in info["q_factor"]], head_dim=0)
@@ -210,6 +214,37 @@ class Capture:
             "layer_name": info["name"],
         }
 
+    def as_cache(self, input_index: int, *, verify: bool = True) -> dict[str, torch.Tensor]:
+        """One input's activations under TransformerLens's hook names, in its layouts.
+
+        Keys ``blocks.{l}.attn.hook_q``, ``hook_k``, ``hook_v`` (``[1, pos, head, d_head]``)
+        and ``hook_pattern`` (``[1, head, query_pos, key_pos]``), for every captured layer
+        ``l`` (the capture's own layer numbering), with a leading batch axis of one as in
+        ``run_with_cache``. q and k are the model's own, as passed to its attention
+        function: *after* rotary embeddings, i.e. TransformerLens's ``hook_rot_q`` and
+        ``hook_rot_k`` for rotary models (``hook_q``/``hook_k`` otherwise). Keys and values
+        of grouped-query models are expanded to every query head. ``hook_pattern`` is
+        softmax recomputed from them in float32, masked as the model masked.
+
+        Raises
+        ------
+        ValueError
+            On an index out of range, or a damaged file (see :meth:`get`).
+
+        Examples
+        --------
+        >>> cache = cap.as_cache(0)                                # doctest: +SKIP
+        >>> cache["blocks.0.attn.hook_pattern"].shape             # doctest: +SKIP
+        torch.Size([1, 12, 24, 24])
+        """
+        cache = {}
+        for layer in range(self.num_layers):
+            d = self.get(layer, input_index, verify=verify, as_recorded=True)
+            for name in ("q", "k", "v"):
+                cache[f"blocks.{layer}.attn.hook_{name}"] = d[name].transpose(0, 1).unsqueeze(0)
+            cache[f"blocks.{layer}.attn.hook_pattern"] = _pattern(d).unsqueeze(0)
+        return cache
+
     def verify(self) -> None:
         """Check every file of the capture against its SHA-256 (reads everything once).
 
@@ -224,6 +259,18 @@ class Capture:
                 raise FileNotFoundError(f"{file} is missing from the capture")
             if file.stat().st_size != rec["bytes"] or file_sha256(file) != rec["sha256"]:
                 raise ValueError(f"{file} is truncated or modified (SHA-256 differs from the manifest)")
+
+
+def _pattern(d: dict) -> torch.Tensor:
+    """Softmax over allowed keys of ``scale * q k^T``, ``[heads, N, N]`` in float32."""
+    q, k = d["q"].float(), d["k"].float()
+    n = q.shape[-2]
+    allowed = d["attention_mask"]
+    if allowed is None:
+        full = torch.ones(n, n, dtype=torch.bool)
+        allowed = full.tril() if d["causal"] else full
+    logits = (q @ k.transpose(-1, -2)) * d["scale"]
+    return torch.softmax(logits.masked_fill(~allowed, float("-inf")), dim=-1)
 
 
 def load_capture(path: str | Path) -> Capture:

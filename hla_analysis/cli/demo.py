@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hla_analysis.capture import capture, load_capture
+    from hla_analysis.capture import capture
     from hla_analysis.cli.compare import fit_config
     from hla_analysis.cli.summary import print_summary
     from hla_analysis.compare import resolve_variants, run_comparison, summarize
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                            progress=progress)
     figures = Path(args.figures) if args.figures else out / "figures"
     print(f"[3/3] figures -> {figures}")
-    for path in comparison_figures(table, load_capture(cap_dir), figures):
+    for path in comparison_figures(table, results_path, figures):  # figure tables beside the results (issue 17)
         print(f"      {path} (+ .csv)")
     summary = summarize(table)
     summary.to_csv(out / "summary.csv")

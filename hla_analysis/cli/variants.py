@@ -12,7 +12,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "List the registered attention variants (the default set of `compare`) and the "
             "options of each family. Every command that takes a variant accepts these spec "
-            "strings, e.g. 'hla:m=3,phi=affine' or 'linear:phi=favor,m=128'."
+            "strings, e.g. 'hla:m=3,phi=affine' or 'linear:phi=favor,features=128'."
         ),
     )
     p.set_defaults(func=run)
@@ -30,7 +30,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"\nfeature maps (phi=...): {', '.join(FEATURE_MAPS)}")
     print(
         "\noptions, written family:key=value,key=value:\n"
-        "  linear  phi=NAME (default elu1); phi=favor takes m=FEATURES (default 64), seed=S; phi=affine takes c\n"
+        "  linear  phi=NAME (default elu1); phi=favor takes features=F (default 64; m=F is deprecated), seed=S;\n"
+        "          phi=affine takes c (hla takes the same map options)\n"
         "  hla     m=FACTORS (default 2), phi=NAME (default affine, with c=M so factors are 1 + s/M),\n"
         "          proj=1 (one learnable d x d projection, factors stay tied), tied=0 (one per factor),\n"
         "          shift=1 (learnable logit shift b per head, affine only: factors 1 + (s - b)/c)\n"

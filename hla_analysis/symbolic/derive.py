@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from hla_analysis.spec import normalize_spec
 from hla_analysis.symbolic.feature_maps import SYMBOLIC_FEATURE_MAPS
 from hla_analysis.symbolic.rational_form import RationalForm, derive_rational_form
 
@@ -28,8 +29,6 @@ def resolve_spec(variant: str, *, factors: int | None = None) -> str:
     >>> resolve_spec("power:p=4")
     'power:p=4'
     """
-    from hla_analysis.variants import make_variant
-
     if factors is not None and (isinstance(factors, bool) or not isinstance(factors, int) or factors < 1):
         raise ValueError(f"--factors / factors must be an integer M >= 1, got {factors!r}.")
     if not isinstance(variant, str) or not variant.strip():
@@ -44,10 +43,10 @@ def resolve_spec(variant: str, *, factors: int | None = None) -> str:
         }[name]
         if name in ("softmax", "linear") and factors not in (None, 1):
             raise ValueError(f"{name} has no factor count (it is M = 1); use 'hla' with --factors {factors}.")
-        return make_variant(spec).spec
-    var = make_variant(variant)
+        return normalize_spec(spec).spec
+    var = normalize_spec(variant)
     if factors is not None and factors != var.factors:
-        key = {"hla": "m", "power": "p"}.get(var.kind)
+        key = {"hla": "m", "power": "p"}.get(var.family)
         if key is None:
             raise ValueError(f"{var.spec!r} has a fixed factor count; drop --factors {factors}.")
         if key in var.options:
@@ -56,7 +55,7 @@ def resolve_spec(variant: str, *, factors: int | None = None) -> str:
                 "pass only one."
             )
         sep = "," if ":" in var.spec else ":"
-        return make_variant(f"{var.spec}{sep}{key}={factors}").spec
+        return normalize_spec(f"{var.spec}{sep}{key}={factors}").spec
     return var.spec
 
 
@@ -87,16 +86,11 @@ def derive(variant: str, *, factors: int | None = None) -> RationalForm:
     >>> derive("softmax").rational
     False
     """
-    from hla_analysis.variants import make_variant
-
-    var = make_variant(resolve_spec(variant, factors=factors))
+    var = normalize_spec(resolve_spec(variant, factors=factors))
     if var.phi is not None and var.phi not in SYMBOLIC_FEATURE_MAPS:
         raise ValueError(f"feature map {var.phi!r} has no symbolic version; known: {sorted(SYMBOLIC_FEATURE_MAPS)}.")
-    options = dict(var.options)
-    if var.phi == "affine":
-        # The registry's HLA scales the affine similarity by c = M unless c is given.
-        options.setdefault("c", var.factors if var.kind == "hla" else 1)
+    # map_options: the registry's HLA scales the affine similarity by c = M unless c is given
     return derive_rational_form(
-        var.kind, factors=var.factors, phi=var.phi if var.kind != "power" else "identity",
-        tied=bool(var.tied) or var.kind == "linear", options=options, variant=var.spec,
+        var.family, factors=var.factors, phi=var.phi if var.family != "power" else "identity",
+        tied=var.tied or var.family == "linear", options=var.map_options, variant=var.spec,
     )

@@ -56,76 +56,110 @@ def _contract(state, qs, i, dv):
     return [cur[(e,)] for e in range(dv)], cur[(None,)]
 
 
-def efficient(form: str, qs, ks, v, causal: bool, chunk: int = 2):
-    """Numerators and denominators of one efficient form (see :data:`FORMS`)."""
-    n, dv = v.shape
+def _rows(contracted, n: int, dv: int):
+    """Stack per-query ``(row, denominator)`` pairs into ``num [N, dv]`` and ``den [N]``."""
     num = sp.zeros(n, dv)
     den = [0] * n
-    if form == "contract":
-        if causal:
-            raise ValueError("the contract form is non-causal; use recurrent or chunked for causal=True.")
-        state = _key_state(ks, v, range(n))
-        for i in range(n):
-            row, den[i] = _contract(state, qs, i, dv)
-            num[i, :] = sp.Matrix([row])
-    elif form == "recurrent":
-        state = {key: 0 for key in _key_state(ks, v, [])}
-        pending = list(range(n))
-        if not causal:
-            state = _key_state(ks, v, range(n))
-        for i in pending:
-            if causal:  # prefix sum: add token i's outer product, then read
-                step = _key_state(ks, v, [i])
-                state = {key: state[key] + step[key] for key in state}
-            row, den[i] = _contract(state, qs, i, dv)
-            num[i, :] = sp.Matrix([row])
-    elif form == "chunked":
-        carried = {key: 0 for key in _key_state(ks, v, [])}
-        for start in range(0, n, chunk):
-            block = range(start, min(start + chunk, n))
-            inter = carried if causal else _key_state(ks, v, [j for j in range(n) if j not in block])
-            for i in block:
-                row, d = _contract(inter, qs, i, dv)
-                # inside the chunk: quadratic, masked
-                for j in block:
-                    if causal and j > i:
-                        continue
-                    w = prod(sum(q[i, c] * k[j, c] for c in range(q.shape[1])) for q, k in zip(qs, ks))
-                    row = [row[e] + w * v[j, e] for e in range(dv)]
-                    d += w
-                num[i, :] = sp.Matrix([row])
-                den[i] = d
-            step = _key_state(ks, v, list(block))
-            carried = {key: carried[key] + step[key] for key in carried}
-    elif form == "value_modulation":
-        # (S_1 o ... o S_M) V = sum_r diag(Q_M[:, r]) (S_1 o ... o S_{M-1}) diag(K_M[:, r]) V
-        inner = [q * k.T for q, k in zip(qs[:-1], ks[:-1])]
-        a = sp.Matrix(n, n, lambda i, j: 0 if causal and j > i else prod(s[i, j] for s in inner))
-        ones = sp.ones(n, 1)
-        for rr in range(qs[-1].shape[1]):
-            dq, dk = sp.diag(*qs[-1][:, rr]), sp.diag(*ks[-1][:, rr])
-            num += dq * a * dk * v
-            dsum = dq * a * dk * ones
-            den = [den[i] + dsum[i] for i in range(n)]
-    elif form == "tied":
-        # symmetric-power state: (q.k)^M = sum_{|alpha|=M} M!/alpha! q^alpha k^alpha
-        factors, r = len(qs), qs[0].shape[1]
-        q, k = qs[0], ks[0]
-        for i in range(n):
-            keys = range(i + 1) if causal else range(n)
-            row, d = [0] * dv, 0
-            for combo in itertools.combinations_with_replacement(range(r), factors):
-                alpha = [combo.count(c) for c in range(r)]
-                coef = sp.Integer(factorial(factors)) / prod(factorial(a) for a in alpha)
-                qa = prod(q[i, c] ** a for c, a in enumerate(alpha))
-                kas = {j: prod(k[j, c] ** a for c, a in enumerate(alpha)) for j in keys}
-                row = [row[e] + coef * qa * sum(kas[j] * v[j, e] for j in keys) for e in range(dv)]
-                d += coef * qa * sum(kas.values())
-            num[i, :] = sp.Matrix([row])
-            den[i] = d
-    else:
-        raise ValueError(f"unknown form {form!r}; choose one of {FORMS}.")
+    for i, (row, d) in enumerate(contracted):
+        num[i, :] = sp.Matrix([row])
+        den[i] = d
     return num, den
+
+
+def _form_contract(qs, ks, v, causal, chunk):
+    if causal:
+        raise ValueError("the contract form is non-causal; use recurrent or chunked for causal=True.")
+    n, dv = v.shape
+    state = _key_state(ks, v, range(n))
+    return _rows((_contract(state, qs, i, dv) for i in range(n)), n, dv)
+
+
+def _prefix_states(ks, v, n: int):
+    """The state after each token: a prefix sum of per-token outer products."""
+    state = {key: 0 for key in _key_state(ks, v, [])}
+    for i in range(n):
+        step = _key_state(ks, v, [i])
+        state = {key: state[key] + step[key] for key in state}
+        yield state
+
+
+def _form_recurrent(qs, ks, v, causal, chunk):
+    n, dv = v.shape
+    states = _prefix_states(ks, v, n) if causal else itertools.repeat(_key_state(ks, v, range(n)), n)
+    return _rows((_contract(state, qs, i, dv) for i, state in zip(range(n), states)), n, dv)
+
+
+def _intra_chunk(qs, ks, v, i, block, causal, row, d):
+    """Add the quadratic (masked) contributions of the keys inside query ``i``'s chunk."""
+    for j in (j for j in block if not (causal and j > i)):
+        w = prod(sum(q[i, c] * k[j, c] for c in range(q.shape[1])) for q, k in zip(qs, ks))
+        row = [row[e] + w * v[j, e] for e in range(v.shape[1])]
+        d += w
+    return row, d
+
+
+def _form_chunked(qs, ks, v, causal, chunk):
+    n, dv = v.shape
+    out = []
+    carried = {key: 0 for key in _key_state(ks, v, [])}
+    for start in range(0, n, chunk):
+        block = range(start, min(start + chunk, n))
+        inter = carried if causal else _key_state(ks, v, [j for j in range(n) if j not in block])
+        out += [_intra_chunk(qs, ks, v, i, block, causal, *_contract(inter, qs, i, dv)) for i in block]
+        step = _key_state(ks, v, list(block))
+        carried = {key: carried[key] + step[key] for key in carried}
+    return _rows(out, n, dv)
+
+
+def _form_value_modulation(qs, ks, v, causal, chunk):
+    # (S_1 o ... o S_M) V = sum_r diag(Q_M[:, r]) (S_1 o ... o S_{M-1}) diag(K_M[:, r]) V
+    n, dv = v.shape
+    inner = [q * k.T for q, k in zip(qs[:-1], ks[:-1])]
+    a = sp.Matrix(n, n, lambda i, j: 0 if causal and j > i else prod(s[i, j] for s in inner))
+    num, den = sp.zeros(n, dv), [0] * n
+    for rr in range(qs[-1].shape[1]):
+        dq, dk = sp.diag(*qs[-1][:, rr]), sp.diag(*ks[-1][:, rr])
+        num += dq * a * dk * v
+        dsum = dq * a * dk * sp.ones(n, 1)
+        den = [den[i] + dsum[i] for i in range(n)]
+    return num, den
+
+
+def _multi_indices(factors: int, r: int):
+    """``(alpha, M!/alpha!)`` for every multi-index of total degree M over r features."""
+    for combo in itertools.combinations_with_replacement(range(r), factors):
+        alpha = [combo.count(c) for c in range(r)]
+        yield alpha, sp.Integer(factorial(factors)) / prod(factorial(a) for a in alpha)
+
+
+def _tied_row(q, k, v, i, keys, factors):
+    row, d = [0] * v.shape[1], 0
+    for alpha, coef in _multi_indices(factors, q.shape[1]):
+        qa = coef * prod(q[i, c] ** a for c, a in enumerate(alpha))
+        kas = {j: prod(k[j, c] ** a for c, a in enumerate(alpha)) for j in keys}
+        row = [row[e] + qa * sum(kas[j] * v[j, e] for j in keys) for e in range(v.shape[1])]
+        d += qa * sum(kas.values())
+    return row, d
+
+
+def _form_tied(qs, ks, v, causal, chunk):
+    # symmetric-power state: (q.k)^M = sum_{|alpha|=M} M!/alpha! q^alpha k^alpha
+    n, dv = v.shape
+    rows = (_tied_row(qs[0], ks[0], v, i, range(i + 1) if causal else range(n), len(qs)) for i in range(n))
+    return _rows(rows, n, dv)
+
+
+_FORMS = {
+    "contract": _form_contract, "recurrent": _form_recurrent, "chunked": _form_chunked,
+    "value_modulation": _form_value_modulation, "tied": _form_tied,
+}
+
+
+def efficient(form: str, qs, ks, v, causal: bool, chunk: int = 2):
+    """Numerators and denominators of one efficient form (see :data:`FORMS`)."""
+    if form not in _FORMS:
+        raise ValueError(f"unknown form {form!r}; choose one of {FORMS}.")
+    return _FORMS[form](qs, ks, v, causal, chunk)
 
 
 @lru_cache(maxsize=64)

@@ -1,9 +1,10 @@
 """Feature maps written in SymPy, so that factor similarities can be derived, not assumed.
 
 Each map takes a list of SymPy expressions (one head vector, already multiplied by
-``sqrt(scale)`` as the variants do) and returns the list of its features. They mirror the
-PyTorch maps in :mod:`hla_analysis.feature_maps`; ``tests/test_symbolic_rational.py``
-checks the two agree numerically on random inputs.
+``sqrt(scale)`` as the variants do) and returns the list of its features. Which maps exist
+and which options they take comes from :mod:`hla_analysis.registry`; each entry names its
+function here and its class in :mod:`hla_analysis.feature_maps`, and
+``tests/test_feature_maps.py`` checks the two agree numerically, map by map.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from collections.abc import Callable, Sequence
 from itertools import combinations_with_replacement
 
 import sympy as sp
+
+from hla_analysis.registry import FEATURE_MAP_REGISTRY
 
 Vector = list[sp.Expr]
 
@@ -83,17 +86,9 @@ def _favor(x: Sequence[sp.Expr], *, features: int = 2, **_) -> Vector:
     return out
 
 
+#: The SymPy form of every registered map, in the registry's order.
 SYMBOLIC_FEATURE_MAPS: dict[str, Callable[..., Vector]] = {
-    "affine": _affine,
-    "identity": _identity,
-    "relu": _relu,
-    "elu1": _elu1,
-    "exp": _exp,
-    "taylor": _taylor,
-    "favor": _favor,
-    "cosformer": _cosformer,
-    "hedgehog": _hedgehog,
-    "rebased": _rebased,
+    name: globals()[entry.sympy] for name, entry in FEATURE_MAP_REGISTRY.items()
 }
 
 

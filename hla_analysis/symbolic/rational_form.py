@@ -129,8 +129,8 @@ def _map_options(phi: str | None, options: dict | None, tag: str, key: str) -> t
         q_opts["c"] = k_opts["c"] = options.get("c", 1)
     elif phi == "favor":
         # Two symbolic random directions already show whether exp terms survive; the
-        # registry's m (often 64+) would only make the expression longer.
-        q_opts["features"] = k_opts["features"] = min(int(options.get("m", 2)), 2)
+        # registry's feature count (often 64+) would only make the expression longer.
+        q_opts["features"] = k_opts["features"] = min(int(options.get("features", 2)), 2)
     elif phi == "cosformer":
         q_opts["angle"] = sp.Symbol(f"theta_q{tag}", real=True)
         k_opts["angle"] = sp.Symbol(f"theta_{key}{tag}", real=True)
@@ -143,7 +143,7 @@ def factor_similarity(
     """The factor similarity ``phi(t q) . phi(k)`` for symbolic ``q``, ``k`` of ``width``.
 
     ``phi=None`` means softmax's kernel ``exp(t q.k)``. ``options`` are the map options
-    (``c`` for affine, ``m`` for favor).
+    (``c`` for affine, ``features`` for favor).
 
     Returns
     -------
@@ -257,7 +257,7 @@ def derive_rational_form(
     n_keys : int
         Number of keys in the row (3 is generic enough; >= 2).
     options : dict, optional
-        Feature-map options as in the registry (``c`` for affine, ``m`` for favor).
+        Feature-map options as in the registry (``c`` for affine, ``features`` for favor).
     variant : str, optional
         Label stored in the result (default: built from the other arguments).
     max_degree : int
@@ -282,86 +282,22 @@ def derive_rational_form(
     >>> derive_rational_form("softmax").rational
     False
     """
-    if kind not in _KINDS:
-        raise ValueError(f"unknown variant kind {kind!r}; expected one of {_KINDS}.")
-    if kind == "softmax":
-        factors, phi = 1, None
-    elif kind == "power":
-        phi = phi or "identity"
-    if factors is None:
-        factors = 1
-    if isinstance(factors, bool) or not isinstance(factors, int) or factors < 1:
-        raise ValueError(f"the number of factors M must be an integer >= 1, got {factors!r}.")
-    if kind == "linear" and factors != 1:
-        raise ValueError(f"kernel linear attention has exactly one factor, got factors={factors}; use kind='hla'.")
-    if n_keys < 2:
-        raise ValueError(f"n_keys must be >= 2 (one key normalises to 1), got {n_keys}.")
-    if kind != "softmax" and phi is None:
-        raise ValueError(f"kind {kind!r} needs a feature map phi (e.g. 'affine').")
+    factors, phi = _checked_arguments(kind, factors, phi, n_keys)
     label = variant or (kind if kind == "softmax" else f"{kind}:m={factors},phi={phi}")
-
     kappa = score_kernel(phi, options=options)
     if kappa is not None:
-        expr = kappa.expr
-        u = kappa.variables[0]
-        per_factor = sp.Poly(expr, u).degree() if expr.is_polynomial(u) else 1
-        if factors * per_factor > max_degree:
-            raise ValueError(
-                f"{label}: degree {factors * per_factor} in t is too large to expand quickly; use "
-                f"M <= {max_degree // max(per_factor, 1)} symbolically (max_degree={max_degree}), or "
-                "measure it numerically with `hla-analysis degree`."
-            )
-        if not tied and factors > MAX_UNTIED_FACTORS:
-            raise ValueError(
-                f"{label}: {factors} untied factors are too many to expand quickly; use "
-                f"M <= {MAX_UNTIED_FACTORS} symbolically, or measure it numerically with `hla-analysis degree`."
-            )
-        n_sym = 1 if tied else factors
-        s = [[sp.Symbol(f"s_{l}" if tied else f"s{m + 1}_{l}", real=True) for m in range(n_sym)]
-             for l in range(1, n_keys + 1)]
-        terms = [sp.Mul(*[kappa(t * s[l][m if not tied else 0]) for m in range(factors)])
-                 for l in range(n_keys)]
-        sim = kappa(t * sp.Symbol("s", real=True))
+        terms, sim = _kernel_terms(kappa, factors=factors, tied=tied, n_keys=n_keys, label=label,
+                                   max_degree=max_degree)
     else:
-        if factors > MAX_COMPONENT_FACTORS:
-            raise ValueError(
-                f"{label}: feature map {phi!r} is not a dot-product kernel, so it is expanded in "
-                f"components; use M <= {MAX_COMPONENT_FACTORS} symbolically, or measure it "
-                "numerically with `hla-analysis degree`."
-            )
-        n_sym = 1 if tied else factors
-        sims = []
-        for m in range(n_sym):
-            tag = "" if tied else str(m + 1)
-            row = [factor_similarity(phi, options=options, tag=tag, key=f"k{l}")[0]
-                   for l in range(1, n_keys + 1)]
-            sims.append(row)
-        terms = [sp.Mul(*[sims[0 if tied else m][l] for m in range(factors)]) for l in range(n_keys)]
-        sim = factor_similarity(phi, options=options)[0]
-
+        terms, sim = _component_terms(phi, options, factors=factors, tied=tied, n_keys=n_keys, label=label)
     numer0, denom0 = terms[0], sp.Add(*terms)
     weight = numer0 / denom0
     formal = numer0.is_polynomial(t) and denom0.is_polynomial(t)
-    specialised = False
     if formal:
         num, den = _cancel_product(numer0, denom0)
-        rational = True
+        rational, specialised = True, False
     else:
-        # Non-polynomial similarities (exp, softmax, sqrt features): a symbolic cancel over
-        # all parameters is slow, and rationality in t is a generic property, so decide it
-        # at a random parameter point (reported in the note).
-        point = sp.expand(_at_random_point(weight), power_exp=True, mul=False, multinomial=False)
-        # exp atoms become symbols: constants get random positive values, exp(a t) a fresh
-        # generator E_i; the weight is rational in t iff no E_i survives the cancellation.
-        gens, values = {}, {}
-        for i, atom in enumerate(sorted(point.atoms(sp.exp), key=str)):
-            if atom.has(t):
-                gens[atom] = sp.Symbol(f"E_{i}", positive=True)
-            else:
-                values[atom] = sp.Rational(i + 2, 3)
-        reduced = sp.cancel(point.xreplace(values).xreplace(gens))
-        rational = not reduced.has(*gens.values()) and bool(reduced.is_rational_function(t))
-        num, den = sp.fraction(reduced) if rational else (None, None)
+        rational, num, den = _rational_at_random_point(weight)
         specialised = True
     nd, dd = (_degree(num), _degree(den)) if rational else (None, None)
     if rational and nd == 0 and dd == 0:
@@ -381,3 +317,82 @@ def derive_rational_form(
         formal_denominator_degree=_degree(denom0) if formal else None,
         note=note,
     )
+
+
+def _checked_arguments(kind: str, factors, phi, n_keys: int) -> tuple[int, str | None]:
+    if kind not in _KINDS:
+        raise ValueError(f"unknown variant kind {kind!r}; expected one of {_KINDS}.")
+    if kind == "softmax":
+        factors, phi = 1, None
+    elif kind == "power":
+        phi = phi or "identity"
+    if factors is None:
+        factors = 1
+    if isinstance(factors, bool) or not isinstance(factors, int) or factors < 1:
+        raise ValueError(f"the number of factors M must be an integer >= 1, got {factors!r}.")
+    if kind == "linear" and factors != 1:
+        raise ValueError(f"kernel linear attention has exactly one factor, got factors={factors}; use kind='hla'.")
+    if n_keys < 2:
+        raise ValueError(f"n_keys must be >= 2 (one key normalises to 1), got {n_keys}.")
+    if kind != "softmax" and phi is None:
+        raise ValueError(f"kind {kind!r} needs a feature map phi (e.g. 'affine').")
+    return factors, phi
+
+
+def _kernel_terms(kappa: sp.Lambda, *, factors: int, tied: bool, n_keys: int, label: str, max_degree: int):
+    """Kernel path: the similarity is ``kappa(t s)``, so each key's term is written in score symbols."""
+    expr = kappa.expr
+    u = kappa.variables[0]
+    per_factor = sp.Poly(expr, u).degree() if expr.is_polynomial(u) else 1
+    if factors * per_factor > max_degree:
+        raise ValueError(
+            f"{label}: degree {factors * per_factor} in t is too large to expand quickly; use "
+            f"M <= {max_degree // max(per_factor, 1)} symbolically (max_degree={max_degree}), or "
+            "measure it numerically with `hla-analysis degree`."
+        )
+    if not tied and factors > MAX_UNTIED_FACTORS:
+        raise ValueError(
+            f"{label}: {factors} untied factors are too many to expand quickly; use "
+            f"M <= {MAX_UNTIED_FACTORS} symbolically, or measure it numerically with `hla-analysis degree`."
+        )
+    n_sym = 1 if tied else factors
+    s = [[sp.Symbol(f"s_{l}" if tied else f"s{m + 1}_{l}", real=True) for m in range(n_sym)]
+         for l in range(1, n_keys + 1)]
+    terms = [sp.Mul(*[kappa(t * s[l][m if not tied else 0]) for m in range(factors)]) for l in range(n_keys)]
+    return terms, kappa(t * sp.Symbol("s", real=True))
+
+
+def _component_terms(phi: str, options, *, factors: int, tied: bool, n_keys: int, label: str):
+    """Component path: maps that are no dot-product kernel are expanded feature by feature."""
+    if factors > MAX_COMPONENT_FACTORS:
+        raise ValueError(
+            f"{label}: feature map {phi!r} is not a dot-product kernel, so it is expanded in "
+            f"components; use M <= {MAX_COMPONENT_FACTORS} symbolically, or measure it "
+            "numerically with `hla-analysis degree`."
+        )
+    n_sym = 1 if tied else factors
+    sims = [[factor_similarity(phi, options=options, tag="" if tied else str(m + 1), key=f"k{l}")[0]
+             for l in range(1, n_keys + 1)] for m in range(n_sym)]
+    terms = [sp.Mul(*[sims[0 if tied else m][l] for m in range(factors)]) for l in range(n_keys)]
+    return terms, factor_similarity(phi, options=options)[0]
+
+
+def _rational_at_random_point(weight: sp.Expr):
+    """``(rational, num, den)`` of a weight with non-polynomial similarities (exp, sqrt features).
+
+    A symbolic cancel over all parameters is slow, and rationality in t is a generic
+    property, so it is decided at a random parameter point (reported in the note).
+    """
+    point = sp.expand(_at_random_point(weight), power_exp=True, mul=False, multinomial=False)
+    # exp atoms become symbols: constants get random positive values, exp(a t) a fresh
+    # generator E_i; the weight is rational in t iff no E_i survives the cancellation.
+    gens, values = {}, {}
+    for i, atom in enumerate(sorted(point.atoms(sp.exp), key=str)):
+        if atom.has(t):
+            gens[atom] = sp.Symbol(f"E_{i}", positive=True)
+        else:
+            values[atom] = sp.Rational(i + 2, 3)
+    reduced = sp.cancel(point.xreplace(values).xreplace(gens))
+    rational = not reduced.has(*gens.values()) and bool(reduced.is_rational_function(t))
+    num, den = sp.fraction(reduced) if rational else (None, None)
+    return rational, num, den
