@@ -223,18 +223,19 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None):
+def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, normalize: bool = True):
+    """``(o, den)``: ``o = num / den`` in ``v.dtype``, or with ``normalize=False`` ``num`` in fp32."""
     bh, n, r1 = q1.shape
     r2 = 1 if q2 is None else q2.shape[-1]
     dv = v.shape[-1]
-    o = torch.empty_like(v)
+    o = torch.empty_like(v) if normalize else torch.empty(v.shape, device=v.device, dtype=torch.float32)
     den = torch.empty((bh, n), device=v.device, dtype=torch.float32)
     bm = cfg["APPLY_BLOCK_M"]
     kernels.apply_kernel[(math.ceil(n / bm), bh)](
         q1, q1 if q2 is None else q2, k1, k1 if k2 is None else k2, v, s, z, o, den, q1 if q1t is None else q1t, n,
         R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["APPLY_BLOCK_C"], r1, r2),
         HAS_F2=q2 is not None, CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],
-        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
+        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, NORMALIZE=normalize, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
     return o, den
 
 

@@ -297,8 +297,10 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
                  R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
                  CAUSAL: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr,
-                 PER_A: tl.constexpr):
+                 PER_A: tl.constexpr, NORMALIZE: tl.constexpr):
     """``PER_A`` (non-causal only): Khatri-Rao columns one ``a`` at a time, ``q1t = q1^T``.
+    ``NORMALIZE``: store ``num / den``, else the numerator itself (the parts of a split width,
+    :mod:`.split`, are summed before one division).
     With the intra-chunk loop after it, Triton 3.6 produced NaNs on an H200 (not under the
     interpreter), so the launcher never combines ``PER_A`` with ``CAUSAL``."""
     tl.static_assert(not (PER_A and CAUSAL), "PER_A apply is non-causal only")
@@ -362,7 +364,10 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
             vv = tl.load(v_ptr + cols[:, None] * DV + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             acc = tl.dot(sim.to(vv.dtype), vv, acc, input_precision=PRECISION)
 
-    out = acc / tl.where(row_ok, den, 1.0)[:, None]  # rows past N: no 0/0
+    if NORMALIZE:
+        out = acc / tl.where(row_ok, den, 1.0)[:, None]  # rows past N: no 0/0
+    else:
+        out = acc
     o_ptr += bh * N * DV
     tl.store(o_ptr + rows[:, None] * DV + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(den_ptr + bh * N + rows, den, mask=row_ok)
