@@ -116,7 +116,7 @@ def factors_tied(qs, ks) -> bool:
 
 
 def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=False, chunk_size=None, config=None,
-               tied=None):
+               tied=None, _validated=False):
     """HLA output with the fused Triton kernels (differentiable).
 
     Parameters
@@ -168,7 +168,8 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     True
     """
     qs, ks = list(qs), list(ks)
-    if not supports(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask):
+    # _validated: hla() has already asked supports() for these inputs (host time per call)
+    if not _validated and not supports(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask):
         raise ValueError(
             f"hla_triton does not support these inputs (M={len(qs)}, widths {[q.shape[-1] for q in qs]}, "
             f"dv={v.shape[-1]}, dtype {v.dtype}, device {v.device}): it needs M in {{1, 2}}, widths in "
@@ -203,8 +204,11 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     n = v.shape[-2]
 
     def flat(t):
-        t = t.to(work).expand(*lead, *t.shape[-2:])
-        return t.reshape(-1, n, t.shape[-1]).contiguous()
+        t = t.to(work)
+        if t.shape[:-2] != lead:
+            t = t.expand(*lead, *t.shape[-2:])
+        t = t.reshape(-1, n, t.shape[-1])
+        return t if t.is_contiguous() else t.contiguous()
 
     q1, k1 = flat(qs[0]), flat(ks[0])
     q2, k2 = (flat(qs[1]), flat(ks[1])) if len(qs) == 2 else (None, None)

@@ -59,6 +59,11 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
         STATE_WARPS=8, APPLY_WARPS=8, GRAD_WARPS=8, STAGES=3,
         PER_A=False, STATE_BA=2, STATE_TRANS=0,
     )
+    if causal and r1 * r2 >= 128 * 128:
+        # r = 128 causal: the tile kernels' default blocks asked for 278 KB of shared memory
+        # (OutOfResources on an H200, 227 KB per block); half the row and key blocks and two
+        # stages fit (issue 10, item 3)
+        cfg.update(APPLY_BLOCK_M=64, BLOCK_N=32, GRAD_BLOCK_M=64, GRAD_BLOCK_C=64, STATE_BLOCK_C=64, STAGES=2)
     if not causal and not tied and r2 >= 32:
         # column kernels (benchmarks/gpu/tune_hla.py, H200, r = 64, N = 32760): four columns per
         # state program (two at r2 = 128, or the accumulators spill), values as the shared operand

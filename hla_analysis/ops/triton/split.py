@@ -30,8 +30,8 @@ import torch
 import torch.nn.functional as F
 
 from hla_analysis.ops.triton.autograd import (
-    compute_states,
     apply_states,
+    compute_states,
     default_config,
     factor_grads,
     transposed,
@@ -153,7 +153,7 @@ class PartFunction(torch.autograd.Function):
                                    causal=causal, query_side=True, cfg=cfg, x1t=q1t)
         dk1, dk2, dv = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
                                     causal=causal, query_side=False, cfg=cfg, x1t=k1t)
-        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        cast = lambda t, like: None if t is None else t.to(like.dtype)
         return cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1), cast(dv, v), None, None
 
 
