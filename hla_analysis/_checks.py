@@ -220,6 +220,9 @@ def check_scale(scale, dim: int) -> float:
 
 def broadcast_leading(named: dict[str, Tensor]) -> torch.Size:
     """The broadcast of all leading (batch/head) dims, with an error naming the culprits."""
+    shapes = {t.shape[:-2] for t in named.values()}
+    if len(shapes) == 1:  # the common case; torch.broadcast_shapes costs ~60 us of host time
+        return shapes.pop()
     try:
         return torch.broadcast_shapes(*(t.shape[:-2] for t in named.values()))
     except RuntimeError:
@@ -440,6 +443,28 @@ def check_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | N
         if bool(normalizers_flag(den, allow_signed=allow_signed)):  # one device sync
             return
     _diagnose_normalizers(den, allow_signed=allow_signed, valid_rows=valid_rows)
+
+
+def check_normalizers_and_output(chk: Tensor, den: Tensor, out: Tensor, *, allow_signed: bool) -> None:
+    """:func:`check_normalizers` and :func:`check_output` from one vector a kernel produced.
+
+    ``chk`` (``[..., R]``) is ``den`` where the output row is finite and NaN elsewhere, so one
+    ``aminmax`` covers both checks; the detailed diagnoses read ``den`` and ``out``.
+    """
+    batch, skip = _active_or_none()
+    if skip or not chk.numel():
+        return
+
+    def diagnose():
+        _diagnose_normalizers(den, allow_signed=allow_signed)
+        _diagnose_output(out, den[..., None], allow_signed=allow_signed, what="output")
+
+    if batch is None:
+        lo, hi = torch.stack(torch.aminmax(chk.detach())).tolist()
+        if not _normalizers_ok(allow_signed)(lo, hi):
+            diagnose()
+        return
+    batch.add_values(torch.aminmax(chk.detach()), _normalizers_ok(allow_signed), diagnose)
 
 
 def _diagnose_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | None = None) -> None:

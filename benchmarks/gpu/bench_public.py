@@ -177,7 +177,19 @@ def run_row(meta, forward, leaves, *, n, causal, rows, out_path, skip_bwd=False)
         torch.cuda.empty_cache()
 
 
-def overhead_rows(out_path, rows, ns=(8192, 32760)):
+def host_ms(fn, reps=10):
+    """Median host milliseconds of one call started on an idle GPU (checks off: launch time only)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def overhead_rows(out_path, rows, ns=NS):
     """Checks on / off / bare kernels, back-to-back forward calls (no_grad), same inputs."""
     from hla_analysis.ops import hla, linear_attention
     from hla_analysis.ops.triton import hla_triton
@@ -214,7 +226,10 @@ def _overhead_at(n, hla, linear_attention, hla_triton, make_variant, out_path, r
                     off = per_call_ms(call)
                 kernels = per_call_ms(bare_call) if bare_call else None
                 on2 = per_call_ms(call)  # the same timing again: spread between repeats
-            row = dict(call=name, n=n, checks_on_ms=on, checks_on_repeat_ms=on2, checks_off_ms=off,
+                host_on = host_ms(call)
+                with checks_disabled():
+                    host_off = host_ms(call)
+            row = dict(call=name, n=n, checks_on_ms=on, checks_on_repeat_ms=on2, checks_off_ms=off, host_on_ms=host_on, host_off_ms=host_off,
                        bare_kernels_ms=kernels, overhead_vs_off=min(on, on2) / off - 1,
                        overhead_vs_bare=None if kernels is None else min(on, on2) / kernels - 1)
             out.append(row)

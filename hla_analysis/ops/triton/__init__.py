@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from hla_analysis._checks import check_normalizers
+from hla_analysis._checks import check_normalizers, check_output
 from hla_analysis.ops.triton.autograd import HLAFunction, default_config
 from hla_analysis.ops.triton.autograd_tied import TiedHLAFunction, tied_config
 from hla_analysis.ops.triton import split
@@ -149,8 +149,9 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     Raises
     ------
     ValueError
-        Unsupported inputs (see :func:`supports`), or rows whose normaliser is zero or
-        negative, unless ``allow_signed``.
+        Unsupported inputs (see :func:`supports`), rows whose normaliser is zero or
+        negative (unless ``allow_signed``), or an output that overflowed to Inf/NaN. Inside a
+        :func:`hla_analysis._checks.check_batch` these checks join the batch's one sync.
 
     Examples
     --------
@@ -226,6 +227,7 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     if use_tied:
         cfg = tied_config(cfg, q1.shape[-1])
         out = TiedHLAFunction.apply(q1, k1, flat(v), bool(causal), bool(allow_signed), cfg)
+        check_output(out, allow_signed=allow_signed)  # the untied kernels check it on chip
     else:
         out = HLAFunction.apply(q1, q2, k1, k2, flat(v), bool(causal), bool(allow_signed), cfg)
     return out.reshape(*lead, n, v.shape[-1]).to(out_dtype)
@@ -254,5 +256,6 @@ def _split_call(qs, ks, v, *, causal, key_padding_mask, allow_signed, config):
     fq, fk = [flat(q) for q in qs], [flat(k) for k in ks]
     num, den = split.split_numden(fq, fk, flat(v).contiguous(), causal=causal, config=config)
     check_normalizers(den, allow_signed=allow_signed)
-    out = num / den[..., None]
-    return out.to(out_dtype).reshape(*lead, n, v.shape[-1])
+    out = (num / den[..., None]).to(out_dtype)
+    check_output(out, den[..., None], allow_signed=allow_signed)
+    return out.reshape(*lead, n, v.shape[-1])

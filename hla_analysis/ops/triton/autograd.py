@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from hla_analysis._checks import check_normalizers
+from hla_analysis._checks import _active_or_none, check_normalizers_and_output
 from hla_analysis.ops.triton import kernels
 
 
@@ -228,8 +228,11 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, normalize: bool = True):
-    """``(o, den)``: ``o = num / den`` in ``v.dtype``, or with ``normalize=False`` ``num`` in fp32."""
+def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, normalize: bool = True, chk=None):
+    """``(o, den)``: ``o = num / den`` in ``v.dtype``, or with ``normalize=False`` ``num`` in fp32.
+
+    ``chk`` (fp32 ``[BH, N]``, optional) is filled with ``den`` where the output row is finite,
+    NaN elsewhere (see :func:`.kernels.apply_kernel`)."""
     bh, n, r1 = q1.shape
     r2 = 1 if q2 is None else q2.shape[-1]
     dv = v.shape[-1]
@@ -237,10 +240,11 @@ def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, 
     den = torch.empty((bh, n), device=v.device, dtype=torch.float32)
     bm = cfg["APPLY_BLOCK_M"]
     kernels.apply_kernel[(math.ceil(n / bm), bh)](
-        q1, q1 if q2 is None else q2, k1, k1 if k2 is None else k2, v, s, z, o, den, q1 if q1t is None else q1t, n,
+        q1, q1 if q2 is None else q2, k1, k1 if k2 is None else k2, v, s, z, o, den, q1 if q1t is None else q1t,
+        den if chk is None else chk, n,
         R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["APPLY_BLOCK_C"], r1, r2),
         HAS_F2=q2 is not None, CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],
-        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, NORMALIZE=normalize, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
+        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, NORMALIZE=normalize, CHECK=chk is not None, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
     return o, den
 
 
@@ -276,8 +280,11 @@ class HLAFunction(torch.autograd.Function):
         k1t = transposed(k1, k2, cfg)
         s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
         q1t = transposed(q1, q2, cfg)  # launched while the state kernel runs
-        o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t)
-        check_normalizers(den, allow_signed=allow_signed)
+        batch, skip = _active_or_none()
+        chk = None if skip else torch.empty((v.shape[0], v.shape[1]), device=v.device, dtype=torch.float32)
+        o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t, chk=chk)
+        if chk is not None:  # normalisers and output in one reduction, read with the call's sync
+            check_normalizers_and_output(chk, den, o, allow_signed=allow_signed)
         ctx.save_for_backward(q1, q2, k1, k2, v, o, den, s, z, q1t, k1t)
         ctx.causal, ctx.cfg = causal, cfg
         return o

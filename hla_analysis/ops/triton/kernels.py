@@ -293,11 +293,11 @@ def _row_normaliser(f1, f2, z_ptr, R1: tl.constexpr, R2: tl.constexpr, HAS_F2: t
 
 
 @triton.jit
-def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den_ptr, q1t_ptr, N,
+def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den_ptr, q1t_ptr, chk_ptr, N,
                  R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
                  CAUSAL: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr,
-                 PER_A: tl.constexpr, NORMALIZE: tl.constexpr):
+                 PER_A: tl.constexpr, NORMALIZE: tl.constexpr, CHECK: tl.constexpr):
     """``PER_A`` (non-causal only): Khatri-Rao columns one ``a`` at a time, ``q1t = q1^T``.
     ``NORMALIZE``: store ``num / den``, else the numerator itself (the parts of a split width,
     :mod:`.split`, are summed before one division).
@@ -371,6 +371,10 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
     o_ptr += bh * N * DV
     tl.store(o_ptr + rows[:, None] * DV + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(den_ptr + bh * N + rows, den, mask=row_ok)
+    if CHECK:
+        # NaN fails the comparison, Inf fails it too: a row is fine iff all DV entries pass
+        fine = tl.sum((tl.abs(out) < float("inf")).to(tl.int32), 1) == DV
+        tl.store(chk_ptr + bh * N + rows, tl.where(fine, den, float("nan")), mask=row_ok)
 
 
 @triton.jit
