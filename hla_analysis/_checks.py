@@ -66,8 +66,19 @@ class CheckBatch:
         if not self.values:
             return
         device = self.values[0].device
-        read = torch.stack([v.reshape(()).to(device=device, dtype=torch.float32) for v in self.values]).tolist()
-        if all(pred(*read[a:b]) for a, b, pred in self.predicates):  # the one host sync, above
+        groups: dict[tuple, list[int]] = {}  # one stack per (dtype, device), one cast each
+        for i, v in enumerate(self.values):
+            groups.setdefault((v.dtype, v.device), []).append(i)
+        parts, order = [], []
+        for idx in groups.values():
+            stacked = torch.stack([self.values[i] for i in idx]) if len(idx) > 1 else self.values[idx[0]].reshape(1)
+            parts.append(stacked.to(device=device, dtype=torch.float32))
+            order.extend(idx)
+        flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the one host sync
+        read = [0.0] * len(flat)
+        for pos, i in enumerate(order):
+            read[i] = flat[pos]
+        if all(pred(*read[a:b]) for a, b, pred in self.predicates):
             return
         for diagnose in self.diagnoses:
             diagnose()
