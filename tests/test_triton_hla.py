@@ -397,8 +397,13 @@ def test_variants_fused_on_gpu(spec, d, causal):
     out = var.forward(*gpu, causal=causal, allow_signed=signed)
     assert quadratic_dispatch.last_dispatch.engine == "triton", quadratic_dispatch.last_dispatch
     grads = torch.autograd.grad(out, gpu, torch.ones_like(out))
-    ref_in = [t.detach().double().requires_grad_() for t in gpu]
-    var.double()
+    if "hedgehog" in spec:
+        # a learned softmax map: bf16 features differ from fp64 ones by more than the kernel's
+        # error (1.5e-1 seen on an H200), so the reference is the torch form on the same features
+        ref_in = [t.detach().requires_grad_() for t in gpu]
+    else:
+        ref_in = [t.detach().double().requires_grad_() for t in gpu]
+        var.double()
     ref = var.forward(*ref_in, causal=causal, backend="torch", allow_signed=signed)
     ref_grads = torch.autograd.grad(ref, ref_in, torch.ones_like(ref))
     # bf16 operands (eps 2^-8) summed over sign-indefinite terms: power:p=2 feeds raw q, k, so the
