@@ -23,7 +23,7 @@ import os
 import torch
 
 from hla_analysis._checks import check_normalizers, check_output
-from hla_analysis.ops.triton.autograd import HLAFunction, default_config
+from hla_analysis.ops.triton.autograd import HLAFunction, default_config, validate_config
 from hla_analysis.ops.triton.autograd_tied import TiedHLAFunction, tied_config
 from hla_analysis.ops.triton import split
 
@@ -187,6 +187,8 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
         raise ValueError("tied=True needs M = 2 with qs[0] equal to qs[1] and ks[0] equal to ks[1]; "
                          "leave tied=None to detect it.")
     if splitting:
+        if config:
+            validate_config(config, default_config(r1=16, r2=16, dv=16, causal=causal, dtype=v.dtype))
         return _split_call(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
                            allow_signed=allow_signed, config=config)
     if use_tied:
@@ -218,6 +220,7 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     if chunk_size is not None:
         cfg["CHUNK"] = int(chunk_size)
     if config:
+        validate_config(config, cfg)
         cfg.update(config)
     if causal and cfg["CHUNK"] % max(cfg["APPLY_BLOCK_M"], cfg["GRAD_BLOCK_M"], cfg["BLOCK_N"]) != 0:
         raise ValueError(

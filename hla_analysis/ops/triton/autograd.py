@@ -34,9 +34,9 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
     (token splits of the non-causal state; ``None`` = about two programs per SM),
     ``CAUSAL_STATE`` ("auto" | "sequential" | "parallel"), ``PER_A`` (column kernels, M = 2;
     the causal apply always uses tiles), ``STATE_BA`` (columns per state program: 1, 2 or 4),
-    ``STATE_TRANS`` (operand orientation of the column state kernel, 0-3, see
-    :func:`kernels._cols_step`), ``STATE_KERNEL`` ("cols" | "tiles": the state kernel when
-    ``PER_A``) and ``STATE_TILES_T`` (the tile state kernel accumulates ``S^T``).
+    ``STATE_TRANS`` (operand orientation of the column state kernel, 0 or 1, see
+    :func:`kernels._cols_step`) and ``STATE_KERNEL`` ("cols" | "tiles": the state kernel when
+    ``PER_A``). :func:`validate_config` refuses other keys and values.
     """
     if _interpreting():
         block_c = 16 if r2 == 1 else max(r2, 16)
@@ -70,6 +70,31 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
         cfg.update(PER_A=True, STATE_BA=4 if r2 <= 64 else 2, STATE_WARPS=8, STATE_TRANS=1,
                    APPLY_WARPS=4, GRAD_BLOCK_M=64, GRAD_WARPS=4)
     return cfg
+
+
+# keys a config may carry besides those default_config always sets
+_OPTIONAL_KEYS = {"CAUSAL_STATE": ("auto", "sequential", "parallel"), "STATE_KERNEL": ("cols", "tiles")}
+_CHOICES = {"STATE_TRANS": (0, 1), "STATE_BA": (1, 2, 4), "PER_A": (False, True)}
+
+
+def validate_config(config: dict, base: dict) -> None:
+    """Refuse unknown keys and out-of-range choices in a ``config`` override (one-line error).
+
+    >>> validate_config({"STATE_TRANS": 2}, {"STATE_TRANS": 0})
+    Traceback (most recent call last):
+    ...
+    ValueError: config STATE_TRANS=2 is not one of (0, 1).
+    """
+    known = set(base) | set(_OPTIONAL_KEYS)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown kernel config key(s) {unknown}; known keys: {sorted(known)}.")
+    for key, value in config.items():
+        choices = _CHOICES.get(key) or _OPTIONAL_KEYS.get(key)
+        if choices is not None and value not in choices:
+            raise ValueError(f"config {key}={value!r} is not one of {choices}.")
+        if choices is None and value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"config {key}={value!r} must be a positive int.")
 
 
 def _block_a(block_c: int, r1: int, r2: int) -> int:
@@ -153,8 +178,7 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None, initial=None
         if cols:
             kernels.state_cols_kernel[grid](f1t, f2, x, s, n, tps, BA=BLOCK_A, TRANS=int(cfg["STATE_TRANS"]), **kw)
         else:
-            kernels.state_kernel[grid](f1, f2, x, s, n, tps, BLOCK_A=BLOCK_A, HAS_F2=HAS_F2,
-                                       TRANS=bool(cfg.get("STATE_TILES_T", False)), **kw)
+            kernels.state_kernel[grid](f1, f2, x, s, n, tps, BLOCK_A=BLOCK_A, HAS_F2=HAS_F2, **kw)
 
     grid_a, grid_d = r1 // block_a, dv // block_dv
     f2_arg = f1 if f2 is None else f2
