@@ -417,3 +417,29 @@ def test_variants_fused_on_gpu(spec, d, causal):
     tol = 1e-1 if spec.startswith("power") else 3e-2
     for got, want in zip([out, *grads], [ref, *ref_grads]):
         assert float((got.detach().double() - want.detach()).norm() / want.detach().norm()) < tol
+
+
+def test_public_checks_on_the_kernel_path():
+    """hla(backend="triton") keeps every refusal: NaN input, overflowed output (plain and split
+    widths), signed features; the normaliser/output check comes from the kernel's vector."""
+    g = torch.Generator().manual_seed(40)
+    qs = [(torch.rand(1, 2, 20, 16, generator=g) + 0.1).to(DEVICE) for _ in range(4)]
+    v = torch.randn(1, 2, 20, 16, generator=g).to(DEVICE)
+    torch.testing.assert_close(hla(qs[:2], qs[2:], v, backend="triton"),
+                               hla(qs[:2], qs[2:], v, backend="torch"), atol=1e-5, rtol=1e-4)
+    huge = v.clone()
+    huge[..., 3, :] = 3e38
+    with pytest.raises(ValueError, match="overflowed to Inf/NaN although every input is finite"):
+        hla(qs[:2], qs[2:], huge, backend="triton")
+    wide = [torch.cat([q, q[..., :1]], -1) for q in qs]  # width 17: the split path
+    with pytest.raises(ValueError, match="overflowed to Inf/NaN although every input is finite"):
+        hla(wide[:2], wide[2:], huge, backend="triton")
+    nan = v.clone()
+    nan[0, 0, 5, 2] = float("nan")
+    with pytest.raises(ValueError, match="v contains 1 NaN/Inf"):
+        hla(qs[:2], qs[2:], nan, backend="triton")
+    signed = [q.clone() for q in qs]
+    signed[0][0, 1, 3, 3] = -5.0
+    with pytest.raises(ValueError, match="can give negative attention weights"):
+        hla(signed[:2], signed[2:], v, backend="triton")
+    assert torch.isfinite(hla(signed[:2], signed[2:], v, backend="triton", allow_signed=True)).all()
