@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 
 import pandas as pd
 
@@ -30,10 +31,10 @@ def ms(rows, method, spec, n, causal, mode, d=None):
 
 
 def fmt(x, ref=None):
-    if x != x:  # NaN
+    if math.isnan(x):
         return "n/a"
     text = f"{x:.2f} ms" if x < 100 else f"{x:.0f} ms"
-    if ref is not None and ref == ref:
+    if ref is not None and not math.isnan(ref):
         text += f" ({ref / x:.1f}x)"
     return text
 
@@ -95,9 +96,9 @@ def main(argv=None):
         print("|---|---|---|---|---|---|---|")
         for r in over.itertuples():
             on = min(r.checks_on_ms, r.checks_on_repeat_ms)
-            bare = "n/a" if r.bare_kernels_ms != r.bare_kernels_ms or r.bare_kernels_ms is None else f"{r.bare_kernels_ms:.3f} ms"
+            bare = "n/a" if r.bare_kernels_ms is None or math.isnan(r.bare_kernels_ms) else f"{r.bare_kernels_ms:.3f} ms"
             host = (f"{r.host_on_ms:.3f} / {r.host_off_ms:.3f} ms" if "host_on_ms" in over.columns
-                    and r.host_on_ms == r.host_on_ms else "n/a")
+                    and not math.isnan(r.host_on_ms) else "n/a")
             print(f"| {r.call} | {r.n:,} | {on:.3f} ms | {r.checks_off_ms:.3f} ms | {bare} | "
                   f"{on / r.checks_off_ms - 1:+.1%} | {host} |")
 
