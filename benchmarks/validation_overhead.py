@@ -6,6 +6,9 @@ inputs twice in one process: as users call them, and inside the internal switch
 The checks cost one host sync per call (issue 10, item 1; target <= 3% at N >= 8,192 on a
 GPU). CUDA-ready: on a GPU the default backend takes the Triton kernels and timings use
 ``torch.cuda.synchronize``. The JSON goes to ``benchmarks/results/validation_overhead_<device>.json``.
+Each timed call here ends with a sync, so the unchecked side cannot overlap calls either: this
+script measures the checks' own work. ``benchmarks/gpu/bench_public.py`` also measures the cost
+of the sync itself (back-to-back calls), which is what the GPU README section reports.
 
 Usage::
 

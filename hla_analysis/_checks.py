@@ -16,13 +16,22 @@ from torch import Tensor
 
 # -- one host sync per call --------------------------------------------------------------
 # The public operators check values (NaN/Inf, normalisers, outputs) through a CheckBatch:
-# each check adds a 0-d bool flag computed on the device, and the batch reads all flags
-# with a single .item() at the end. Only when a flag is down do the detailed checks run
-# (which input, how many rows), in the order they were added, so the first problem found
-# is the one reported. A flag may be down without a problem (a sum that overflowed); then
-# every detailed check passes and the result is returned.
+# each check adds one or two 0-d *values* computed on the device by a single reduction (a
+# sum, an amin, an aminmax) and a host-side predicate on them. The batch stacks the values
+# and reads them with a single .tolist() at the end; the predicates run on the host. Only
+# when a predicate fails do the detailed checks run (which input, how many rows), in the
+# order they were added, so the first problem found is the one reported. A value may fail
+# without a problem (a sum that overflowed); then every detailed check passes and the
+# result is returned. Disabled batches (checks_disabled) compute no values at all.
+#
+# Cost per call (issue 10, item 1): one reduction per checked tensor, one stack, one sync.
+# The bool-flag form it replaces spent three to five small device ops per check.
 
 _state = threading.local()
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 class CheckBatch:
@@ -30,21 +39,46 @@ class CheckBatch:
 
     def __init__(self, *, enabled: bool = True):
         self.enabled = enabled
-        self.flags: list[Tensor] = []
+        self.values: list[Tensor] = []
+        self.predicates: list[tuple[int, int, Callable[..., bool]]] = []
         self.diagnoses: list[Callable[[], None]] = []
 
     def add(self, flag: Tensor | None, diagnose: Callable[[], None]) -> None:
-        """``flag``: 0-d bool, True when fine (None: the problem shows in a later flag)."""
+        """``flag``: 0-d bool, True when fine (None: the problem shows in a later value)."""
         if not self.enabled:
             return
-        if flag is not None:
-            self.flags.append(flag.reshape(()).to(device=self.flags[0].device if self.flags else flag.device))
+        if flag is None:
+            self.diagnoses.append(diagnose)
+            return
+        self.add_values((flag,), lambda ok: ok != 0, diagnose)
+
+    def add_values(self, values: Sequence[Tensor], predicate: Callable[..., bool],
+                   diagnose: Callable[[], None]) -> None:
+        """0-d device ``values`` and a host ``predicate(*floats)`` that is True when fine."""
+        if not self.enabled:
+            return
+        start = len(self.values)
+        self.values.extend(values)
+        self.predicates.append((start, len(self.values), predicate))
         self.diagnoses.append(diagnose)
 
     def resolve(self) -> None:
-        if not self.flags:
+        if not self.values:
             return
-        if bool(torch.stack(self.flags).all()):  # the one host sync
+        device = self.values[0].device
+        groups: dict[tuple, list[int]] = {}  # one stack per (dtype, device), one cast each
+        for i, v in enumerate(self.values):
+            groups.setdefault((v.dtype, v.device), []).append(i)
+        parts, order = [], []
+        for idx in groups.values():
+            stacked = torch.stack([self.values[i] for i in idx]) if len(idx) > 1 else self.values[idx[0]].reshape(1)
+            parts.append(stacked.to(device=device, dtype=torch.float32))
+            order.extend(idx)
+        flat = (parts[0] if len(parts) == 1 else torch.cat(parts)).tolist()  # the one host sync
+        read = [0.0] * len(flat)
+        for pos, i in enumerate(order):
+            read[i] = flat[pos]
+        if all(pred(*read[a:b]) for a, b, pred in self.predicates):
             return
         for diagnose in self.diagnoses:
             diagnose()
@@ -52,6 +86,12 @@ class CheckBatch:
 
 def _current() -> CheckBatch | None:
     return getattr(_state, "batch", None)
+
+
+def _active_or_none():
+    """``(batch, skip)``: the batch (or None outside one), and whether value checks are off."""
+    batch = getattr(_state, "batch", None)
+    return batch, batch is not None and not batch.enabled
 
 
 @contextmanager
@@ -85,13 +125,18 @@ def checks_disabled() -> Iterator[None]:
         _state.enabled = before
 
 
-def all_finite_flag(x: Tensor) -> Tensor:
-    """0-d bool on the device, False if ``x`` has a NaN/Inf (or a sum that overflows).
+def sum_value(x: Tensor) -> Tensor:
+    """0-d float sum of ``x`` on the device: finite iff no NaN/Inf (or overflowing sum).
 
     A sum is non-finite whenever one term is (Inf + finite = Inf, Inf - Inf = NaN), so one
-    cheap reduction replaces ``isfinite(x).all()`` without building a bool tensor.
+    reduction replaces ``isfinite(x).all()`` without building a bool tensor.
     """
-    return torch.isfinite(x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32)))
+    return x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32))
+
+
+def all_finite_flag(x: Tensor) -> Tensor:
+    """0-d bool on the device, False if ``x`` has a NaN/Inf (or a sum that overflows)."""
+    return torch.isfinite(sum_value(x))
 
 
 def require_finite(name: str, x: Tensor, *, propagates: bool = False) -> None:
@@ -101,11 +146,15 @@ def require_finite(name: str, x: Tensor, *, propagates: bool = False) -> None:
     normaliser or the output: IEEE products and sums keep NaN/Inf, also times zero), so no
     flag of its own is needed and the detailed check runs only once something is wrong.
     """
-    batch = _current()
+    batch, skip = _active_or_none()
+    if skip:
+        return
     if batch is None:
         check_finite(name, x)
+    elif propagates:
+        batch.add(None, lambda: check_finite(name, x))
     else:
-        batch.add(None if propagates else all_finite_flag(x), lambda: check_finite(name, x))
+        batch.add_values((sum_value(x),), _finite, lambda: check_finite(name, x))
 
 
 def check_stacked_against_values(qs, v: Tensor) -> None:
@@ -182,6 +231,9 @@ def check_scale(scale, dim: int) -> float:
 
 def broadcast_leading(named: dict[str, Tensor]) -> torch.Size:
     """The broadcast of all leading (batch/head) dims, with an error naming the culprits."""
+    shapes = {t.shape[:-2] for t in named.values()}
+    if len(shapes) == 1:  # the common case; torch.broadcast_shapes costs ~60 us of host time
+        return shapes.pop()
     try:
         return torch.broadcast_shapes(*(t.shape[:-2] for t in named.values()))
     except RuntimeError:
@@ -353,7 +405,9 @@ def check_padding_mask(
         empty = ~seen[..., query_offset : query_offset + n_queries]
     else:
         empty = ~key_padding_mask.any(-1, keepdim=True)
-    batch = _current()
+    batch, skip = _active_or_none()
+    if skip:
+        return
     if batch is None:
         _refuse_empty_rows(empty)
     else:
@@ -377,20 +431,51 @@ def normalizers_flag(den: Tensor, *, allow_signed: bool) -> Tensor:
     return (lo > 0) & (hi < math.inf)
 
 
+def _normalizers_ok(allow_signed: bool) -> Callable[[float, float], bool]:
+    if allow_signed:
+        return lambda lo, hi: math.isfinite(lo) and math.isfinite(hi)
+    return lambda lo, hi: lo > 0 and hi < math.inf  # NaN fails both comparisons
+
+
 def check_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | None = None) -> None:
     """Refuse zero, negative or overflowed HLA/linear-attention normalizers.
 
     ``den`` holds sum_l prod_m s_il for every query row; ``valid_rows`` (bool, broadcastable)
     marks rows whose result is used. Deferred to the active :class:`CheckBatch` if any.
     """
-    batch = _current()
+    batch, skip = _active_or_none()
+    if skip:
+        return
     if batch is not None and valid_rows is None and den.numel() and den.is_floating_point():
-        batch.add(normalizers_flag(den, allow_signed=allow_signed), lambda: _diagnose_normalizers(den, allow_signed=allow_signed))
+        batch.add_values(torch.aminmax(den.detach()), _normalizers_ok(allow_signed),
+                         lambda: _diagnose_normalizers(den, allow_signed=allow_signed))
         return
     if valid_rows is None and den.numel() and den.is_floating_point():
         if bool(normalizers_flag(den, allow_signed=allow_signed)):  # one device sync
             return
     _diagnose_normalizers(den, allow_signed=allow_signed, valid_rows=valid_rows)
+
+
+def check_normalizers_and_output(chk: Tensor, den: Tensor, out: Tensor, *, allow_signed: bool) -> None:
+    """:func:`check_normalizers` and :func:`check_output` from one vector a kernel produced.
+
+    ``chk`` (``[..., R]``) is ``den`` where the output row is finite and NaN elsewhere, so one
+    ``aminmax`` covers both checks; the detailed diagnoses read ``den`` and ``out``.
+    """
+    batch, skip = _active_or_none()
+    if skip or not chk.numel():
+        return
+
+    def diagnose():
+        _diagnose_normalizers(den, allow_signed=allow_signed)
+        _diagnose_output(out, den[..., None], allow_signed=allow_signed, what="output")
+
+    if batch is None:
+        lo, hi = torch.stack(torch.aminmax(chk.detach())).tolist()
+        if not _normalizers_ok(allow_signed)(lo, hi):
+            diagnose()
+        return
+    batch.add_values(torch.aminmax(chk.detach()), _normalizers_ok(allow_signed), diagnose)
 
 
 def _diagnose_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | None = None) -> None:
@@ -427,11 +512,14 @@ def check_output(out: Tensor, den: Tensor | None = None, *, allow_signed: bool =
     With ``allow_signed`` a zero normaliser ``den`` (``[..., R, 1]``) may leave Inf/NaN in
     its row: that is the documented signed result, not an overflow.
     """
-    batch = _current()
+    batch, skip = _active_or_none()
+    if skip:
+        return
     if batch is None:
         _diagnose_output(out, den, allow_signed=allow_signed, what=what)
     else:
-        batch.add(all_finite_flag(out), lambda: _diagnose_output(out, den, allow_signed=allow_signed, what=what))
+        batch.add_values((sum_value(out),), _finite,
+                         lambda: _diagnose_output(out, den, allow_signed=allow_signed, what=what))
 
 
 def _diagnose_output(out: Tensor, den: Tensor | None, *, allow_signed: bool, what: str) -> None:
@@ -453,11 +541,13 @@ def check_nonnegative_weights(weights: Tensor, *, allow_signed: bool) -> None:
     """
     if allow_signed or not weights.numel():
         return
-    batch = _current()
+    batch, skip = _active_or_none()
+    if skip:
+        return
     if batch is None:
         _diagnose_negative_weights(weights)
     else:
-        batch.add(weights.detach().amin() >= 0, lambda: _diagnose_negative_weights(weights))
+        batch.add_values((weights.detach().amin(),), lambda lo: lo >= 0, lambda: _diagnose_negative_weights(weights))
 
 
 def _diagnose_negative_weights(weights: Tensor) -> None:
@@ -498,17 +588,36 @@ def nonnegative_weights_flag(qs: Sequence[Tensor], ks: Sequence[Tensor]) -> Tens
     return torch.stack(flags).all()
 
 
+def _odd_pairs(qs: Sequence[Tensor], ks: Sequence[Tensor]) -> list[tuple[Tensor, Tensor]]:
+    """Factor pairs occurring an odd number of times (by identity): only those can make a
+    weight negative, since a pair occurring twice multiplies to a square."""
+    counts: dict[tuple[int, int], int] = {}
+    pairs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
+    for fq, fk in zip(qs, ks):
+        key = (id(fq), id(fk))
+        counts[key] = counts.get(key, 0) + 1
+        pairs[key] = (fq, fk)
+    return [pairs[key] for key, count in counts.items() if count % 2]
+
+
 def check_hla_signs(qs: Sequence[Tensor], ks: Sequence[Tensor], *, allow_signed: bool) -> None:
-    """Refuse factors whose weights may be negative unless ``allow_signed`` (O(N) forms)."""
+    """Refuse factors whose weights may be negative unless ``allow_signed`` (O(N) forms).
+
+    In a batch: one ``amin`` per feature tensor of an odd pair, read with the batch's sync.
+    """
     if allow_signed:
         return
-    batch = _current()
-    flag = nonnegative_weights_flag(qs, ks) if batch is None or batch.enabled else None
-    if flag is None:
+    batch, skip = _active_or_none()
+    if skip:
+        return
+    odd = _odd_pairs(qs, ks)
+    if not odd:
         return
 
-    def refuse():
-        if not bool(flag):
+    def refuse(ok: bool | None = None):
+        if ok is None:
+            ok = bool(nonnegative_weights_flag(qs, ks))
+        if not ok:
             raise ValueError(
                 "these factor features can give negative attention weights (an odd number of "
                 "sign-indefinite factors, e.g. identity features or phi=affine with odd m), and the "
@@ -520,5 +629,6 @@ def check_hla_signs(qs: Sequence[Tensor], ks: Sequence[Tensor], *, allow_signed:
 
     if batch is None:
         refuse()
-    else:
-        batch.add(flag, refuse)
+        return
+    mins = [t.detach().amin() for pair in odd for t in pair]
+    batch.add_values(mins, lambda *lo: all(x >= 0 for x in lo), refuse)

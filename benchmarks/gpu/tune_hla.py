@@ -39,15 +39,9 @@ BH, DV = 12, 128
 
 STATE_VARIANTS = {
     "cols_ba4_w8_t1": dict(STATE_BA=4, STATE_WARPS=8, STATE_TRANS=1),
-    "tilesT_c128_w8": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=128, STATE_WARPS=8),
-    "tilesT_c128_w4": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=128, STATE_WARPS=4),
-    "tilesT_c256_w8": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=256, STATE_WARPS=8),
-    "tilesT_c256_w8_bn64": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=256, STATE_WARPS=8,
-                                STATE_BLOCK_N=64),
-    "tilesT_c256_w8_s2": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=256, STATE_WARPS=8, STAGES=2),
-    "tilesT_c128_w8_bn64": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=128, STATE_WARPS=8,
-                                STATE_BLOCK_N=64),
-    "tilesT_c64_w4": dict(STATE_KERNEL="tiles", STATE_TILES_T=True, STATE_BLOCK_C=64, STATE_WARPS=4),
+    # the S^T tile orientation (STATE_TILES_T) was measured slower in session 2 and removed
+    "tiles_c128_w8": dict(STATE_KERNEL="tiles", STATE_BLOCK_C=128, STATE_WARPS=8),
+    "tiles_c64_w4": dict(STATE_KERNEL="tiles", STATE_BLOCK_C=64, STATE_WARPS=4),
 }
 APPLY_VARIANTS = {
     "tiles_m128": dict(PER_A=False),

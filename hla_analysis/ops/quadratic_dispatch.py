@@ -27,6 +27,8 @@ from hla_analysis._checks import check_normalizers
 # Throughput of the torch state forms relative to the fused kernels on one GPU: fp32 SIMT
 # einsums against bf16 tensor cores (H200 datasheet: 67 vs 990 TFLOP/s dense).
 TORCH_STATE_RATE = 1 / 15
+# fwd+bwd over fwd of the state path (the quadratic path: 1 + 3 NF, NF = factor tiles per tile)
+STATE_WITH_BACKWARD = 4.0
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,12 @@ def choose(qs, ks, v, *, causal: bool, form: str, backend: str) -> Dispatch:
     rate = 1.0 if state_engine == "triton" else TORCH_STATE_RATE
     state = state_flops(widths, dv, n, tied=tied) / rate
     quad = quadratic_flops(widths, dv, n, tied=tied, causal=causal)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        # a backward will follow: price it (H200, benchmarks/gpu/results/session4/public_h200.json:
+        # fwd+bwd over fwd was 3.1-3.8x on the state kernels, 3.9x tied and 7-12x untied on the
+        # quadratic one, whose backward recomputes every factor tile)
+        state *= STATE_WITH_BACKWARD
+        quad *= 1 + 3 * (1 if tied else len(widths))
     if quad < state:
         return _record(Dispatch("quadratic", "triton", "cost model", state, quad))
     return _record(Dispatch("state", state_engine, "cost model", state, quad))

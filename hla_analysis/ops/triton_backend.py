@@ -43,4 +43,5 @@ def why_not(qs, ks, v, *, causal, key_padding_mask) -> str:
 
 
 def run(qs, ks, v, *, causal, key_padding_mask, allow_signed):
-    return _kernels().hla_triton(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask, allow_signed=allow_signed)
+    return _kernels().hla_triton(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask, allow_signed=allow_signed,
+                                 _validated=True)

@@ -22,8 +22,10 @@ import os
 
 import torch
 
-from hla_analysis.ops.triton.autograd import HLAFunction, default_config
+from hla_analysis._checks import check_normalizers, check_output
+from hla_analysis.ops.triton.autograd import HLAFunction, default_config, validate_config
 from hla_analysis.ops.triton.autograd_tied import TiedHLAFunction, tied_config
+from hla_analysis.ops.triton import split
 
 __all__ = ["supports", "hla_triton", "default_config", "factors_tied", "TIED_BY_DEFAULT"]
 
@@ -43,7 +45,8 @@ def _interpreting() -> bool:
 def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
     """Whether :func:`hla_triton` can run these inputs.
 
-    True for M in {1, 2} factor pairs, factor widths in {16, 32, 64, 128}, value width in
+    True for M in {1, 2} factor pairs, factor widths 1..256 (16, 32, 64 and 128 run as they
+    are, other widths as exact sums of parts, :mod:`.split`), value width in
     {16, 32, 64, 128}, one floating dtype among fp16/bf16/fp32, and CUDA tensors (or the
     Triton interpreter). ``causal`` needs as many queries as keys.
 
@@ -54,6 +57,8 @@ def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
     True
     >>> supports([q, q, q], [q, q, q], torch.rand(2, 10, 32), causal=False, key_padding_mask=None)
     False
+    >>> supports([q[..., :5]], [q[..., :5]], torch.rand(2, 10, 32), causal=False, key_padding_mask=None) == _interpreting()
+    True
     """
     qs, ks = list(qs), list(ks)
     if len(qs) not in (1, 2) or len(ks) != len(qs):
@@ -68,7 +73,7 @@ def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
     if v.shape[-1] not in _VALUE_WIDTHS or any(t.dim() < 2 for t in tensors):
         return False
     for q, k in zip(qs, ks):
-        if q.shape[-1] != k.shape[-1] or q.shape[-1] not in _WIDTHS:
+        if q.shape[-1] != k.shape[-1] or not 1 <= q.shape[-1] <= split.MAX_WIDTH:
             return False
     n_q, n_k = qs[0].shape[-2], ks[0].shape[-2]
     if any(q.shape[-2] != n_q for q in qs) or any(k.shape[-2] != n_k for k in ks) or v.shape[-2] != n_k:
@@ -111,7 +116,7 @@ def factors_tied(qs, ks) -> bool:
 
 
 def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=False, chunk_size=None, config=None,
-               tied=None):
+               tied=None, _validated=False):
     """HLA output with the fused Triton kernels (differentiable).
 
     Parameters
@@ -144,8 +149,9 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     Raises
     ------
     ValueError
-        Unsupported inputs (see :func:`supports`), or rows whose normaliser is zero or
-        negative, unless ``allow_signed``.
+        Unsupported inputs (see :func:`supports`), rows whose normaliser is zero or
+        negative (unless ``allow_signed``), or an output that overflowed to Inf/NaN. Inside a
+        :func:`hla_analysis._checks.check_batch` these checks join the batch's one sync.
 
     Examples
     --------
@@ -163,7 +169,8 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     True
     """
     qs, ks = list(qs), list(ks)
-    if not supports(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask):
+    # _validated: hla() has already asked supports() for these inputs (host time per call)
+    if not _validated and not supports(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask):
         raise ValueError(
             f"hla_triton does not support these inputs (M={len(qs)}, widths {[q.shape[-1] for q in qs]}, "
             f"dv={v.shape[-1]}, dtype {v.dtype}, device {v.device}): it needs M in {{1, 2}}, widths in "
@@ -171,10 +178,19 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
             "counts, and CUDA tensors (or TRITON_INTERPRET=1). Use hla(..., backend='torch')."
         )
     want_tied = TIED_BY_DEFAULT if tied is None else bool(tied)
-    use_tied = want_tied and factors_tied(qs, ks)
+    splitting = split.needs_split(qs)
+    use_tied = want_tied and not splitting and factors_tied(qs, ks)
     if tied and not use_tied:
+        if splitting:
+            raise ValueError(f"tied=True needs factor widths in {_WIDTHS}, got {[q.shape[-1] for q in qs]}; "
+                             "leave tied=None (other widths run as sums of untied parts).")
         raise ValueError("tied=True needs M = 2 with qs[0] equal to qs[1] and ks[0] equal to ks[1]; "
                          "leave tied=None to detect it.")
+    if splitting:
+        if config:
+            validate_config(config, default_config(r1=16, r2=16, dv=16, causal=causal, dtype=v.dtype))
+        return _split_call(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+                           allow_signed=allow_signed, config=config)
     if use_tied:
         # equal but distinct tensors: by symmetry each factor gets half the tied gradient
         qs = [qs[0] if qs[0] is qs[1] else 0.5 * (qs[0] + qs[1])]
@@ -191,8 +207,11 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     n = v.shape[-2]
 
     def flat(t):
-        t = t.to(work).expand(*lead, *t.shape[-2:])
-        return t.reshape(-1, n, t.shape[-1]).contiguous()
+        t = t.to(work)
+        if t.shape[:-2] != lead:
+            t = t.expand(*lead, *t.shape[-2:])
+        t = t.reshape(-1, n, t.shape[-1])
+        return t if t.is_contiguous() else t.contiguous()
 
     q1, k1 = flat(qs[0]), flat(ks[0])
     q2, k2 = (flat(qs[1]), flat(ks[1])) if len(qs) == 2 else (None, None)
@@ -201,6 +220,7 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     if chunk_size is not None:
         cfg["CHUNK"] = int(chunk_size)
     if config:
+        validate_config(config, cfg)
         cfg.update(config)
     if causal and cfg["CHUNK"] % max(cfg["APPLY_BLOCK_M"], cfg["GRAD_BLOCK_M"], cfg["BLOCK_N"]) != 0:
         raise ValueError(
@@ -210,6 +230,35 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     if use_tied:
         cfg = tied_config(cfg, q1.shape[-1])
         out = TiedHLAFunction.apply(q1, k1, flat(v), bool(causal), bool(allow_signed), cfg)
+        check_output(out, allow_signed=allow_signed)  # the untied kernels check it on chip
     else:
         out = HLAFunction.apply(q1, q2, k1, k2, flat(v), bool(causal), bool(allow_signed), cfg)
     return out.reshape(*lead, n, v.shape[-1]).to(out_dtype)
+
+
+def _split_call(qs, ks, v, *, causal, key_padding_mask, allow_signed, config):
+    """Widths outside the kernels' set: exact sum of parts (:mod:`.split`), divided once."""
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise ValueError(f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}.")
+        masked = ks[0] * key_padding_mask[..., None].to(ks[0].dtype)
+        # tied keys stay one object (a 0/1 mask squared is the mask)
+        ks = [masked if k is ks[0] else k for k in ks]
+    out_dtype = v.dtype
+    work = torch.bfloat16 if v.dtype == torch.float16 else v.dtype
+    lead = _lead_shape([*qs, *ks, v])
+    n = v.shape[-2]
+    cache = {}
+
+    def flat(t):  # tied factors stay one object, so their cross terms are run once
+        if id(t) not in cache:
+            f = t.to(work).expand(*lead, *t.shape[-2:])
+            cache[id(t)] = f.reshape(-1, n, f.shape[-1])
+        return cache[id(t)]
+
+    fq, fk = [flat(q) for q in qs], [flat(k) for k in ks]
+    num, den = split.split_numden(fq, fk, flat(v).contiguous(), causal=causal, config=config)
+    check_normalizers(den, allow_signed=allow_signed)
+    out = (num / den[..., None]).to(out_dtype)
+    check_output(out, den[..., None], allow_signed=allow_signed)
+    return out.reshape(*lead, n, v.shape[-1])

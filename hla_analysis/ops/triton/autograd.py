@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from hla_analysis._checks import check_normalizers
+from hla_analysis._checks import _active_or_none, check_normalizers_and_output
 from hla_analysis.ops.triton import kernels
 
 
@@ -34,9 +34,9 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
     (token splits of the non-causal state; ``None`` = about two programs per SM),
     ``CAUSAL_STATE`` ("auto" | "sequential" | "parallel"), ``PER_A`` (column kernels, M = 2;
     the causal apply always uses tiles), ``STATE_BA`` (columns per state program: 1, 2 or 4),
-    ``STATE_TRANS`` (operand orientation of the column state kernel, 0-3, see
-    :func:`kernels._cols_step`), ``STATE_KERNEL`` ("cols" | "tiles": the state kernel when
-    ``PER_A``) and ``STATE_TILES_T`` (the tile state kernel accumulates ``S^T``).
+    ``STATE_TRANS`` (operand orientation of the column state kernel, 0 or 1, see
+    :func:`kernels._cols_step`) and ``STATE_KERNEL`` ("cols" | "tiles": the state kernel when
+    ``PER_A``). :func:`validate_config` refuses other keys and values.
     """
     if _interpreting():
         block_c = 16 if r2 == 1 else max(r2, 16)
@@ -59,12 +59,42 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
         STATE_WARPS=8, APPLY_WARPS=8, GRAD_WARPS=8, STAGES=3,
         PER_A=False, STATE_BA=2, STATE_TRANS=0,
     )
+    if causal and r1 * r2 >= 128 * 128:
+        # r = 128 causal: the tile kernels' default blocks asked for 278 KB of shared memory
+        # (OutOfResources on an H200, 227 KB per block); half the row and key blocks and two
+        # stages fit (issue 10, item 3)
+        cfg.update(APPLY_BLOCK_M=64, BLOCK_N=32, GRAD_BLOCK_M=64, GRAD_BLOCK_C=64, STATE_BLOCK_C=64, STAGES=2)
     if not causal and not tied and r2 >= 32:
         # column kernels (benchmarks/gpu/tune_hla.py, H200, r = 64, N = 32760): four columns per
         # state program (two at r2 = 128, or the accumulators spill), values as the shared operand
         cfg.update(PER_A=True, STATE_BA=4 if r2 <= 64 else 2, STATE_WARPS=8, STATE_TRANS=1,
                    APPLY_WARPS=4, GRAD_BLOCK_M=64, GRAD_WARPS=4)
     return cfg
+
+
+# keys a config may carry besides those default_config always sets
+_OPTIONAL_KEYS = {"CAUSAL_STATE": ("auto", "sequential", "parallel"), "STATE_KERNEL": ("cols", "tiles")}
+_CHOICES = {"STATE_TRANS": (0, 1), "STATE_BA": (1, 2, 4), "PER_A": (False, True)}
+
+
+def validate_config(config: dict, base: dict) -> None:
+    """Refuse unknown keys and out-of-range choices in a ``config`` override (one-line error).
+
+    >>> validate_config({"STATE_TRANS": 2}, {"STATE_TRANS": 0})
+    Traceback (most recent call last):
+    ...
+    ValueError: config STATE_TRANS=2 is not one of (0, 1).
+    """
+    known = set(base) | set(_OPTIONAL_KEYS)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"unknown kernel config key(s) {unknown}; known keys: {sorted(known)}.")
+    for key, value in config.items():
+        choices = _CHOICES.get(key) or _OPTIONAL_KEYS.get(key)
+        if choices is not None and value not in choices:
+            raise ValueError(f"config {key}={value!r} is not one of {choices}.")
+        if choices is None and value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"config {key}={value!r} must be a positive int.")
 
 
 def _block_a(block_c: int, r1: int, r2: int) -> int:
@@ -148,8 +178,7 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None, initial=None
         if cols:
             kernels.state_cols_kernel[grid](f1t, f2, x, s, n, tps, BA=BLOCK_A, TRANS=int(cfg["STATE_TRANS"]), **kw)
         else:
-            kernels.state_kernel[grid](f1, f2, x, s, n, tps, BLOCK_A=BLOCK_A, HAS_F2=HAS_F2,
-                                       TRANS=bool(cfg.get("STATE_TILES_T", False)), **kw)
+            kernels.state_kernel[grid](f1, f2, x, s, n, tps, BLOCK_A=BLOCK_A, HAS_F2=HAS_F2, **kw)
 
     grid_a, grid_d = r1 // block_a, dv // block_dv
     f2_arg = f1 if f2 is None else f2
@@ -223,18 +252,23 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None):
+def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, normalize: bool = True, chk=None):
+    """``(o, den)``: ``o = num / den`` in ``v.dtype``, or with ``normalize=False`` ``num`` in fp32.
+
+    ``chk`` (fp32 ``[BH, N]``, optional) is filled with ``den`` where the output row is finite,
+    NaN elsewhere (see :func:`.kernels.apply_kernel`)."""
     bh, n, r1 = q1.shape
     r2 = 1 if q2 is None else q2.shape[-1]
     dv = v.shape[-1]
-    o = torch.empty_like(v)
+    o = torch.empty_like(v) if normalize else torch.empty(v.shape, device=v.device, dtype=torch.float32)
     den = torch.empty((bh, n), device=v.device, dtype=torch.float32)
     bm = cfg["APPLY_BLOCK_M"]
     kernels.apply_kernel[(math.ceil(n / bm), bh)](
-        q1, q1 if q2 is None else q2, k1, k1 if k2 is None else k2, v, s, z, o, den, q1 if q1t is None else q1t, n,
+        q1, q1 if q2 is None else q2, k1, k1 if k2 is None else k2, v, s, z, o, den, q1 if q1t is None else q1t,
+        den if chk is None else chk, n,
         R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["APPLY_BLOCK_C"], r1, r2),
         HAS_F2=q2 is not None, CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],
-        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
+        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, NORMALIZE=normalize, CHECK=chk is not None, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
     return o, den
 
 
@@ -270,8 +304,11 @@ class HLAFunction(torch.autograd.Function):
         k1t = transposed(k1, k2, cfg)
         s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
         q1t = transposed(q1, q2, cfg)  # launched while the state kernel runs
-        o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t)
-        check_normalizers(den, allow_signed=allow_signed)
+        batch, skip = _active_or_none()
+        chk = None if skip else torch.empty((v.shape[0], v.shape[1]), device=v.device, dtype=torch.float32)
+        o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t, chk=chk)
+        if chk is not None:  # normalisers and output in one reduction, read with the call's sync
+            check_normalizers_and_output(chk, den, o, allow_signed=allow_signed)
         ctx.save_for_backward(q1, q2, k1, k2, v, o, den, s, z, q1t, k1t)
         ctx.causal, ctx.cfg = causal, cfg
         return o

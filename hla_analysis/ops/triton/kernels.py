@@ -48,12 +48,8 @@ def _kr_tile(f1_ptr, f2_ptr, rows, row_ok, a0, R1: tl.constexpr, R2: tl.constexp
 
 
 @triton.jit
-def _state_mma(acc, kr, xv, TRANS: tl.constexpr, PRECISION: tl.constexpr):
-    if TRANS:
-        acc = tl.dot(tl.trans(xv), kr.to(xv.dtype), acc, input_precision=PRECISION)
-    else:
-        acc = tl.dot(tl.trans(kr.to(xv.dtype)), xv, acc, input_precision=PRECISION)
-    return acc
+def _state_mma(acc, kr, xv, PRECISION: tl.constexpr):
+    return tl.dot(tl.trans(kr.to(xv.dtype)), xv, acc, input_precision=PRECISION)
 
 
 @triton.jit
@@ -61,15 +57,13 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
                  R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_A: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_F2: tl.constexpr,
                  MODE: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, SPLITS, PRECISION: tl.constexpr,
-                 TRANS: tl.constexpr = False, s0_ptr=None, HAS_INIT: tl.constexpr = False):
+                 s0_ptr=None, HAS_INIT: tl.constexpr = False):
     """MODE 0: s[split, bh] = sum over the split's tokens. MODE 1: exclusive prefix per chunk,
     s[bh, c] = sum over tokens before chunk c. MODE 2: exclusive suffix, tokens after chunk c.
 
     ``HAS_INIT`` (MODES 1 and 2): the scan starts from ``s0 [BH, R, DV]`` (fp32) instead of
     zero, the state carried in from tokens before this sequence (sequence parallelism).
-
-    ``TRANS``: accumulate ``S^T`` (``x^T kr``): the values are the MMA's A operand, read from
-    shared memory as loaded, and the Khatri-Rao tile its B operand, one wide MMA per block."""
+    (An ``S^T`` orientation was measured slower on an H200 and removed; git history: session 2.)"""
     pid_a = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_z = tl.program_id(2)
@@ -88,12 +82,8 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
     offs_c = a0 * R2 + tl.arange(0, BLOCK_C)
     offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    if TRANS:
-        acc = tl.zeros((BLOCK_DV, BLOCK_C), dtype=tl.float32)
-        out_offs = offs_c[None, :] * DV + offs_d[:, None]
-    else:
-        acc = tl.zeros((BLOCK_C, BLOCK_DV), dtype=tl.float32)
-        out_offs = offs_c[:, None] * DV + offs_d[None, :]
+    acc = tl.zeros((BLOCK_C, BLOCK_DV), dtype=tl.float32)
+    out_offs = offs_c[:, None] * DV + offs_d[None, :]
     if HAS_INIT:
         acc += tl.load(s0_ptr + bh.to(tl.int64) * R * DV + out_offs).to(tl.float32)
     dt = s_ptr.dtype.element_ty
@@ -105,7 +95,7 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
             ok = rows < end
             kr = _kr_tile(f1_ptr, f2_ptr, rows, ok, a0, R1, R2, BLOCK_A, BLOCK_N, HAS_F2)
             xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
-            acc = _state_mma(acc, kr, xv, TRANS, PRECISION)
+            acc = _state_mma(acc, kr, xv, PRECISION)
         out = s_ptr + (split.to(tl.int64) * (tl.num_programs(2) // SPLITS) + bh) * R * DV
         tl.store(out + out_offs, acc.to(dt))
     else:
@@ -121,7 +111,7 @@ def state_kernel(f1_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
                 ok = rows < N
                 kr = _kr_tile(f1_ptr, f2_ptr, rows, ok, a0, R1, R2, BLOCK_A, BLOCK_N, HAS_F2)
                 xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
-                acc = _state_mma(acc, kr, xv, TRANS, PRECISION)
+                acc = _state_mma(acc, kr, xv, PRECISION)
 
 
 @triton.jit
@@ -144,17 +134,12 @@ def transpose_kernel(src_ptr, dst_ptr, A, B, ADD: tl.constexpr, BLOCK_A: tl.cons
 def _cols_step(acc, f2, f1t_ptr, a, N, rows, ok, xv, TRANS: tl.constexpr, PRECISION: tl.constexpr):
     """``acc += kr[rows, a, :]^T x`` (``[R2, DV]``; ``[DV, R2]`` when ``TRANS == 1``).
 
-    ``TRANS`` 0: ``f2`` is ``[BLOCK_N, R2]``, the scaled copy is transposed for the MMA;
-    1: the values are transposed instead; 2: ``f2`` was loaded transposed, ``[R2, BLOCK_N]``;
-    3: the values were loaded transposed and are scaled instead (``acc^T += (c x)^T f2``), so
-    the per-column operand is the MMA's register operand and ``f2`` the shared one.
+    ``TRANS`` 0: the scaled copy of ``f2`` (``[BLOCK_N, R2]``) is transposed for the MMA;
+    1: the values are transposed instead (the GPU default). Two other orientations were
+    measured slower on an H200 and removed (git history: session 2).
     """
     c = tl.load(f1t_ptr + a * N + rows, mask=ok, other=0.0)
-    if TRANS == 3:  # xv is [BLOCK_DV, BLOCK_N]: scale the values along the tokens instead
-        acc = tl.dot((xv * c[None, :]).to(f2.dtype), f2, acc, input_precision=PRECISION)
-    elif TRANS == 2:
-        acc = tl.dot((f2 * c[None, :]).to(xv.dtype), xv, acc, input_precision=PRECISION)
-    elif TRANS == 1:
+    if TRANS == 1:
         acc = tl.dot(tl.trans(xv), (f2 * c[:, None]).to(xv.dtype), acc, input_precision=PRECISION)
     else:
         acc = tl.dot(tl.trans((f2 * c[:, None]).to(xv.dtype)), xv, acc, input_precision=PRECISION)
@@ -170,14 +155,8 @@ def _cols_tokens(acc0, acc1, acc2, acc3, f1t_ptr, f2_ptr, x_ptr, a0, N, lo, hi, 
     for n0 in range(lo, hi, BLOCK_N):
         rows = n0 + offs_n
         ok = rows < hi
-        if TRANS == 2:
-            f2 = tl.load(f2_ptr + rows[None, :] * R2 + offs_b[:, None], mask=ok[None, :], other=0.0)
-        else:
-            f2 = tl.load(f2_ptr + rows[:, None] * R2 + offs_b[None, :], mask=ok[:, None], other=0.0)
-        if TRANS == 3:
-            xv = tl.load(x_ptr + rows[None, :] * DV + offs_d[:, None], mask=ok[None, :], other=0.0)
-        else:
-            xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
+        f2 = tl.load(f2_ptr + rows[:, None] * R2 + offs_b[None, :], mask=ok[:, None], other=0.0)
+        xv = tl.load(x_ptr + rows[:, None] * DV + offs_d[None, :], mask=ok[:, None], other=0.0)
         f2 = f2.to(xv.dtype)
         acc0 = _cols_step(acc0, f2, f1t_ptr, a0, N, rows, ok, xv, TRANS, PRECISION)
         if BA > 1:
@@ -193,7 +172,7 @@ def _cols_store(out, acc0, acc1, acc2, acc3, a0, offs_d, R2: tl.constexpr, DV: t
                 BA: tl.constexpr, TRANS: tl.constexpr):
     dt = out.dtype.element_ty
     offs_b = tl.arange(0, R2)
-    if TRANS == 1 or TRANS == 3:  # accumulators are [BLOCK_DV, R2]
+    if TRANS == 1:  # accumulators are [BLOCK_DV, R2]
         ptrs = out + (a0 * R2 + offs_b)[None, :] * DV + offs_d[:, None]
     else:
         ptrs = out + (a0 * R2 + offs_b)[:, None] * DV + offs_d[None, :]
@@ -210,7 +189,7 @@ def _cols_load(src, acc0, acc1, acc2, acc3, a0, offs_d, R2: tl.constexpr, DV: tl
                BA: tl.constexpr, TRANS: tl.constexpr):
     """The accumulators of :func:`_cols_store` plus the fp32 state ``src [R, DV]`` they cover."""
     offs_b = tl.arange(0, R2)
-    if TRANS == 1 or TRANS == 3:
+    if TRANS == 1:
         ptrs = src + (a0 * R2 + offs_b)[None, :] * DV + offs_d[:, None]
     else:
         ptrs = src + (a0 * R2 + offs_b)[:, None] * DV + offs_d[None, :]
@@ -247,7 +226,7 @@ def state_cols_kernel(f1t_ptr, f2_ptr, x_ptr, s_ptr, N, tokens_per_split,
     x_ptr += bh.to(tl.int64) * N * DV
     offs_d = pid_d * BLOCK_DV + tl.arange(0, BLOCK_DV)
     offs_n = tl.arange(0, BLOCK_N)
-    if TRANS == 1 or TRANS == 3:
+    if TRANS == 1:
         acc0 = tl.zeros((BLOCK_DV, R2), dtype=tl.float32)
     else:
         acc0 = tl.zeros((R2, BLOCK_DV), dtype=tl.float32)
@@ -293,12 +272,14 @@ def _row_normaliser(f1, f2, z_ptr, R1: tl.constexpr, R2: tl.constexpr, HAS_F2: t
 
 
 @triton.jit
-def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den_ptr, q1t_ptr, N,
+def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den_ptr, q1t_ptr, chk_ptr, N,
                  R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
                  CAUSAL: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr,
-                 PER_A: tl.constexpr):
+                 PER_A: tl.constexpr, NORMALIZE: tl.constexpr, CHECK: tl.constexpr):
     """``PER_A`` (non-causal only): Khatri-Rao columns one ``a`` at a time, ``q1t = q1^T``.
+    ``NORMALIZE``: store ``num / den``, else the numerator itself (the parts of a split width,
+    :mod:`.split`, are summed before one division).
     With the intra-chunk loop after it, Triton 3.6 produced NaNs on an H200 (not under the
     interpreter), so the launcher never combines ``PER_A`` with ``CAUSAL``."""
     tl.static_assert(not (PER_A and CAUSAL), "PER_A apply is non-causal only")
@@ -362,10 +343,17 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
             vv = tl.load(v_ptr + cols[:, None] * DV + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             acc = tl.dot(sim.to(vv.dtype), vv, acc, input_precision=PRECISION)
 
-    out = acc / tl.where(row_ok, den, 1.0)[:, None]  # rows past N: no 0/0
+    if NORMALIZE:
+        out = acc / tl.where(row_ok, den, 1.0)[:, None]  # rows past N: no 0/0
+    else:
+        out = acc
     o_ptr += bh * N * DV
     tl.store(o_ptr + rows[:, None] * DV + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(den_ptr + bh * N + rows, den, mask=row_ok)
+    if CHECK:
+        # NaN fails the comparison, Inf fails it too: a row is fine iff all DV entries pass
+        fine = tl.sum((tl.abs(out) < float("inf")).to(tl.int32), 1) == DV
+        tl.store(chk_ptr + bh * N + rows, tl.where(fine, den, float("nan")), mask=row_ok)
 
 
 @triton.jit

@@ -1,0 +1,286 @@
+"""HLA speed through the calls users make, beside cuDNN SDPA, on one GPU (issues 10 and 11).
+
+Every HLA row goes through ``hla()``, ``linear_attention()`` or ``make_variant(spec).forward``
+(feature maps, value checks and dispatch included), in one process, with:
+
+* B = 1, H = 12, bf16, N in {8192, 32760, 75600};
+* three modes: forward under ``torch.no_grad()``, forward with autograd (inputs need grad,
+  nothing backward), forward + backward;
+* ``hla()`` rows with dv = 128 (M = 1 and M = 2 at r = 64 and 128, causal and not), variant
+  rows with dv = d (tied ``hla:m=2,phi=affine`` at d = 64 and 128, fitted ``proj=1``, untied
+  ``tied=0``, ``power:p=2``, ``linear:phi=elu1``, M = 3 and M = 4 which take the quadratic
+  kernel), each with the path the dispatcher took (``quadratic_dispatch.last_dispatch``);
+* cuDNN SDPA at d = 64 and d = 128 (dv = d), causal and not;
+* the bf16 matmul peak (8192^3) measured in the same run;
+* the value checks' cost: back-to-back calls with checks on, with
+  ``_checks.checks_disabled()``, and the bare kernels (``hla_triton``), same inputs.
+
+Timing: CUDA events around each call, two warm-up calls, median of at least five repetitions
+(three above 100 ms); the overhead rows time batches of 20 back-to-back calls (a per-call
+host sync cannot hide behind the next call's kernels there). Rows are written atomically
+after each one, so a run cut short keeps what it measured.
+
+    python benchmarks/gpu/bench_public.py --out benchmarks/gpu/results/session4/public_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+
+from hla_analysis._checks import check_batch, checks_disabled
+from hla_analysis._io import atomic_write_json
+
+B, H = 1, 12
+NS = (8192, 32760, 75600)
+MODES = ("fwd_nograd", "fwd_autograd", "fwd_bwd")
+VARIANTS = (("linear:phi=elu1", 64), ("power:p=2", 64), ("hla:m=2,phi=affine", 64), ("hla:m=2,phi=affine", 128),
+            ("hla:m=2,phi=affine,proj=1", 64), ("hla:m=2,phi=affine,tied=0", 64), ("hla:m=3,phi=affine", 64),
+            ("hla:m=3,phi=affine,tied=0", 64), ("hla:m=4,phi=affine", 64), ("hla:m=4,phi=affine", 128),
+            ("hla:m=4,phi=affine,proj=1", 64), ("hla:m=4,phi=affine,tied=0", 64))
+HLA_CALLS = ((1, 64, False), (1, 64, True), (2, 64, False), (2, 64, True), (2, 128, False), (2, 128, True))
+
+
+def timed(fn, *, warmup=2, target_ms=100.0, min_reps=5, max_reps=30):
+    """Median ms of ``fn`` (CUDA events around each call, synchronised), after warm-up."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    last = 0.0
+    for _ in range(warmup):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        last = start.elapsed_time(end)
+    reps = 3 if last > 100.0 else int(min(max_reps, max(min_reps, target_ms / max(last, 1e-3))))
+    times = []
+    for _ in range(reps):
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), reps
+
+
+def per_call_ms(fn, *, calls=20, batches=5):
+    """Median over batches of ms per call, ``calls`` back-to-back calls per batch."""
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(batches):
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / calls)
+    return statistics.median(times)
+
+
+def matmul_peak_tflops():
+    a, b = (torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    ms, _ = timed(lambda: a @ b, warmup=5, target_ms=300, min_reps=20, max_reps=60)
+    return 2 * 8192 ** 3 / (ms * 1e-3) / 1e12
+
+
+def pos(*shape, grad=False):
+    # positive features: every normaliser > 0, odd-M affine factors have no signed weights
+    return (torch.rand(*shape, device="cuda") * 0.5 + 0.05).to(torch.bfloat16).requires_grad_(grad)
+
+
+def modes(forward, leaves):
+    """Callables per mode; ``forward()`` builds the output from ``leaves``."""
+    def nograd():
+        with torch.no_grad():
+            forward()
+
+    def autograd():
+        forward()
+
+    def both():
+        out = forward()
+        torch.autograd.grad(out, leaves, torch.full_like(out, 1e-3))
+
+    return {"fwd_nograd": nograd, "fwd_autograd": autograd, "fwd_bwd": both}
+
+
+def sdpa_case(n, d, causal):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    q, k, v = (torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+
+    def forward():
+        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return dict(method="sdpa_cudnn", spec=f"softmax d={d}", d=d, dv=d), forward, [q, k, v]
+
+
+def hla_case(m, r, n, causal):
+    from hla_analysis.ops import hla
+
+    leaves = [pos(B, H, n, r, grad=True) for _ in range(2 * m)]
+    v = torch.randn(B, H, n, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    qs, ks = leaves[:m], leaves[m:]
+
+    def forward():
+        return hla(qs, ks, v, causal=causal)
+
+    return dict(method="hla()", spec=f"M={m} r={r}", d=r, dv=128), forward, [*leaves, v]
+
+
+def variant_case(spec, d, n, causal):
+    from hla_analysis.variants import make_variant
+
+    var = make_variant(spec).bind(d).to("cuda")
+    q, k = pos(B, H, n, d, grad=True), pos(B, H, n, d, grad=True)
+    v = torch.randn(B, H, n, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+
+    def forward():
+        return var.forward(q, k, v, causal=causal)
+
+    return dict(method="make_variant().forward", spec=spec, d=d, dv=d), forward, [q, k, v]
+
+
+def run_row(meta, forward, leaves, *, n, causal, rows, out_path, skip_bwd=False):
+    from hla_analysis.ops import quadratic_dispatch
+
+    for mode, fn in modes(forward, leaves).items():
+        if skip_bwd and mode == "fwd_bwd":
+            continue
+        row = dict(meta, n=n, causal=causal, mode=mode)
+        t0 = time.perf_counter()
+        try:
+            quadratic_dispatch.last_dispatch = None
+            row["ms"], row["reps"] = timed(fn)
+            d = quadratic_dispatch.last_dispatch
+            if d is not None and meta["method"] != "sdpa_cudnn":
+                row["path"], row["engine"] = d.path, d.engine
+        except Exception as err:  # noqa: BLE001 - a failed row is recorded, the run goes on
+            row["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        row["wall_s"] = round(time.perf_counter() - t0, 2)
+        rows.append(row)
+        print({k: row[k] for k in ("method", "spec", "n", "causal", "mode") if k in row},
+              row.get("ms", row.get("error")), flush=True)
+        atomic_write_json(out_path, {**HEADER, "rows": rows})
+        torch.cuda.empty_cache()
+
+
+def host_ms(fn, reps=10):
+    """Median host milliseconds of one call started on an idle GPU (checks off: launch time only)."""
+    times = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def overhead_rows(out_path, rows, ns=NS):
+    """Checks on / off / bare kernels, back-to-back forward calls (no_grad), same inputs."""
+    from hla_analysis.ops import hla, linear_attention
+    from hla_analysis.ops.triton import hla_triton
+    from hla_analysis.variants import make_variant
+
+    result = []
+    for n in ns:
+        result.extend(_overhead_at(n, hla, linear_attention, hla_triton, make_variant, out_path, rows, result))
+    return result
+
+
+def _overhead_at(n, hla, linear_attention, hla_triton, make_variant, out_path, rows, done):
+    out = []
+    if True:
+        q1, q2, k1, k2 = (pos(B, H, n, 64) for _ in range(4))
+        v = torch.randn(B, H, n, 128, device="cuda", dtype=torch.bfloat16)
+        x = pos(B, H, n, 64)
+        xv = torch.randn(B, H, n, 64, device="cuda", dtype=torch.bfloat16)
+        affine = make_variant("hla:m=2,phi=affine").bind(64).to("cuda")
+
+        def bare(qs, ks, vv):
+            with checks_disabled(), check_batch():
+                return hla_triton(qs, ks, vv)
+
+        calls = {
+            "hla M=2 r=64": (lambda: hla([q1, q2], [k1, k2], v), lambda: bare([q1, q2], [k1, k2], v)),
+            "linear_attention M=1 r=64": (lambda: linear_attention(q1, k1, v), lambda: bare([q1], [k1], v)),
+            "hla:m=2,phi=affine d=64 .forward": (lambda: affine.forward(x, x, xv), None),
+        }
+        for name, (call, bare_call) in calls.items():
+            with torch.no_grad():
+                on = per_call_ms(call)
+                with checks_disabled():
+                    off = per_call_ms(call)
+                kernels = per_call_ms(bare_call) if bare_call else None
+                on2 = per_call_ms(call)  # the same timing again: spread between repeats
+                host_on = host_ms(call)
+                with checks_disabled():
+                    host_off = host_ms(call)
+            row = dict(call=name, n=n, checks_on_ms=on, checks_on_repeat_ms=on2, checks_off_ms=off, host_on_ms=host_on, host_off_ms=host_off,
+                       bare_kernels_ms=kernels, overhead_vs_off=min(on, on2) / off - 1,
+                       overhead_vs_bare=None if kernels is None else min(on, on2) / kernels - 1)
+            out.append(row)
+            print(row, flush=True)
+            atomic_write_json(out_path, {**HEADER, "rows": rows, "overhead": done + out})
+    return out
+
+
+HEADER: dict = {}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--ns", type=int, nargs="+", default=list(NS))
+    parser.add_argument("--skip", nargs="*", default=[], choices=["sdpa", "hla", "variants", "overhead"])
+    args = parser.parse_args(argv)
+    import triton
+
+    HEADER.update(device=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                  python=platform.python_version(), B=B, H=H, dtype="bfloat16",
+                  timing="CUDA events, 2 warm-ups, median of >= 5 reps (3 above 100 ms)",
+                  fla="not installed on the device (no wheels carried): no fla/power_retention rows")
+    HEADER["matmul_peak_tflops"] = matmul_peak_tflops()
+    print("bf16 matmul peak", HEADER["matmul_peak_tflops"], flush=True)
+    rows: list = []
+    overhead = []
+    if "overhead" not in args.skip:
+        try:
+            overhead = overhead_rows(args.out, rows)
+        except Exception:  # noqa: BLE001
+            traceback.print_exc()
+    HEADER["overhead"] = overhead
+    for n in args.ns:
+        if "sdpa" not in args.skip:
+            for d in (64, 128):
+                for causal in (False, True):
+                    meta, fwd, leaves = sdpa_case(n, d, causal)
+                    run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)
+        if "hla" not in args.skip:
+            for m, r, causal in HLA_CALLS:
+                meta, fwd, leaves = hla_case(m, r, n, causal)
+                run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)
+        if "variants" not in args.skip:
+            for spec, d in VARIANTS:
+                causal_set = (False, True) if spec in ("hla:m=2,phi=affine", "linear:phi=elu1") and d == 64 else (False,)
+                for causal in causal_set:
+                    meta, fwd, leaves = variant_case(spec, d, n, causal)
+                    run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)
+    atomic_write_json(args.out, {**HEADER, "rows": rows})
+
+
+if __name__ == "__main__":
+    main()

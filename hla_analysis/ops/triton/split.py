@@ -1,0 +1,182 @@
+"""Any factor width on the fused kernels: split the features, sum the parts, divide once.
+
+The kernels take widths 16, 32, 64 and 128. A factor of another width ``w`` is cut into
+column blocks of those widths, plus at most one block of width 1 (the constant feature of
+``phi=affine``, width ``d + 1``) or one short tail (zero-padded to 16). Similarities add
+over blocks, ``q.k = sum_b q_b.k_b``, so the M = 2 weight splits exactly:
+
+    (a0 + A)(b0 + B) = a0 b0 + a0 B + b0 A + A B
+
+(for affine factors ``(1 + a)(1 + b) = 1 + a + b + ab``). Each term is one fused launch:
+two blocks wider than 1 give an M = 2 part of their widths; a block of width 1 is a scalar
+per token, folded into the other factor's block as a scale, so the term is an M = 1 part;
+the M = 1 parts are concatenated (``q.k + q'.k' = [q, q'].[k, k']``) into launches of at most
+128 features. Tied factors (the same tensor objects) give equal cross terms, run once with
+weight 2. Every part returns its unnormalised numerator and normaliser (``NORMALIZE=False``
+in :func:`.kernels.apply_kernel`); they are summed and divided once, so the result is the
+exact HLA output. The cost follows the product of the real widths (plus one launch per
+part), not the next power of two: ``w = 65`` costs a 64 x 64 part and a 65-wide M = 1 part.
+
+:class:`PartFunction` is the autograd node of one part: the gradient of
+``o = sum_p num_p / sum_p den_p`` reaches each part as ``d num_p = g / den`` and
+``d den_p = -(g . o) / den``, which the existing backward kernels take as they are.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from hla_analysis.ops.triton.autograd import (
+    apply_states,
+    compute_states,
+    default_config,
+    factor_grads,
+    transposed,
+)
+
+KERNEL_WIDTHS = (16, 32, 64, 128)
+# widest factor the split path takes (129 is phi=affine at d = 128; M = 1 features such as
+# hedgehog at d = 128 are 256 wide)
+MAX_WIDTH = 256
+
+
+def _padded(w: int) -> int:
+    """Smallest kernel width >= w."""
+    for k in KERNEL_WIDTHS:
+        if k >= w:
+            return k
+    raise ValueError(f"block width {w} exceeds {KERNEL_WIDTHS[-1]}")
+
+
+def blocks(w: int) -> list[tuple[int, int]]:
+    """Column blocks ``(start, size)`` of a width-``w`` factor.
+
+    A leading width-1 block when ``w - 1`` is a multiple of 16 (the affine constant), then
+    the largest kernel widths that fit, then a tail (width 1, or < 16 and padded at launch).
+
+    >>> blocks(64), blocks(65), blocks(129), blocks(100), blocks(7)
+    ([(0, 64)], [(0, 1), (1, 64)], [(0, 1), (1, 128)], [(0, 64), (64, 32), (96, 4)], [(0, 7)])
+    """
+    if not 1 <= w <= MAX_WIDTH:
+        raise ValueError(f"factor width {w} outside 1..{MAX_WIDTH}")
+    out, start = [], 0
+    if w % 16 == 1 and w > 1:
+        out.append((0, 1))
+        start = 1
+    while start < w:
+        rest = w - start
+        size = next((k for k in reversed(KERNEL_WIDTHS) if k <= rest), rest)
+        out.append((start, size))
+        start += size
+    return out
+
+
+def needs_split(qs) -> bool:
+    return any(q.shape[-1] not in KERNEL_WIDTHS for q in qs)
+
+
+def _pad(t, width):
+    return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
+
+
+def _cols(t, block):
+    start, size = block
+    return t[..., start:start + size]
+
+
+def plan(qs, ks):
+    """The parts of one call: ``(m2, m1)`` with ``m2`` a list of ``(q1, q2, k1, k2)`` M = 2
+    parts (kernel widths) and ``m1`` a list of ``(q, k)`` M = 1 parts (kernel widths)."""
+    pool_q, pool_k, m2 = [], [], []
+    if len(qs) == 1:
+        pool_q.append(qs[0])
+        pool_k.append(ks[0])
+    else:
+        tied = qs[0] is qs[1] and ks[0] is ks[1]
+        b1, b2 = blocks(qs[0].shape[-1]), blocks(qs[1].shape[-1])
+        for i, x in enumerate(b1):
+            for j, y in enumerate(b2):
+                if tied and j < i:
+                    continue  # equal to the (j, i) term, counted there with weight 2
+                weight = 2.0 if tied and j > i else 1.0
+                q1, k1 = _cols(qs[0], x), _cols(ks[0], x)
+                q2, k2 = _cols(qs[1], y), _cols(ks[1], y)
+                if weight != 1.0:
+                    q1 = q1 * weight
+                if x[1] > 1 and y[1] > 1:
+                    m2.append((_pad(q1, _padded(x[1])), _pad(q2, _padded(y[1])),
+                               _pad(k1, _padded(x[1])), _pad(k2, _padded(y[1]))))
+                elif x[1] == 1:
+                    pool_q.append(q1 * q2)
+                    pool_k.append(k1 * k2)
+                else:
+                    pool_q.append(q2 * q1)
+                    pool_k.append(k2 * k1)
+    m1 = []
+    if pool_q:
+        fq, fk = torch.cat(pool_q, -1), torch.cat(pool_k, -1)
+        for start in range(0, fq.shape[-1], KERNEL_WIDTHS[-1]):
+            sl = slice(start, start + KERNEL_WIDTHS[-1])
+            width = _padded(fq[..., sl].shape[-1])
+            m1.append((_pad(fq[..., sl], width), _pad(fk[..., sl], width)))
+    return m2, m1
+
+
+class PartFunction(torch.autograd.Function):
+    """One part on flat tensors ``[BH, N, r]``: ``(num fp32 [BH, N, dv], den fp32 [BH, N])``."""
+
+    @staticmethod
+    def forward(ctx, q1, q2, k1, k2, v, causal, cfg):
+        k1t = transposed(k1, k2, cfg)
+        s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
+        q1t = transposed(q1, q2, cfg)
+        num, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t, normalize=False)
+        ctx.save_for_backward(q1, q2, k1, k2, v, s, z, q1t, k1t)
+        ctx.causal, ctx.cfg = causal, cfg
+        return num, den
+
+    @staticmethod
+    def backward(ctx, dnum, dden):
+        q1, q2, k1, k2, v, s, z, q1t, k1t = ctx.saved_tensors
+        causal, cfg = ctx.causal, ctx.cfg
+        if dnum is None:
+            dnum = torch.zeros(v.shape, device=v.device, dtype=v.dtype)
+        if dden is None:
+            dden = torch.zeros(v.shape[:-1], device=v.device, dtype=torch.float32)
+        dnum = dnum.to(v.dtype).contiguous()
+        dden = dden.float().contiguous()
+        ds, dz = compute_states(q1, q2, dnum, dden, mode="suffix" if causal else "total", cfg=cfg, f1t=q1t)
+        dq1, dq2, _ = factor_grads(q1, q2, dnum, dden, k1, k2, v, None, s, z,
+                                   causal=causal, query_side=True, cfg=cfg, x1t=q1t)
+        dk1, dk2, dv = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
+                                    causal=causal, query_side=False, cfg=cfg, x1t=k1t)
+        cast = lambda t, like: None if t is None else t.to(like.dtype)
+        return cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1), cast(dv, v), None, None
+
+
+def split_numden(qs, ks, v, *, causal: bool, config: dict | None = None):
+    """``(num, den)`` summed over the parts of flat factors ``[BH, N, w_m]`` (any widths <= MAX_WIDTH)."""
+    m2, m1 = plan(qs, ks)
+    num = den = None
+    dv = v.shape[-1]
+    for part in [*m2, *((q, None, k, None) for q, k in m1)]:
+        q1, q2, k1, k2 = (None if t is None else t.contiguous() for t in part)
+        r2 = 1 if q2 is None else q2.shape[-1]
+        cfg = default_config(r1=q1.shape[-1], r2=r2, dv=dv, causal=causal, dtype=v.dtype)
+        if config:
+            cfg.update(config)
+        pn, pd = PartFunction.apply(q1, q2, k1, k2, v, bool(causal), cfg)
+        num = pn if num is None else num + pn
+        den = pd if den is None else den + pd
+    return num, den
+
+
+def part_count(widths) -> int:
+    """Launch groups (parts) for factor widths ``widths`` (tied counted as untied)."""
+    if len(widths) == 1:
+        return math.ceil(widths[0] / KERNEL_WIDTHS[-1])
+    b1, b2 = blocks(widths[0]), blocks(widths[1])
+    return sum(1 for x in b1 for y in b2 if x[1] > 1 and y[1] > 1) + 1
