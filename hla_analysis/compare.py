@@ -29,8 +29,7 @@ from hla_analysis import __version__
 from hla_analysis.capture import load_capture
 from hla_analysis._io import atomic_write_json, atomic_write_table, exclusive_output_lock
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
-from hla_analysis.metrics.rows import broadcast_allowed, check_reference, check_scores
-from hla_analysis.metrics.streaming import StreamingAttentionMetrics
+from hla_analysis.metrics.streaming import StreamingAttentionMetrics, reference_rows
 from hla_analysis.variants import list_variants, make_variant
 
 METRICS = (
@@ -120,29 +119,25 @@ def _evaluate(
         if batch["causal"]:
             allowed = (torch.arange(n, device=q.device)[None, :]
                        <= torch.arange(start, rows.stop, device=q.device)[:, None])[sample]
-        _check_reference_block(p, scores, allowed, v)
+        # checked once here (p, scores, v), then shared by every variant
+        ref = reference_rows(p, allowed=allowed, v=v, scores=scores, k=topk, rank_stride=rank_stride)
+        del scores
         for spec, variant in variants.items():
+            if variant.kind == "softmax":  # its weights are the reference itself
+                accs[spec].update_against(ref, p)
+                continue
             weights, den = variant.weights(q_block, k, **kw)
             den = den.squeeze(-1)[..., sample]
             weights = weights[..., sample, :]
             # A row whose normalizer is <= 0 is a failure even where weights/den looks like a
             # distribution (all-negative numerators over a negative normalizer).
             invalid = ~(den > 0) | ~torch.isfinite(den)
-            p_hat = weights / torch.where(invalid, torch.ones_like(den), den)[..., None]
-            accs[spec].update(p, p_hat, allowed=allowed, v=v, scores=scores, invalid=invalid,
-                              reference_checked=True)
+            p_hat = weights.div_(torch.where(invalid, torch.ones_like(den), den)[..., None])
+            accs[spec].update_against(ref, p_hat, invalid=invalid)
+            del weights, p_hat
         if progress is not None:
             progress(rows.stop - rows.start)
     return {spec: acc.compute() for spec, acc in accs.items()}
-
-
-def _check_reference_block(p, scores, allowed, v) -> None:
-    """The checks every accumulator would repeat on the shared reference, done once per block."""
-    mask = broadcast_allowed(allowed, p.shape, p.device)
-    check_reference(p, mask)
-    check_scores(scores, mask)
-    if not torch.isfinite(v).all():
-        raise ValueError("v contains NaN/Inf; the output error needs finite values.")
 
 
 _REFERENCE = make_variant("softmax")
