@@ -29,8 +29,8 @@ from hla_analysis import __version__
 from hla_analysis.capture import load_capture
 from hla_analysis._io import atomic_write_json, atomic_write_table, exclusive_output_lock
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
-from hla_analysis.metrics.rows import broadcast_allowed, check_reference, check_scores
-from hla_analysis.metrics.streaming import StreamingAttentionMetrics
+from hla_analysis.metrics.streaming import StreamingAttentionMetrics, reference_rows
+from hla_analysis.swap.fits import fit_key, load_fits, save_fits
 from hla_analysis.variants import list_variants, make_variant
 
 METRICS = (
@@ -120,29 +120,25 @@ def _evaluate(
         if batch["causal"]:
             allowed = (torch.arange(n, device=q.device)[None, :]
                        <= torch.arange(start, rows.stop, device=q.device)[:, None])[sample]
-        _check_reference_block(p, scores, allowed, v)
+        # checked once here (p, scores, v), then shared by every variant
+        ref = reference_rows(p, allowed=allowed, v=v, scores=scores, k=topk, rank_stride=rank_stride)
+        del scores
         for spec, variant in variants.items():
+            if variant.kind == "softmax":  # its weights are the reference itself
+                accs[spec].update_against(ref, p)
+                continue
             weights, den = variant.weights(q_block, k, **kw)
             den = den.squeeze(-1)[..., sample]
             weights = weights[..., sample, :]
             # A row whose normalizer is <= 0 is a failure even where weights/den looks like a
             # distribution (all-negative numerators over a negative normalizer).
             invalid = ~(den > 0) | ~torch.isfinite(den)
-            p_hat = weights / torch.where(invalid, torch.ones_like(den), den)[..., None]
-            accs[spec].update(p, p_hat, allowed=allowed, v=v, scores=scores, invalid=invalid,
-                              reference_checked=True)
+            p_hat = weights.div_(torch.where(invalid, torch.ones_like(den), den)[..., None])
+            accs[spec].update_against(ref, p_hat, invalid=invalid)
+            del weights, p_hat
         if progress is not None:
             progress(rows.stop - rows.start)
     return {spec: acc.compute() for spec, acc in accs.items()}
-
-
-def _check_reference_block(p, scores, allowed, v) -> None:
-    """The checks every accumulator would repeat on the shared reference, done once per block."""
-    mask = broadcast_allowed(allowed, p.shape, p.device)
-    check_reference(p, mask)
-    check_scores(scores, mask)
-    if not torch.isfinite(v).all():
-        raise ValueError("v contains NaN/Inf; the output error needs finite values.")
 
 
 _REFERENCE = make_variant("softmax")
@@ -175,7 +171,7 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 
 def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool,
-                device: torch.device = torch.device("cpu")) -> tuple[pd.DataFrame, list[dict]]:
+                device: torch.device = torch.device("cpu")) -> tuple[pd.DataFrame, list[dict], dict]:
     all_inputs = list(range(cap.num_inputs))
     train = [_to_device(batch, device)
              for _, batch in _stacks(cap, layer, all_inputs[: config.train_inputs], config.train_inputs)]
@@ -184,7 +180,7 @@ def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool,
     stack = max(1, min(_EVAL_STACK, _MAP_ELEMENTS // (cap.num_heads * min(config.block_rows, longest) * longest)))
     heads, dim = cap.num_heads, cap.head_dim
     # fits first (in the order of the variants, as before), then every variant in one pass
-    variants, params, fits = {}, {}, []
+    variants, params, fits, states = {}, {}, [], {}
     for spec in config.variants:
         variant = make_variant(spec).bind(dim, heads=heads).to(device)
         params[spec] = 0
@@ -194,6 +190,8 @@ def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool,
             fits.append({"layer": layer, "variant": spec, "params_per_head": result.params_per_head,
                          "loss_initial": result.initial_loss, "loss_final": result.final_loss,
                          "steps": config.fit.steps})
+            prefix = fit_key(layer, spec, config.fit.objective)
+            states.update({prefix + name: t.detach().cpu() for name, t in variant.state_dict().items()})
         variants[spec] = variant
     del train
     total_rows = sum(cap.lengths)
@@ -220,11 +218,11 @@ def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool,
     sort = {spec: n for n, spec in enumerate(config.variants)}
     table = table.sort_values(["variant", "input"], key=lambda c: c.map(sort) if c.name == "variant" else c,
                               kind="stable").reset_index(drop=True)
-    return table, fits
+    return table, fits, states
 
 
-# inputs evaluated together (fewer Python round trips), within a memory budget per map block
-_EVAL_STACK = 8
+# inputs evaluated together (fewer Python round trips), within a memory budget per map block;
+_EVAL_STACK = 2  # measured: 2 is as fast as 8 on 2 cores (the maps then stay nearer the caches)
 _MAP_ELEMENTS = 2**25  # 128 MB of float32 per [I, H, block_rows, N] map
 
 
@@ -267,7 +265,7 @@ def run_comparison(
         Only per-head sums come back to the host; the table does not depend on the device
         beyond float rounding.
     overwrite : bool
-        Replace an existing ``out`` (and its ``.fits.csv`` / ``.settings.json``) that this
+        Replace an existing ``out`` (and its ``.fits.csv`` / ``.fits.safetensors`` / ``.settings.json``) that this
         tool did not write. Its own earlier results are replaced without asking.
     progress : bool
         Progress bars: layers, and per layer the query rows scored, with rows/s and an ETA.
@@ -317,7 +315,20 @@ def _check_device(device) -> torch.device:
 
 
 def _outputs(out: Path) -> list[Path]:
-    return [out, out.with_name(out.stem + ".fits.csv"), out.with_name(out.stem + ".settings.json")]
+    """Every file a run writes beside ``out``; the settings file (which marks them as ours) is [2]."""
+    return [out, out.with_name(out.stem + ".fits.csv"), out.with_name(out.stem + ".settings.json"),
+            fits_path(out)]
+
+
+def fits_path(out: str | Path) -> Path:
+    """``<out stem>.fits.safetensors``: the fitted per-head parameters of the learnable variants.
+
+    Keys are ``fit_key(layer, spec, objective) + <state_dict name>``
+    (:mod:`hla_analysis.swap.fits`); load with :func:`hla_analysis.swap.fits.load_fits` and
+    :func:`hla_analysis.swap.fits.layer_state`.
+    """
+    out = Path(out)
+    return out.with_name(out.stem + ".fits.safetensors")
 
 
 def _written_by_us(settings: Path) -> bool:
@@ -372,19 +383,23 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     atomic_write_json(settings_path, {k: v for k, v in settings.items() if k != "device"})
 
     started = time.perf_counter()
-    tables, fits = [], []
+    tables, fits, states = [], [], {}
     for layer in tqdm(range(cap.num_layers), desc="compare", unit="layer", disable=not progress):
         part = parts / f"layer_{layer:03d}.parquet"
         fit_part = parts / f"fits_{layer:03d}.json"
-        if part.exists() and fit_part.exists():
+        state_part = parts / f"fits_{layer:03d}.safetensors"
+        if part.exists() and fit_part.exists() and state_part.exists():
             tables.append(pd.read_parquet(part))
             fits.extend(json.loads(fit_part.read_text()))
+            states.update(load_fits(state_part))
             continue
-        table, layer_fits = _layer_rows(cap, layer, config, progress=progress, device=device)
-        atomic_write_table(part, table)
+        table, layer_fits, layer_states = _layer_rows(cap, layer, config, progress=progress, device=device)
+        save_fits(state_part, layer_states)
         atomic_write_json(fit_part, layer_fits)
+        atomic_write_table(part, table)  # written last: its presence marks the layer done
         tables.append(table)
         fits.extend(layer_fits)
+        states.update(layer_states)
 
     result = pd.concat(tables, ignore_index=True)
     result["model"] = cap.manifest.get("model")
@@ -402,6 +417,7 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     write_figure_tables(cap, result, out)  # issue 17: the numbers the single-head figures show
     fits_table = pd.DataFrame(fits, columns=["layer", "variant", "params_per_head", "loss_initial", "loss_final", "steps"])
     atomic_write_table(out.with_name(out.stem + ".fits.csv"), fits_table)
+    save_fits(fits_path(out), states, settings={k: v for k, v in settings.items() if k != "device"})
     atomic_write_json(out.with_name(out.stem + ".settings.json"),
                       {**settings, "seconds": round(time.perf_counter() - started, 2)})
     shutil.rmtree(parts)

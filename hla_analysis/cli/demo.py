@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=256, help="tokens per input (default 256)")
     p.add_argument("--variants", nargs="+", default=["default"], metavar="SPEC",
                    help="variant specs or 'default' (see `hla-analysis variants`)")
-    p.add_argument("--row-stride", type=int, default=2, metavar="S",
-                   help="score every S-th query row (default 2; 1 = all rows)")
+    p.add_argument("--row-stride", type=int, default=1, metavar="S",
+                   help="score every S-th query row (default 1: all rows)")
     p.add_argument("--device", default="cpu", help="torch device for capture, fits, maps and metrics (default cpu)")
     p.add_argument("--figures", metavar="DIR", help="where figures go (default OUT/figures)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

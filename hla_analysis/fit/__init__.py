@@ -88,13 +88,7 @@ def row_kl_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) ->
     """
     total, rows = 0.0, 0
     for batch, p in zip(batches, targets):
-        weights, den = variant.weights(batch["q"], batch["k"], scale=batch["scale"], causal=batch["causal"])
-        valid = (den > 0) & torch.isfinite(den)
-        p_hat = weights / torch.where(valid, den, torch.ones_like(den))
-        log_ratio = torch.log(p.clamp_min(_LOG_FLOOR)) - torch.log(p_hat.clamp_min(_LOG_FLOOR))
-        negative_mass = (-p_hat).clamp_min(0).sum(-1)
-        row_loss = (p * log_ratio).sum(-1) + negative_mass
-        valid = valid.squeeze(-1) & torch.isfinite(row_loss)
+        row_loss, valid = _row_kl(variant, batch, p, torch.log(p.clamp_min(_LOG_FLOOR)))
         total = total + torch.where(valid, row_loss, torch.zeros_like(row_loss)).sum()
         rows += int(valid.sum())
     if rows == 0:
@@ -102,6 +96,19 @@ def row_kl_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) ->
             f"{variant.spec} has no row with a positive normalizer on the training inputs; it cannot be fitted."
         )
     return total / rows
+
+
+def _row_kl(variant: Variant, batch: dict, p: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-row loss of :func:`row_kl_loss` and the rows that count (``log_p`` precomputed)."""
+    weights, den = variant.weights(batch["q"], batch["k"], scale=batch["scale"], causal=batch["causal"],
+                                   query_offset=batch.get("query_offset", 0))
+    valid = (den > 0) & torch.isfinite(den)
+    p_hat = weights / torch.where(valid, den, torch.ones_like(den))
+    log_ratio = log_p - torch.log(p_hat.clamp_min(_LOG_FLOOR))
+    row_loss = (p * log_ratio).sum(-1)
+    if not variant.positive:  # the negative mass of a positive variant is exactly 0
+        row_loss = row_loss + (-p_hat).clamp_min(0).sum(-1)
+    return row_loss, valid.squeeze(-1) & torch.isfinite(row_loss)
 
 
 def output_mse_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) -> Tensor:
@@ -134,17 +141,21 @@ def _init_shift(variant: Variant, batches: list[dict]) -> None:
 
     Factors ``1 + (s - b)/c`` are then >= 1 on every logit seen, so the weight starts
     monotone in q.k; a shift of tens of logits is beyond what a few Adam steps could travel.
+    Logits are formed one row block at a time (memory ``N x block``, never ``N x N``).
     """
     lowest = None
     for b in batches:
-        scores = (b["q"] @ b["k"].transpose(-1, -2)) * b["scale"]
-        if b["causal"]:
-            n_q, n_k = scores.shape[-2:]
-            future = torch.ones(n_q, n_k, dtype=torch.bool, device=scores.device).triu(n_k - n_q + 1)
-            scores = scores.masked_fill(future, float("inf"))
-        low = scores.flatten(-2).amin(-1)  # [..., H]
-        low = low.reshape(-1, low.shape[-1]).amin(0) if low.dim() > 1 else low
-        lowest = low if lowest is None else torch.minimum(lowest, low)
+        for block in _row_blocks(b):
+            scores = (block["q"] @ block["k"].transpose(-1, -2)) * block["scale"]
+            if block["causal"]:
+                n_q, n_k = scores.shape[-2:]
+                start = block.get("query_offset", 0)
+                rows = torch.arange(start, start + n_q, device=scores.device)[:, None]
+                future = torch.arange(n_k, device=scores.device)[None, :] > rows
+                scores = scores.masked_fill(future, float("inf"))
+            low = scores.flatten(-2).amin(-1)  # [..., H]
+            low = low.reshape(-1, low.shape[-1]).amin(0) if low.dim() > 1 else low
+            lowest = low if lowest is None else torch.minimum(lowest, low)
     with torch.no_grad():
         variant.shift.copy_(lowest.reshape(variant.shift.shape).to(variant.shift.dtype))
 
@@ -155,8 +166,35 @@ def _subsample_rows(batch: dict, stride: int) -> dict:
     return {**batch, "q": batch["q"][..., ::stride, :]}
 
 
+# Elements of one [..., rows, N] map of a fit's row block: the fit's memory is a few such
+# maps (autograd keeps the block's intermediates until its backward), whatever N is.
+FIT_MAP_ELEMENTS = 2**22
+
+
+def _row_blocks(batch: dict, map_elements: int | None = None) -> list[dict]:
+    """Split a batch's query rows into blocks whose ``[..., rows, N]`` maps stay within budget.
+
+    Each block carries its ``query_offset`` (the causal mask and positions need it); a batch
+    that fits the budget is returned whole, unchanged.
+    """
+    q, k = batch["q"], batch["k"]
+    n_rows, n_keys = q.shape[-2], k.shape[-2]
+    per_row = max(1, q[..., :1, :1].numel()) * n_keys
+    rows = max(1, (map_elements or FIT_MAP_ELEMENTS) // per_row)
+    if rows >= n_rows:
+        return [batch]
+    offset = batch.get("query_offset", 0)
+    return [{**batch, "q": q[..., s : s + rows, :], "query_offset": offset + s} for s in range(0, n_rows, rows)]
+
+
 def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = FitConfig()) -> FitResult:
     """Fit ``variant`` to softmax on ``batches`` (all heads of one layer at once).
+
+    The loss is formed one block of query rows at a time, with a backward per block, so
+    memory stays at a few ``[..., block_rows, N]`` maps (see ``FIT_MAP_ELEMENTS``) however
+    long the inputs are. The gradient is the same as that of the whole mean (up to float
+    rounding), since the number of rows that count does not depend on the parameters'
+    values through any differentiable path.
 
     Parameters
     ----------
@@ -186,23 +224,45 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
     if not batches:
         raise ValueError("fit_variant needs at least one training input; got none.")
     batches = [_subsample_rows(b, config.row_stride) for b in batches]
+    if config.objective == "output_mse" and any("v" not in b for b in batches):
+        raise ValueError("objective='output_mse' needs the values: give every batch a 'v' tensor [H, N, dv].")
     if getattr(variant, "shift", None) is not None:
         _init_shift(variant, batches)
     params = [p for p in variant.parameters() if p.requires_grad]
     heads = variant.heads or 1
     result = FitResult(params_per_head=sum(p.numel() for p in params) // heads)
-    targets = [
-        softmax_attention_map(b["q"], b["k"], scale=b["scale"], causal=b["causal"]).detach() for b in batches
-    ]
-    loss_of = row_kl_loss
-    if config.objective == "output_mse":
-        if any("v" not in b for b in batches):
-            raise ValueError("objective='output_mse' needs the values: give every batch a 'v' tensor [H, N, dv].")
-        targets = [(p @ b["v"]).detach() for p, b in zip(targets, batches)]
-        loss_of = output_mse_loss
+    blocks = [block for b in batches for block in _row_blocks(b)]
+    # Targets of short inputs are kept across steps; those of long ones (several blocks) are
+    # recomputed per block and step, so that they never pile up to N x N.
+    keep = len(blocks) == len(batches)
+    targets = [_target(b, config.objective) for b in blocks] if keep else None
+
+    def loss_and_backward(backward: bool) -> Tensor:
+        """The loss over every block; with ``backward`` its gradient lands in ``.grad``."""
+        if keep and len(blocks) == len(batches) == 1 and backward:
+            # one block: the plain mean and one backward, exactly as a single graph
+            loss = _loss_sums(variant, blocks[0], targets[0], config.objective)
+            loss = loss[0] / _count(loss[1], variant)
+            if torch.isfinite(loss):
+                loss.backward()
+            return loss.detach()
+        total, count = 0.0, 0
+        for i, block in enumerate(blocks):
+            target = targets[i] if keep else _target(block, config.objective)
+            block_sum, block_count = _loss_sums(variant, block, target, config.objective)
+            if backward and block_count and torch.isfinite(block_sum):
+                block_sum.backward()
+            total, count = total + block_sum.detach(), count + block_count
+        count = _count(count, variant)
+        if backward:
+            for p in params:
+                if p.grad is not None:
+                    p.grad.div_(count)
+        return total / count
+
     if not params:
         with torch.no_grad():
-            result.losses.append(float(loss_of(variant, batches, targets)))
+            result.losses.append(float(loss_and_backward(False)))
         return result
     torch.manual_seed(config.seed)
     optimiser = torch.optim.Adam(params, lr=config.lr)
@@ -210,15 +270,46 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(config.steps, 1))
     for _ in range(config.steps):
         optimiser.zero_grad(set_to_none=True)
-        loss = loss_of(variant, batches, targets)
+        loss = loss_and_backward(True)
         if not torch.isfinite(loss):
             raise ValueError(
                 f"fitting {variant.spec} diverged (loss {loss.item()}); lower the learning rate (lr={config.lr})."
             )
-        loss.backward()
         optimiser.step()
         schedule.step()
-        result.losses.append(float(loss.detach()))
+        result.losses.append(float(loss))
     with torch.no_grad():
-        result.losses.append(float(loss_of(variant, batches, targets)))
+        result.losses.append(float(loss_and_backward(False)))
     return result
+
+
+def _target(block: dict, objective: str) -> tuple[Tensor, Tensor]:
+    """Softmax rows of a block and, per objective, their floored logs or softmax's output."""
+    with torch.no_grad():
+        p = softmax_attention_map(block["q"], block["k"], scale=block["scale"], causal=block["causal"],
+                                  query_offset=block.get("query_offset", 0))
+        if objective == "output_mse":
+            return p @ block["v"], p
+        return p, torch.log(p.clamp_min(_LOG_FLOOR))
+
+
+def _loss_sums(variant: Variant, block: dict, target: tuple[Tensor, Tensor], objective: str) -> tuple[Tensor, int]:
+    """Sum of the per-row (or per-entry) losses of a block over the rows that count, and their count."""
+    if objective == "output_mse":
+        weights, den = variant.weights(block["q"], block["k"], scale=block["scale"], causal=block["causal"],
+                                       query_offset=block.get("query_offset", 0))
+        valid = (den > 0) & torch.isfinite(den)
+        output = (weights / torch.where(valid, den, torch.ones_like(den))) @ block["v"]
+        error = (output - target[0]).square().mean(-1)
+        valid = valid.squeeze(-1) & torch.isfinite(error)
+        return torch.where(valid, error, torch.zeros_like(error)).sum(), int(valid.sum())
+    row_loss, valid = _row_kl(variant, block, *target)
+    return torch.where(valid, row_loss, torch.zeros_like(row_loss)).sum(), int(valid.sum())
+
+
+def _count(count: int, variant: Variant) -> int:
+    if count == 0:
+        raise ValueError(
+            f"{variant.spec} has no row with a positive normalizer on the training inputs; it cannot be fitted."
+        )
+    return count

@@ -252,36 +252,58 @@ def average_ranks(x: Tensor, *, allowed: Tensor | None = None) -> Tensor:
     >>> average_ranks(torch.tensor([3.0, 1.0, 3.0, 2.0])).tolist()
     [2.5, 0.0, 2.5, 1.0]
     """
-    mask = broadcast_allowed(allowed, x.shape, x.device)
+    mask = None if allowed is None else broadcast_allowed(allowed, x.shape, x.device)
+    return _ranks(x, mask, torch.float64)
+
+
+def _ranks(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """Average ranks in ``dtype`` (float32 holds the half-integer ranks exactly up to 2**23 keys).
+
+    A tie group occupies sorted positions ``first..last``; its average rank is
+    ``(first + last) / 2``, found with a running max/min instead of scattered sums.
+    """
     n = x.shape[-1]
-    pos_inf = torch.full((), float("inf"), dtype=x.dtype, device=x.device)
-    # Masked entries sort last (allowed values are finite), so allowed ranks are 0..n_allowed-1.
-    sorted_vals, order = torch.sort(torch.where(mask, x, pos_inf), dim=-1)
-    new_group = torch.ones_like(sorted_vals, dtype=torch.bool)
-    new_group[..., 1:] = sorted_vals[..., 1:] != sorted_vals[..., :-1]
-    group = new_group.cumsum(-1) - 1
-    position = torch.arange(n, dtype=torch.float64, device=x.device).expand(sorted_vals.shape)
-    group_sum = torch.zeros(sorted_vals.shape, dtype=torch.float64, device=x.device)
-    group_sum.scatter_add_(-1, group, position)
-    group_count = torch.zeros_like(group_sum).scatter_add_(-1, group, torch.ones_like(position))
-    mean_rank = (group_sum / torch.clamp(group_count, min=1)).gather(-1, group)
+    if mask is not None:  # masked entries sort last (allowed values are finite)
+        x = torch.where(mask, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
+    sorted_vals, order = torch.sort(x, dim=-1)
+    position = torch.arange(n, device=x.device).expand(sorted_vals.shape)
+    starts = torch.ones(sorted_vals.shape, dtype=torch.bool, device=x.device)
+    starts[..., 1:] = sorted_vals[..., 1:] != sorted_vals[..., :-1]
+    if bool(starts.all()):  # no ties anywhere in the block: the ranks are the positions
+        mean_rank = position.to(dtype)
+    else:
+        ends = torch.ones_like(starts)
+        ends[..., :-1] = starts[..., 1:]
+        first = torch.where(starts, position, 0).cummax(-1).values
+        last = torch.where(ends, position, n - 1).flip(-1).cummin(-1).values.flip(-1)
+        mean_rank = (first + last).to(dtype) / 2
     return torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
 
 
-def _spearman(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    rx = average_ranks(x, allowed=mask)
-    ry = average_ranks(y, allowed=mask)
-    n = mask.sum(-1, keepdim=True).to(torch.float64)
-    zero = torch.zeros((), dtype=torch.float64, device=x.device)
-    mean = (n - 1) / 2  # average ranks of 0..n-1 keep their sum
-    dx = torch.where(mask, rx - mean, zero)
-    dy = torch.where(mask, ry - mean, zero)
-    vx = (dx * dx).sum(-1)
-    vy = (dy * dy).sum(-1)
+def _centred_ranks(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Ranks minus their row mean (0 outside ``mask``) and their float64 sum of squares."""
+    ranks = _ranks(x, mask, dtype)
+    if mask is None:
+        dev = ranks - (x.shape[-1] - 1) / 2  # average ranks of 0..n-1 keep their sum
+    else:
+        n = mask.sum(-1, keepdim=True).to(dtype)
+        dev = torch.where(mask, ranks - (n - 1) / 2, torch.zeros((), dtype=dtype, device=x.device))
+    return dev, dev.square().sum(-1, dtype=torch.float64)
+
+
+def _rank_correlation(dx: Tensor, vx: Tensor, dy: Tensor, vy: Tensor) -> Tensor:
+    """Pearson correlation of centred ranks (float64 sums); NaN where a row is constant."""
     defined = (vx > 0) & (vy > 0)
-    rho = (dx * dy).sum(-1) / torch.sqrt(torch.where(defined, vx * vy, torch.ones_like(vx)))
-    rho = torch.where(defined, torch.clamp(rho, -1.0, 1.0), torch.full_like(rho, float("nan")))
-    return rho.to(y.dtype)
+    cov = (dx * dy).sum(-1, dtype=torch.float64)
+    rho = cov / torch.sqrt(torch.where(defined, vx * vy, torch.ones_like(vx)))
+    return torch.where(defined, torch.clamp(rho, -1.0, 1.0), torch.full_like(rho, float("nan")))
+
+
+def _spearman(x: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+    dtype = torch.float64 if torch.float64 in (x.dtype, y.dtype) else torch.float32
+    dx, vx = _centred_ranks(x, mask, dtype)
+    dy, vy = _centred_ranks(y, mask, dtype)
+    return _rank_correlation(dx, vx, dy, vy).to(y.dtype)
 
 
 # ------------------------------------------------------------------------ public functions

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -30,13 +31,9 @@ from tqdm.auto import tqdm
 from hla_analysis._checks import allowed_keys
 from hla_analysis.metrics.rows import (
     KL_EPS,
+    _centred_ranks,
     _check_block,
-    _entropy,
-    _js,
-    _kl,
-    _spearman,
-    _topk_recall,
-    _tv,
+    _rank_correlation,
     broadcast_allowed,
     broadcast_mask,
     check_reference,
@@ -56,6 +53,228 @@ _COUNTS = (
     "spearman_rows",
 )
 _SQUARES = ("frobenius_diff", "frobenius_ref", "output_diff", "output_ref")
+
+
+@dataclass(frozen=True)
+class ReferenceRows:
+    """One block of reference rows and everything about them that every approximation reuses.
+
+    Built by :func:`reference_rows`; scored against by
+    :meth:`StreamingAttentionMetrics.update_against`. The logs, entropy, top-k set, output
+    and rank deviations of the reference are computed once per block here, instead of once
+    per approximation.
+    """
+
+    p: Tensor  # [..., R, N], zero outside mask
+    mask: Tensor | None  # bool [..., R, N]; None = every key allowed
+    empty: Tensor  # bool [..., R]: no allowed key
+    log_p: Tensor  # log p where p > 0, 0 elsewhere (so p * log_p = xlogy(p, p))
+    support: Tensor  # bool [..., R, N]: p > 0
+    entropy: Tensor  # [..., R]
+    frobenius: Tensor  # [..., R]: sum p^2
+    k: int
+    top: Tensor  # bool [..., R, N]: p's top-k entries, every entry tied with the k-th included
+    k_eff: Tensor  # [..., R]: min(k, allowed keys)
+    v: Tensor | None  # [..., N, dv]
+    output: Tensor | None  # [..., R, dv]: p @ v
+    output_sq: Tensor | None  # [..., R]
+    rank_stride: int
+    scores_dev: Tensor | None  # centred ranks of the scores on every rank_stride-th row
+    scores_var: Tensor | None  # their float64 sums of squares
+
+
+def reference_rows(
+    p: Tensor,
+    *,
+    allowed: Tensor | None = None,
+    v: Tensor | None = None,
+    scores: Tensor | None = None,
+    k: int = 5,
+    rank_stride: int = 1,
+    checked: bool = False,
+) -> ReferenceRows:
+    """Check one block of reference rows and compute what every comparison against it shares.
+
+    Parameters
+    ----------
+    p : Tensor
+        Softmax rows ``[..., R, N]``, zero outside ``allowed``; float16/bfloat16 become float32.
+    allowed, v, scores
+        As in :meth:`StreamingAttentionMetrics.update`.
+    k, rank_stride : int
+        Must equal the settings of the accumulators that will use the reference.
+    checked : bool
+        ``p``, ``scores`` and ``v`` were already checked by the caller: skip those checks.
+
+    Returns
+    -------
+    ReferenceRows
+
+    Raises
+    ------
+    ValueError
+        As :meth:`StreamingAttentionMetrics.update` does for the reference side.
+
+    Examples
+    --------
+    >>> import torch
+    >>> p = torch.softmax(torch.tensor([[2.0, 1.0, 0.0], [0.0, 0.0, 0.0]]), dim=-1)
+    >>> ref = reference_rows(p, k=1)
+    >>> acc_a, acc_b = StreamingAttentionMetrics(k=1), StreamingAttentionMetrics(k=1)
+    >>> acc_a.update_against(ref, p)
+    >>> acc_b.update_against(ref, torch.full((2, 3), 1 / 3))
+    >>> acc_a.compute()["kl_mean"], round(acc_b.compute()["tv_mean"], 4)
+    (0.0, 0.166)
+    """
+    _check_block("p", p)
+    if p.dim() < 2:
+        raise ValueError(f"p {tuple(p.shape)} must be a row block [..., R, N].")
+    tol = 1e-3
+    if p.dtype in (torch.float16, torch.bfloat16):  # the KL floor and logs need float32 range
+        p, tol = p.float(), 1e-2
+    device = p.device
+    mask = broadcast_allowed(allowed, p.shape, device)
+    if not checked:
+        check_reference(p, mask, tol=tol)
+    if v is not None:
+        if not isinstance(v, Tensor) or v.dim() < 2 or v.shape[-2] != p.shape[-1]:
+            got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
+            raise ValueError(f"v must be [..., N, dv] with N = {p.shape[-1]} keys, got {got}.")
+        if not checked and not torch.isfinite(v).all():
+            raise ValueError("v contains NaN/Inf; the output error needs finite values.")
+        v = v.to(device=device, dtype=p.dtype)
+    if scores is not None:
+        _check_block("scores", scores)
+        if scores.shape != p.shape:
+            raise ValueError(f"scores has shape {tuple(scores.shape)} but the rows are {tuple(p.shape)}; they must match.")
+        scores = scores.to(device)
+        if not checked:
+            check_scores(scores, mask)
+    every_key = allowed is None or bool(mask.all())
+    mask_or_none = None if every_key else mask
+    support = p > 0
+    log_p = torch.log(torch.where(support, p, torch.ones((), dtype=p.dtype, device=device)))
+    top, k_eff = _top_set(p, mask_or_none, k)
+    output = p @ v if v is not None else None
+    scores_dev = scores_var = None
+    if scores is not None:
+        sample = slice(None, None, rank_stride)
+        rank_dtype = torch.float64 if p.dtype == torch.float64 else torch.float32
+        scores_dev, scores_var = _centred_ranks(
+            scores[..., sample, :], None if every_key else mask[..., sample, :], rank_dtype
+        )
+    return ReferenceRows(
+        p=p, mask=mask_or_none, empty=~mask.any(-1), log_p=log_p, support=support,
+        entropy=0.0 - (p * log_p).sum(-1),  # 0 - x: a one-hot row gets +0.0, not -0.0
+        frobenius=p.square().sum(-1), k=k, top=top, k_eff=k_eff, v=v, output=output,
+        output_sq=output.square().sum(-1) if output is not None else None,
+        rank_stride=rank_stride, scores_dev=scores_dev, scores_var=scores_var,
+    )
+
+
+def _validate_pair(p: Tensor, p_hat: Tensor) -> tuple[Tensor, Tensor]:
+    _check_block("p", p)
+    _check_block("p_hat", p_hat)
+    if p.dim() < 2 or p.shape != p_hat.shape:
+        raise ValueError(
+            f"p {tuple(p.shape)} and p_hat {tuple(p_hat.shape)} must be row blocks [..., R, N] of the same shape."
+        )
+    if p.dtype != p_hat.dtype or p.device != p_hat.device:
+        raise ValueError(f"p is {p.dtype} on {p.device} but p_hat is {p_hat.dtype} on {p_hat.device}; use one dtype and device.")
+    return p, p_hat
+
+
+def _kth_largest(x: Tensor, mask: Tensor | None, k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per row: the ``min(k+1, N)`` largest allowed values and indices, and ``k_eff``."""
+    n = x.shape[-1]
+    if mask is None:
+        k_eff = torch.full(x.shape[:-1], min(k, n), dtype=torch.long, device=x.device)
+    else:
+        k_eff = torch.clamp(mask.sum(-1), max=k)
+        x = torch.where(mask, x, torch.full((), float("-inf"), dtype=x.dtype, device=x.device))
+    values, index = torch.topk(x, min(k + 1, n), dim=-1)
+    return values, index, k_eff
+
+
+def _top_set(p: Tensor, mask: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
+    """Bool map of p's top-k entries per row (every entry tied with the k-th largest counts)."""
+    values, _, k_eff = _kth_largest(p, mask, k)
+    tau = values.gather(-1, torch.clamp(k_eff - 1, min=0).unsqueeze(-1))
+    top = p >= tau
+    return (top if mask is None else top & mask), k_eff
+
+
+def _topk_recall_against(ref: ReferenceRows, q: Tensor) -> Tensor:
+    """Top-k recall of ``q`` against the reference's top set; ties at q's k-th weight averaged.
+
+    q's top-k takes every entry above its k-th largest weight ``t`` and ``k_eff - n_above``
+    of the entries equal to ``t``; averaging over every tie-break makes the value
+    deterministic. When no row has an entry equal to ``t`` outside topk's picks (no tie
+    across the cut), the hits are read off the picked indices directly.
+    """
+    values, index, k_eff = _kth_largest(q, ref.mask, ref.k)
+    k0 = min(ref.k, q.shape[-1])
+    t = values.gather(-1, torch.clamp(k_eff - 1, min=0).unsqueeze(-1))
+    k_f = k_eff.to(torch.float64)
+    if values.shape[-1] > k0:
+        after = values.gather(-1, torch.clamp(k_eff, max=values.shape[-1] - 1).unsqueeze(-1))
+        tie_across_cut = bool(((after == t).squeeze(-1) & (k_eff < values.shape[-1]) & (k_eff > 0)).any())
+    else:
+        tie_across_cut = False
+    if not tie_across_cut:
+        picked = ref.top.gather(-1, index[..., :k0])
+        within = torch.arange(k0, device=q.device) < k_eff.unsqueeze(-1)
+        hits = (picked & within).sum(-1).to(torch.float64)
+    else:
+        qm = q if ref.mask is None else torch.where(
+            ref.mask, q, torch.full((), float("-inf"), dtype=q.dtype, device=q.device))
+        above = qm > t
+        at = qm == t
+        n_above = above.sum(-1)
+        n_at = at.sum(-1)
+        hits = (above & ref.top).sum(-1).to(torch.float64)
+        tie_hits = (at & ref.top).sum(-1).to(torch.float64)
+        hits = hits + (k_eff - n_above).to(torch.float64) * tie_hits / torch.clamp(n_at, min=1)
+    recall = torch.minimum(hits, k_f) / torch.clamp(k_f, min=1)
+    return torch.where(k_eff > 0, recall, torch.full_like(recall, float("nan")))
+
+
+@dataclass(frozen=True)
+class _Terms:
+    kl: Tensor
+    floored: Tensor
+    js: Tensor
+    tv: Tensor
+    entropy: Tensor
+    frobenius: Tensor
+
+
+# log of 0 is -inf; clamped here so that 0 * log 0 = 0 without a where (any finite value
+# below log of the smallest subnormal float64, -744.4, leaves positive entries unchanged)
+_LOG_ZERO = -1.0e4
+
+
+def _divergence_terms(ref: ReferenceRows, q: Tensor, eps: float) -> _Terms:
+    """KL, JS, TV, entropy and Frobenius rows of ``q`` against the reference, with two logs.
+
+    ``log q`` serves the KL (floored at ``eps``, as :func:`~hla_analysis.metrics.kl_divergence_rows`),
+    the entropy of ``q`` and JS; ``log m`` with ``m = (p + q) / 2`` serves JS. Elementwise
+    log differences keep small divergences accurate.
+    """
+    p, log_p = ref.p, ref.log_p
+    log_q = torch.log(q).clamp_min_(_LOG_ZERO)
+    log_eps = math.log(eps) if q.dtype == torch.float64 else float(torch.log(torch.tensor(eps, dtype=q.dtype)))
+    kl = (p * (log_p - log_q.clamp_min(log_eps))).sum(-1)
+    floored = (ref.support & (q < eps)).any(-1)
+    q_log_q = q * log_q
+    both = p + q
+    log_m = torch.log(both * 0.5).clamp_min_(_LOG_ZERO)
+    js = 0.5 * ((p * (log_p - log_m)) + (q_log_q - q * log_m)).sum(-1)
+    diff = p - q
+    return _Terms(
+        kl=kl, floored=floored, js=js, tv=0.5 * torch.linalg.vector_norm(diff, ord=1, dim=-1),
+        entropy=0.0 - q_log_q.sum(-1), frobenius=diff.square().sum(-1),
+    )
 
 
 class StreamingAttentionMetrics:
@@ -167,9 +386,11 @@ class StreamingAttentionMetrics:
         query_mask : Tensor, optional
             Bool ``[..., R]``: rows to include (False = ignore the row entirely).
         reference_checked : bool
-            The caller has already checked ``p``, ``scores`` and ``v`` of this block (one
-            reference scored against many approximations): skip those checks, which cost
-            as much as a metric each. ``p_hat`` is always checked.
+            The caller has already checked ``p``, ``scores`` and ``v`` of this block: skip
+            those checks. ``p_hat`` is always checked. To score many approximations against
+            one reference, build it once with :func:`reference_rows` and call
+            :meth:`update_against` instead: the reference's logs, ranks and top-k are then
+            computed once.
 
         Raises
         ------
@@ -177,81 +398,91 @@ class StreamingAttentionMetrics:
             On shape/dtype mismatches, reference rows that are not probabilities on
             ``allowed``, or non-finite scores on allowed entries.
         """
-        _check_block("p", p)
-        _check_block("p_hat", p_hat)
-        if p.dim() < 2 or p.shape != p_hat.shape:
-            raise ValueError(
-                f"p {tuple(p.shape)} and p_hat {tuple(p_hat.shape)} must be row blocks [..., R, N] of the same shape."
-            )
-        if p.dtype != p_hat.dtype or p.device != p_hat.device:
-            raise ValueError(f"p is {p.dtype} on {p.device} but p_hat is {p_hat.dtype} on {p_hat.device}; use one dtype and device.")
-        tol = 1e-3
-        if p.dtype in (torch.float16, torch.bfloat16):  # the KL floor and logs need float32 range
-            p, p_hat, tol = p.float(), p_hat.float(), 1e-2
-        device = p.device
-        mask = broadcast_allowed(allowed, p.shape, device)
-        if not reference_checked:
-            check_reference(p, mask, tol=tol)
-        row_shape = p.shape[:-1]
-        invalid_b = self._row_mask("invalid", invalid, row_shape, device, default=False)
-        include = self._row_mask("query_mask", query_mask, row_shape, device, default=True)
+        p, p_hat = _validate_pair(p, p_hat)
+        ref = reference_rows(p, allowed=allowed, v=v, scores=scores, k=self.k, rank_stride=self.rank_stride,
+                             checked=reference_checked)
+        self.update_against(ref, p_hat, invalid=invalid, query_mask=query_mask)
+
+    def update_against(self, ref: ReferenceRows, p_hat: Tensor, *, invalid: Tensor | None = None,
+                       query_mask: Tensor | None = None) -> None:
+        """Add one block of rows scored against a prepared reference (see :func:`reference_rows`).
+
+        Same as :meth:`update` with the reference's ``p``, ``allowed``, ``v`` and ``scores``;
+        ``invalid`` and ``query_mask`` as there.
+        """
+        p_hat = self._validate_against(ref, p_hat)
+        row_shape = ref.p.shape[:-1]
+        invalid_b = self._row_mask("invalid", invalid, row_shape, ref.p.device, default=False)
+        include = self._row_mask("query_mask", query_mask, row_shape, ref.p.device, default=True)
         # Every check comes before the first accumulation, so a refused block leaves no trace.
-        if v is not None:
-            if not isinstance(v, Tensor) or v.dim() < 2 or v.shape[-2] != p.shape[-1]:
-                got = tuple(v.shape) if isinstance(v, Tensor) else type(v).__name__
-                raise ValueError(f"v must be [..., N, dv] with N = {p.shape[-1]} keys, got {got}.")
-            if not reference_checked and not torch.isfinite(v).all():
-                raise ValueError("v contains NaN/Inf; the output error needs finite values.")
-            v = v.to(device=device, dtype=p.dtype)
-        if scores is not None:
-            _check_block("scores", scores)
-            if scores.shape != p.shape:
-                raise ValueError(f"scores has shape {tuple(scores.shape)} but the rows are {tuple(p.shape)}; they must match.")
-            if not reference_checked:
-                check_scores(scores.to(device), mask)
-        if p.dim() < self.batch_dims + 2:
-            raise ValueError(f"blocks need {self.batch_dims} batch dim(s) before [R, N], got shape {tuple(p.shape)}.")
-        self._start(device, p.shape[-1], v is not None, scores is not None, p.shape[: self.batch_dims])
+        self._start(ref.p.device, ref.p.shape[-1], ref.v is not None, ref.scores_dev is not None,
+                    ref.p.shape[: self.batch_dims])
+        self._accumulate(ref, p_hat, invalid_b, include)
+
+    def _validate_against(self, ref: ReferenceRows, p_hat: Tensor) -> Tensor:
+        """Check ``p_hat`` against the reference and this accumulator's settings."""
+        if not isinstance(ref, ReferenceRows):
+            raise ValueError(f"ref must come from reference_rows(), got {type(ref).__name__}.")
+        _check_block("p_hat", p_hat)
+        if p_hat.dtype in (torch.float16, torch.bfloat16):
+            p_hat = p_hat.float()
+        if p_hat.shape != ref.p.shape or p_hat.dtype != ref.p.dtype or p_hat.device != ref.p.device:
+            raise ValueError(
+                f"p_hat is {tuple(p_hat.shape)} {p_hat.dtype} on {p_hat.device} but the reference rows are "
+                f"{tuple(ref.p.shape)} {ref.p.dtype} on {ref.p.device}; they must match."
+            )
+        if (ref.k, ref.rank_stride) != (self.k, self.rank_stride):
+            raise ValueError(
+                f"the reference was prepared with k={ref.k}, rank_stride={ref.rank_stride} but this accumulator "
+                f"uses k={self.k}, rank_stride={self.rank_stride}; prepare it with the same settings."
+            )
+        if ref.p.dim() < self.batch_dims + 2:
+            raise ValueError(f"blocks need {self.batch_dims} batch dim(s) before [R, N], got shape {tuple(ref.p.shape)}.")
+        return p_hat
+
+    def _accumulate(self, ref: ReferenceRows, p_hat: Tensor, invalid_b: Tensor, include: Tensor) -> None:
+        """Score the rows and add their sums; ``p_hat``'s failed rows are flagged, not scored.
+
+        Failed rows are never cleaned: whatever they give (NaN, Inf) is dropped by the
+        ``counted`` selection before any sum, and every kernel works row by row.
+        """
         acc = self._acc
         assert acc is not None and self._kl_max is not None
-
-        zero = torch.zeros((), dtype=p.dtype, device=device)
-        nonfinite = (mask & ~torch.isfinite(p_hat)).any(-1)
-        q = torch.where(mask, p_hat, zero)
-        negative = (q < 0).any(-1) & ~nonfinite
+        p, mask = ref.p, ref.mask
+        q = p_hat if mask is None else torch.where(mask, p_hat, torch.zeros((), dtype=p.dtype, device=p.device))
+        lowest, highest = torch.aminmax(q, dim=-1)  # NaN propagates into both
+        nonfinite = ~(torch.isfinite(lowest) & torch.isfinite(highest))
+        negative = (lowest < 0) & ~nonfinite
         failed = invalid_b | nonfinite | negative
-        empty = ~mask.any(-1)
-        # Failed rows are replaced by the reference so every kernel sees clean input; the
-        # `counted` weights below then drop them from every sum.
-        q = torch.where(failed.unsqueeze(-1), p, q)
-        counted = include & ~failed & ~empty
+        counted = include & ~failed & ~ref.empty
 
         def add(name: str, per_row: Tensor) -> None:
             acc[name] += self._reduce(torch.where(counted, per_row.to(torch.float64), 0.0))
 
-        kl, floored = _kl(p, q, self.eps)
-        add("kl", kl)
+        terms = _divergence_terms(ref, q, self.eps)
+        add("kl", terms.kl)
         self._kl_max = torch.maximum(
-            self._kl_max, self._amax(torch.where(counted, kl.to(torch.float64), float("-inf")))
+            self._kl_max, self._amax(torch.where(counted, terms.kl.to(torch.float64), float("-inf")))
         )
-        add("js", _js(p, q))
-        add("tv", _tv(p, q))
-        add("entropy_ref", _entropy(p))
-        add("entropy_approx", _entropy(q))
-        add("topk_recall", _topk_recall(p, q, mask, self.k))
-        add("frobenius_diff", (p - q).square().sum(-1))
-        add("frobenius_ref", p.square().sum(-1))
+        add("js", terms.js)
+        add("tv", terms.tv)
+        add("entropy_ref", ref.entropy)
+        add("entropy_approx", terms.entropy)
+        add("topk_recall", _topk_recall_against(ref, q))
+        add("frobenius_diff", terms.frobenius)
+        add("frobenius_ref", ref.frobenius)
 
-        if v is not None:
-            out_ref = p @ v
-            add("output_diff", (out_ref - q @ v).square().sum(-1))
-            add("output_ref", out_ref.square().sum(-1))
+        if ref.v is not None:
+            add("output_diff", (ref.output - q @ ref.v).square().sum(-1))
+            add("output_ref", ref.output_sq)
 
-        if scores is not None:
+        if ref.scores_dev is not None:
             sample = slice(None, None, self.rank_stride)
-            rho = _spearman(scores.to(device)[..., sample, :], q[..., sample, :], mask[..., sample, :])
+            q_s = q[..., sample, :]
+            dq, vq = _centred_ranks(q_s, None if mask is None else mask[..., sample, :], ref.scores_dev.dtype)
+            rho = _rank_correlation(ref.scores_dev, ref.scores_var, dq, vq)
             defined = counted[..., sample] & ~torch.isnan(rho)
-            acc["spearman"] += self._reduce(torch.where(defined, rho.to(torch.float64), 0.0))
+            acc["spearman"] += self._reduce(torch.where(defined, rho, 0.0))
             acc["spearman_rows"] += self._reduce(defined)
 
         acc["rows"] += self._reduce(include)
@@ -260,8 +491,8 @@ class StreamingAttentionMetrics:
         acc["invalid_rows"] += self._reduce(include & invalid_b)
         acc["nonfinite_rows"] += self._reduce(include & nonfinite)
         acc["negative_rows"] += self._reduce(include & negative)
-        acc["empty_rows"] += self._reduce(include & empty & ~failed)
-        acc["kl_floored_rows"] += self._reduce(counted & floored)
+        acc["empty_rows"] += self._reduce(include & ref.empty & ~failed)
+        acc["kl_floored_rows"] += self._reduce(counted & terms.floored)
 
     def _amax(self, x: Tensor) -> Tensor:
         return x.amax(dim=tuple(range(self.batch_dims, x.dim()))) if x.dim() > self.batch_dims else x

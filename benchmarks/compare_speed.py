@@ -1,0 +1,97 @@
+"""Wall time, rows/s and peak memory of ``hla-analysis compare`` on a capture (benchmark, not a test).
+
+Times the public call as a user makes it (``run_comparison`` with its checks, default
+variants, every query row) in a fresh subprocess, so ``ru_maxrss`` is that run's own peak.
+The issue-12 target: the 8 inputs x 256 tokens MiniLM capture on 2 cores in <= 30 s with
+<= 2 GB peak memory. Timings on a machine shared with other jobs must say so (``--loaded``).
+
+Usage::
+
+    hla-analysis capture --model minilm --out runs/cap8 --num-inputs 8 --max-tokens 256
+    .venv/bin/python benchmarks/compare_speed.py runs/cap8            # -> benchmarks/results/compare_speed.json
+    .venv/bin/python benchmarks/compare_speed.py runs/cap8 --loaded --tag loaded
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hla_analysis._io import atomic_write_json
+
+TARGET_SECONDS = 30.0
+TARGET_BYTES = 2 * 1000**3
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def _maxrss_bytes() -> int:
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
+
+
+def child(capture: str, variants: str, threads: int) -> dict:
+    import torch
+
+    from hla_analysis.capture import load_capture
+    from hla_analysis.compare import run_comparison
+
+    torch.set_num_threads(threads)
+    cap = load_capture(capture)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        table = run_comparison(capture, out=Path(tmp) / "r.parquet", variants=variants, progress=False)
+        seconds = time.perf_counter() - started
+    rows = sum(cap.lengths) * cap.num_layers  # query rows scored per variant
+    return {
+        "seconds": round(seconds, 2), "query_rows": rows, "rows_per_s": round(rows / seconds, 1),
+        "variants": int(table["variant"].nunique()), "peak_rss_bytes": _maxrss_bytes(),
+        "inputs": cap.num_inputs, "tokens": max(cap.lengths), "layers": cap.num_layers, "heads": cap.num_heads,
+        "model": cap.manifest.get("model"), "threads": threads, "torch": torch.__version__,
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("capture", help="capture directory (hla-analysis capture)")
+    parser.add_argument("--variants", default="default")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    parser.add_argument("--loaded", action="store_true", help="the machine was shared with other jobs")
+    parser.add_argument("--tag", default="", help="suffix of the result file: compare_speed_<tag>.json")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.capture, args.variants, args.threads)))
+        return 0
+    cmd = [sys.executable, __file__, args.capture, "--variants", args.variants, "--threads", str(args.threads), "--child"]
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        return done.returncode
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result.update({
+        "capture": str(Path(args.capture).resolve()), "machine": platform.machine(), "cpus": os.cpu_count(),
+        "loaded": args.loaded, "load_average_1min_at_end": load,
+        "target_seconds": TARGET_SECONDS, "target_peak_bytes": TARGET_BYTES,
+        "meets_targets": result["seconds"] <= TARGET_SECONDS and result["peak_rss_bytes"] <= TARGET_BYTES,
+        "command": " ".join(["python", "benchmarks/compare_speed.py", args.capture]
+                            + (["--loaded"] if args.loaded else [])),
+    })
+    out = RESULTS / (f"compare_speed_{args.tag}.json" if args.tag else "compare_speed.json")
+    atomic_write_json(out, result)
+    print(json.dumps(result, indent=2))
+    print(f"-> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
