@@ -316,8 +316,10 @@ def _check_device(device) -> torch.device:
 
 def _outputs(out: Path) -> list[Path]:
     """Every file a run writes beside ``out``; the settings file (which marks them as ours) is [2]."""
+    from hla_analysis.figure_tables import figure_table_paths
+
     return [out, out.with_name(out.stem + ".fits.csv"), out.with_name(out.stem + ".settings.json"),
-            fits_path(out)]
+            fits_path(out), *figure_table_paths(out).values()]
 
 
 def fits_path(out: str | Path) -> Path:
@@ -407,14 +409,13 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     result["fit_lr"] = config.fit.lr
     result["fit_seed"] = config.fit.seed
     result["row_stride"] = config.row_stride
-    # -- issue 17 (helper i17): the parsed spec as typed columns beside `variant` --
+    # the parsed spec as typed columns beside `variant`; the figures' numbers as their own tables
     from hla_analysis.figure_tables import write_figure_tables
     from hla_analysis.spec import add_spec_columns
 
     result = add_spec_columns(result, head_dim=cap.head_dim)
-    # -- end issue 17 --
     atomic_write_table(out, result)
-    write_figure_tables(cap, result, out)  # issue 17: the numbers the single-head figures show
+    write_figure_tables(cap, result, out)
     fits_table = pd.DataFrame(fits, columns=["layer", "variant", "params_per_head", "loss_initial", "loss_final", "steps"])
     atomic_write_table(out.with_name(out.stem + ".fits.csv"), fits_table)
     save_fits(fits_path(out), states, settings={k: v for k, v in settings.items() if k != "device"})

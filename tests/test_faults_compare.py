@@ -73,7 +73,8 @@ def test_resume_refuses_partial_results_of_another_capture(captures, tmp_path, m
 
 def test_a_users_files_are_not_overwritten(captures, tmp_path, monkeypatch):
     a, _ = captures
-    for name in ("notes.csv", "notes.fits.csv", "notes.settings.json"):
+    for name in ("notes.csv", "notes.fits.csv", "notes.settings.json", "notes.fits.safetensors",
+                 "notes.figure_maps.csv", "notes.figure_monotonicity.csv"):
         user = tmp_path / name
         user.write_text("my own notes\n")
         _no_work(monkeypatch)
