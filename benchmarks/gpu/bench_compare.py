@@ -75,7 +75,7 @@ def bench_synthetic(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     _sync(args.device)
     started = time.perf_counter()
-    table, _ = compare._layer_rows(cap, 0, config, progress=not args.quiet, device=torch.device(args.device))
+    table, _, _ = compare._layer_rows(cap, 0, config, progress=not args.quiet, device=torch.device(args.device))
     _sync(args.device)
     seconds = time.perf_counter() - started
     out = {"settings": {**shape, "inputs": cap.num_inputs, "layers": 1, "variants": args.variants,
