@@ -225,7 +225,8 @@ def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layer
                 failed = session.failed_fraction
                 status = "ok" if failed == 0 else "normaliser_failed"
                 values = _metrics(ref, out, ids, causal)
-                if not all(np.isfinite(v) for _, _, v in values):
+                # the model's output, not a metric (pairwise Spearman of 2 inputs is NaN by definition)
+                if not bool(torch.isfinite(out).all()):
                     status, values = "nonfinite_output", [(i, m, float("nan")) for i, m, _ in values]
                 done[key] = (values + [(None, "failed_fraction", failed)], status)
             values, status = done[key]

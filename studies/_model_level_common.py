@@ -72,24 +72,22 @@ def run_study(name: str, *, run: str, num_inputs: int, max_tokens: int, max_held
         timing["demo_seconds"] = round(time.perf_counter() - started, 1)
     out = folder / "model_level.parquet"
     if args.fresh or not out.is_file():
-        started, cpu = time.perf_counter(), time.process_time()
         fits = ["--fits", args.fits] if args.fits else []
         code = main(["evaluate", "--model", name, "--capture", str(folder / "capture"), "--results", str(results),
                      "--variants", args.variants, "--max-heldout", str(args.max_heldout), *fits, "--out", str(out),
                      *quiet])
         if code:
             return code
-        # CPU seconds of this process (torch's threads included): the time on 2 idle cores is about half
-        timing.update(evaluate_seconds=round(time.perf_counter() - started, 1),
-                      evaluate_cpu_seconds=round(time.process_time() - cpu, 1))
     estimate, low, high = make_figures(out, results, figures, error=error)
     objective_figures(out, figures, error=error)
     timing.update(load_average_end=os.getloadavg(), spearman=estimate, ci_low=low, ci_high=high,
                   run=str(folder), max_heldout=args.max_heldout)
     settings = json.loads(out.with_name(out.stem + ".settings.json").read_text())
-    timing["variants"] = len(settings["variants"])
-    if "evaluate_seconds" in timing:
-        atomic_write_json(figures / "run.json", timing)
+    # the evaluation's own wall and CPU seconds (CPU: torch's threads included; on 2 idle cores
+    # the wall time is about half of it); a resumed run counts the part after its restart
+    timing.update(variants=len(settings["variants"]), heldout=settings["heldout"],
+                  evaluate_seconds=settings.get("seconds"), evaluate_cpu_seconds=settings.get("cpu_seconds"))
+    atomic_write_json(figures / "run.json", timing)
     print(f"{name}: map KL vs model error Spearman {estimate:.2f} (95% CI {low:.2f}..{high:.2f}); "
           f"figures in {figures}")
     return 0

@@ -157,7 +157,7 @@ def test_evaluate_uses_given_fits(tiny, monkeypatch, tmp_path):
     out = tmp_path / "m.parquet"
     table = ev.run_model_evaluation("minilm", capture=cap_dir, results=root / "r.parquet", out=out,
                                     variants="linear:phi=hedgehog", objectives=("map_kl",), fits=path,
-                                    max_heldout=2, progress=False)
+                                    max_heldout=3, progress=False)
     assert fitted_layers == ["map_kl"]  # the one layer the file lacks
     written = load_fits(out.with_name("m.fits.safetensors"))
     assert all(torch.equal(written[k], t) for k, t in given.items())
@@ -168,6 +168,6 @@ def test_evaluate_uses_given_fits(tiny, monkeypatch, tmp_path):
     save_fits(tmp_path / "o.fits.safetensors", other)
     table2 = ev.run_model_evaluation("minilm", capture=cap_dir, results=root / "r.parquet", out=tmp_path / "o.parquet",
                                      variants="linear:phi=hedgehog", objectives=("map_kl",),
-                                     fits=tmp_path / "o.fits.safetensors", max_heldout=2, progress=False)
+                                     fits=tmp_path / "o.fits.safetensors", max_heldout=3, progress=False)
     cos = lambda t: t[(t.metric == "embedding_cosine") & (t.input < 0) & (t.layer == 0) & (t.swap_mode == "single")].value.iloc[0]
     assert cos(table) != cos(table2)
