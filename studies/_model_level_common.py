@@ -30,11 +30,12 @@ from model_level_figures import make_figures, objective_figures  # noqa: E402
 from hla_analysis._io import atomic_write_json  # noqa: E402
 from hla_analysis.cli import main  # noqa: E402
 
-# Ten variants beside softmax: the usable default kernels (every row normalisable on MiniLM)
-# and the HLA forms, three of them fitted (by map KL and by output MSE).
+# Nine variants beside softmax: the usable default kernels (every row normalisable on MiniLM)
+# and the HLA forms, two of them fitted (by map KL and by output MSE). Hedgehog (fitted too)
+# is left out to keep the study near 10 minutes: each fitted variant costs 2 fits per layer.
 VARIANTS = ("softmax", "linear:phi=elu1", "linear:phi=relu", "linear:phi=favor,m=256", "linear:phi=taylor",
             "linear:phi=cosformer", "hla:m=2,phi=affine", "hla:m=4,phi=affine", "hla:m=2,phi=affine,proj=1",
-            "hla:m=4,phi=affine,proj=1", "linear:phi=hedgehog")
+            "hla:m=4,phi=affine,proj=1")
 
 
 def _parser(name: str, run: str, num_inputs: int, max_tokens: int, max_heldout: int) -> argparse.ArgumentParser:
