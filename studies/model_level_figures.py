@@ -36,6 +36,8 @@ def make_figures(evaluation: Path, results: Path, folder: Path, *, error: str, b
              .agg(model_error=("value", "mean"), status=("status", lambda s: "ok" if (s == "ok").all() else s.iloc[0])))
     atomic_write_table(folder / "damage_vs_layers.csv", curve)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    names = sorted(v for v in curve.variant.unique() if v != "softmax")
+    palette = dict(zip(names, plt.get_cmap("tab20" if len(names) > 10 else "tab10").colors))
     for ax, mode in zip(axes, ("single", "cumulative")):
         for (variant, objective), g in curve[curve.swap_mode == mode].groupby(["variant", "objective"]):
             if variant == "softmax":
@@ -43,6 +45,7 @@ def make_figures(evaluation: Path, results: Path, folder: Path, *, error: str, b
             style = "--" if objective == "output_mse" else "-"
             failed = (g.status != "ok").any()
             ax.plot(g.layer, g.model_error.clip(lower=1e-8), style, marker="x" if failed else "o", ms=3,
+                    color=palette[variant],
                     label=f"{variant}" + (f" [{objective}]" if objective != "none" else "") + (" (failed rows)" if failed else ""))
         ax.set_yscale("log")
         ax.set_xlabel("layer l" + (" (swapped alone)" if mode == "single" else " (layers 0..l swapped)"))
@@ -74,7 +77,7 @@ def make_figures(evaluation: Path, results: Path, folder: Path, *, error: str, b
     atomic_write_table(folder / "mapkl_vs_model.csv", points)
     fig, ax = plt.subplots(figsize=(7, 5))
     for variant, g in points.groupby("variant"):
-        ax.scatter(g.map_kl, g.model_error.clip(lower=1e-8), s=14, label=variant)
+        ax.scatter(g.map_kl, g.model_error.clip(lower=1e-8), s=14, label=variant, color=palette.get(variant))
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("per-layer map KL(softmax || variant), held-out mean over heads and inputs")
@@ -128,7 +131,7 @@ def objective_figures(evaluation: Path, folder: Path, *, error: str) -> pd.DataF
                     color=colors[variant], label=f"{variant} [{'map KL' if objective == 'map_kl' else 'output MSE'}]")
         ax.set_yscale("log")
         ax.set_xlabel("layer l" + (" (swapped alone)" if mode == "single" else " (layers 0..l swapped)"))
-        ax.set_title(f"{mode} swap: fitted by map KL (solid) or output MSE (dashed)")
+        ax.set_title(f"{mode} swap; solid: fitted by map KL, dashed: by output MSE", fontsize=10)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"model error: {label} (held-out mean)")
     axes[1].legend(fontsize=7, loc="lower right")
