@@ -14,6 +14,7 @@ input, metric, value, status``; each variant/objective is written atomically int
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
@@ -60,12 +61,21 @@ def _load(model: str, causal: bool):
     return load_model(model).model
 
 
-def fit_parameters(cap, specs, *, train_inputs: int, fit: FitConfig, objectives=OBJECTIVES, progress=False) -> tuple[dict, list]:
-    """Fit every learnable spec per layer on the training inputs, once per objective."""
-    params, log = {}, []
+def fit_parameters(cap, specs, *, train_inputs: int, fit: dict | FitConfig, objectives=OBJECTIVES, have=None,
+                   progress=False) -> tuple[dict, list]:
+    """Fit every learnable spec per layer on the training inputs, once per objective.
+
+    ``have`` (a fits dict, e.g. the ``.fits.safetensors`` that ``compare`` writes) supplies
+    parameters already fitted: a layer/spec/objective it holds is taken as is, not refitted.
+    Returns ``(params, log)``; ``params`` holds the given and the new parameters.
+    """
+    have = dict(have or {})
+    params, log = dict(have), []
+    fit = fit.as_dict() if isinstance(fit, FitConfig) else dict(fit)
     learnable = [s for s in specs if is_learnable(make_variant(s))]
     jobs = [(layer, s, o) for layer in range(cap.num_layers) for s in learnable for o in objectives]
-    for layer, spec, objective in tqdm(jobs, desc="fit", disable=not progress):
+    todo = [j for j in jobs if not any(k.startswith(fit_key(j[0], make_variant(j[1]).spec, j[2])) for k in have)]
+    for layer, spec, objective in tqdm(todo, desc="fit", disable=not progress):
         data = [cap.get(layer, i) for i in range(train_inputs)]
         batch = {n: torch.stack([d[n] for d in data]) for n in ("q", "k", "v")}
         batch.update(scale=data[0]["scale"], causal=data[0]["causal"])
@@ -73,7 +83,12 @@ def fit_parameters(cap, specs, *, train_inputs: int, fit: FitConfig, objectives=
         config = FitConfig(**{**fit, "objective": objective})
         result = fit_variant(variant, [batch], config=config)
         params.update({fit_key(layer, variant.spec, objective) + n: t for n, t in variant.state_dict().items()})
-        log.append({"layer": layer, "variant": spec, "objective": objective, "loss_final": result.final_loss})
+        log.append({"layer": layer, "variant": spec, "objective": objective, "loss_initial": result.initial_loss,
+                    "loss_final": result.final_loss})
+    for layer, spec, objective in jobs:
+        if (layer, spec, objective) not in todo:
+            log.append({"layer": layer, "variant": spec, "objective": objective, "loss_initial": None,
+                        "loss_final": None, "source": "given fits"})
     return params, log
 
 
@@ -110,25 +125,119 @@ def _metrics(ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, causal: bo
     return rows
 
 
-def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layers, modes) -> list[tuple]:
-    rows = []
+class BlockCache:
+    """Reuse transformer-block outputs between runs of one model on the same inputs.
+
+    Block ``i``'s output depends only on the inputs and on which of the layers ``0..i`` are
+    swapped (and with what). A run that agrees with an earlier one on ``0..i`` takes block
+    ``i``'s output from it instead of recomputing: a single swap of layer ``l`` reuses the
+    original model's blocks ``0..l-1``, a cumulative swap of ``0..l`` reuses blocks ``0..l-1``
+    of the cumulative swap of ``0..l-1``. Only those two prefixes are kept (nothing swapped,
+    everything swapped), so memory is ``2 * num_layers`` block outputs. This halves the work
+    of the ``single`` + ``cumulative`` sweep; :func:`tests.test_evaluate` checks that every
+    output equals the plain, uncached forward.
+
+    Use :meth:`set` before each forward: the swapped layers and a tag naming the variant.
+    """
+
+    def __init__(self, blocks):
+        self.blocks = blocks
+        self.store: dict = {}
+        self.swapped: frozenset = frozenset()
+        self.tag = None
+        self.hits = 0
+
+    @staticmethod
+    def find(net, num_layers: int):
+        """The ``ModuleList`` of the model's transformer blocks, or None if there is none."""
+        for _, module in net.named_modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) == num_layers:
+                return module
+        return None
+
+    def set(self, swapped=(), tag=None) -> None:
+        swapped = frozenset(swapped)
+        if swapped and tag != self.tag:  # a new variant: its swapped prefixes are of no use
+            self.store = {k: v for k, v in self.store.items() if not k[1]}
+            self.tag = tag
+        self.swapped = swapped
+
+    def __enter__(self):
+        for i, block in enumerate(self.blocks):
+            block.forward = self._wrap(i, block.forward)  # an instance attribute shadows the method
+        return self
+
+    def __exit__(self, *exc):
+        for block in self.blocks:
+            del block.forward
+        self.store.clear()
+
+    def _wrap(self, i, forward):
+        def run(*args, **kwargs):
+            prefix = frozenset(layer for layer in self.swapped if layer <= i)
+            key = (i, prefix)
+            if key in self.store:
+                self.hits += 1
+                return self.store[key]
+            out = forward(*args, **kwargs)
+            if not prefix or prefix == frozenset(range(i + 1)):
+                self.store[key] = out
+            return out
+
+        return run
+
+
+def layer_order(net, ids: torch.Tensor, causal: bool) -> dict[int, int]:
+    """``{id(attention module): layer}`` in call order, read from one short softmax-swapped run."""
+    with swap_attention(net, "softmax") as session:
+        _forward(net, ids[:1, : min(4, ids.shape[1])], causal)
+    return dict(session._ids)
+
+
+def _blocks_match(blocks, order: dict[int, int]) -> bool:
+    """Whether the i-th attention module called lives in the i-th block (needed by BlockCache)."""
+    where = {id(m): i for i, block in enumerate(blocks) for m in block.modules()}
+    return len(order) == len(blocks) and all(where.get(m) == layer for m, layer in order.items())
+
+
+def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layers, modes, *, cache=None,
+                 order=None) -> list[tuple]:
+    """Rows of one variant: every layer swapped alone and as the prefix ``0..l``.
+
+    A swapped set that both modes share (layer 0 alone = layers 0..0) runs once. With
+    ``cache`` (a :class:`BlockCache` entered on ``net``) and ``order`` (:func:`layer_order`),
+    blocks whose output an earlier run already computed are reused.
+    """
+    rows, done = [], {}
     for mode in modes:
         for layer in layers:
             chosen = [layer] if mode == "single" else list(range(layer + 1))
-            with swap_attention(net, spec, layers=chosen, fits=fits, objective=objective) as session:
-                out = _forward(net, ids, causal)
-            failed = session.failed_fraction
-            status = "ok" if failed == 0 else "normaliser_failed"
-            values = _metrics(ref, out, ids, causal)
-            if not all(np.isfinite(v) for _, _, v in values):
-                status, values = "nonfinite_output", [(i, m, float("nan")) for i, m, _ in values]
-            for i, metric, value in values + [(None, "failed_fraction", failed)]:
+            key = frozenset(chosen)
+            if key not in done:
+                if cache is not None:
+                    cache.set(chosen, (spec, objective))
+                with swap_attention(net, spec, layers=chosen, fits=fits, objective=objective) as session:
+                    if order:
+                        session._ids.update(order)
+                    out = _forward(net, ids, causal)
+                if cache is not None:
+                    cache.set()
+                failed = session.failed_fraction
+                status = "ok" if failed == 0 else "normaliser_failed"
+                values = _metrics(ref, out, ids, causal)
+                # the model's output, not a metric (pairwise Spearman of 2 inputs is NaN by definition)
+                if not bool(torch.isfinite(out).all()):
+                    status, values = "nonfinite_output", [(i, m, float("nan")) for i, m, _ in values]
+                done[key] = (values + [(None, "failed_fraction", failed)], status)
+            values, status = done[key]
+            for i, metric, value in values:
                 rows.append((spec, objective, layer, len(chosen), mode, "heldout", i, metric, value, status))
     return rows
 
 
 def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path, out: str | Path,
                          variants="default", objectives=OBJECTIVES, max_heldout: int | None = None,
+                         fits: str | Path | None = None, reuse_blocks: bool = True,
                          progress: bool = True) -> pd.DataFrame:
     """Swap every variant into ``model`` layer by layer and write the tidy model-level table.
 
@@ -149,6 +258,13 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         Fitting objectives of learnable variants (``map_kl``, ``output_mse``).
     max_heldout : int, optional
         Evaluate only the first held-out inputs (cost grows with their number).
+    fits : path, optional
+        A ``.fits.safetensors`` file (the one ``compare`` writes beside its table, or an
+        earlier ``evaluate``'s): the layers/variants/objectives it holds are used as fitted
+        there, not refitted; only what it lacks is fitted.
+    reuse_blocks : bool
+        Reuse transformer-block outputs shared between swaps (:class:`BlockCache`); False
+        runs every swap as a plain full forward (the reference the cache is tested against).
     """
     from hla_analysis.compare import resolve_variants
 
@@ -158,6 +274,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
         raise ValueError(f"unknown objectives {bad}; choose from {', '.join(OBJECTIVES)}")
+    given = load_fits(fits) if fits is not None else None
     settings = _compare_settings(results)
     specs = resolve_variants(settings["variants"] if variants == "default" else variants)
     cap = load_capture(capture)
@@ -168,48 +285,60 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     if len({cap.lengths[i] for i in heldout}) != 1:
         raise ValueError("held-out inputs differ in length; capture with packing='pack' for equal lengths")
     causal = bool(cap.manifest["causal"])
-    key = hashlib.sha256(json.dumps([str(capture.resolve()), specs, list(objectives), heldout, settings["fit"]]).encode()).hexdigest()[:16]
+    fits_digest = hashlib.sha256(Path(fits).read_bytes()).hexdigest()[:16] if fits is not None else None
+    key = hashlib.sha256(json.dumps([str(capture.resolve()), specs, list(objectives), heldout, settings["fit"],
+                                     fits_digest]).encode()).hexdigest()[:16]
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     marker = parts / "settings.json"
     if marker.exists() and json.loads(marker.read_text()).get("key") != key:
         raise ValueError(f"{parts} holds partial results of a run with other settings; delete it or choose another --out")
     atomic_write_json(marker, {"key": key})
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
 
     fits_path = out.with_name(out.stem + ".fits.safetensors")
     if not (parts / "fits.safetensors").is_file():
         params, log = fit_parameters(cap, specs, train_inputs=train, fit=settings["fit"], objectives=objectives,
-                                     progress=progress)
+                                     have=given, progress=progress)
         atomic_write_json(parts / "fits_log.json", log)
-        save_fits(parts / "fits.safetensors", params, settings={"fit": settings["fit"], "train_inputs": train})
-    fits = load_fits(parts / "fits.safetensors")
+        save_fits(parts / "fits.safetensors", params,
+                  settings={"fit": settings["fit"], "train_inputs": train, "given_fits": str(fits) if fits else None})
+    fitted = load_fits(parts / "fits.safetensors")
 
     net = _load(model, causal)
     ids = torch.stack([cap.get(0, i, verify=False)["input_ids"] for i in heldout])
-    ref = _forward(net, ids, causal)
+    order = layer_order(net, ids, causal)
+    blocks = BlockCache.find(net, cap.num_layers) if reuse_blocks else None
+    cache = BlockCache(blocks) if blocks is not None and _blocks_match(blocks, order) else None
     layers = list(range(cap.num_layers))
     jobs = [(s, o if is_learnable(make_variant(s)) else "none") for s in specs for o in objectives]
     jobs = list(dict.fromkeys(jobs))
     tables = []
-    for spec, objective in tqdm(jobs, desc=f"evaluate {model}", unit="variant", disable=not progress):
-        part = parts / f"{hashlib.sha256(f'{spec}|{objective}'.encode()).hexdigest()[:12]}.parquet"
-        if not part.exists():
-            rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fits, ids, ref, causal,
-                                cap.num_layers, layers, SWAP_MODES)
-            table = pd.DataFrame(rows, columns=COLUMNS[1:])
-            table["objective"] = objective
-            table["input"] = table["input"].map(lambda i: heldout[int(i)] if i is not None and i == i else -1)
-            atomic_write_table(part, table)
-        tables.append(pd.read_parquet(part))
+    with cache if cache is not None else contextlib.nullcontext():
+        ref = _forward(net, ids, causal)
+        for spec, objective in tqdm(jobs, desc=f"evaluate {model}", unit="variant", disable=not progress):
+            part = parts / f"{hashlib.sha256(f'{spec}|{objective}'.encode()).hexdigest()[:12]}.parquet"
+            if not part.exists():
+                rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fitted, ids, ref,
+                                    causal, cap.num_layers, layers, SWAP_MODES, cache=cache, order=order)
+                table = pd.DataFrame(rows, columns=COLUMNS[1:])
+                table["objective"] = objective
+                table["input"] = table["input"].map(lambda i: heldout[int(i)] if i is not None and i == i else -1)
+                atomic_write_table(part, table)
+            tables.append(pd.read_parquet(part))
     table = pd.concat(tables, ignore_index=True)
     table.insert(0, "model", cap.manifest.get("model"))
     table["train_inputs"] = train
     table["fit_steps"] = settings["fit"]["steps"]
     atomic_write_table(out, table)
     shutil.copyfile(parts / "fits.safetensors", fits_path)
+    log = json.loads((parts / "fits_log.json").read_text()) if (parts / "fits_log.json").is_file() else []
     atomic_write_json(out.with_name(out.stem + ".settings.json"),
                       {"capture": str(capture.resolve()), "results": str(results.resolve()), "variants": list(specs),
-                       "objectives": list(objectives), "heldout": heldout, "seconds": round(time.perf_counter() - started, 1)})
+                       "objectives": list(objectives), "heldout": heldout, "given_fits": str(fits) if fits else None,
+                       "fit_log": log,
+                       # this process only: a resumed run counts the work done after the restart
+                       "seconds": round(time.perf_counter() - started, 1),
+                       "cpu_seconds": round(time.process_time() - cpu_started, 1)})
     shutil.rmtree(parts)
     return table

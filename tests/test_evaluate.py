@@ -87,3 +87,87 @@ def test_output_mse_objective_fits_outputs():
     no_v = {k: v for k, v in batch.items() if k != "v"}
     with pytest.raises(ValueError, match="'v'"):
         fit_variant(make_variant("linear:phi=hedgehog").bind(4, heads=2), [no_v], config=FitConfig(objective="output_mse"))
+
+
+@pytest.mark.parametrize("arch", ["bert", "llama"])
+def test_block_cache_equals_plain_forward(arch, monkeypatch):
+    """The block-reuse fast path gives the outputs of plain full forwards, single and cumulative swaps."""
+    import torch
+
+    import hla_analysis.evaluate as ev
+    from tests.test_swap import _bert, _ids, _llama
+
+    causal = arch == "llama"
+    net = _llama() if causal else _bert()
+    net.set_attn_implementation("eager")
+    # the metrics of a random tiny model sit at 1 - 1e-7; compare the raw outputs instead
+    monkeypatch.setattr(ev, "_metrics", lambda ref, out, ids, causal: [(None, f"out{j}", float(x))
+                                                                       for j, x in enumerate(out.flatten()[::7])])
+    ids = _ids(3, 12, seed=5)
+    layers = list(range(net.config.num_hidden_layers))
+    order = ev.layer_order(net, ids, causal)
+    blocks = ev.BlockCache.find(net, len(layers))
+    assert blocks is not None and ev._blocks_match(blocks, order)
+    ref = ev._forward(net, ids, causal)
+    specs = ("hla:m=2,phi=affine", "linear:phi=elu1")
+    plain = {s: ev._run_variant(net, s, "map_kl", None, ids, ref, causal, len(layers), layers, ev.SWAP_MODES)
+             for s in specs}
+    with ev.BlockCache(blocks) as cache:
+        cache.set()
+        ref_cached = ev._forward(net, ids, causal)
+        fast = {s: ev._run_variant(net, s, "map_kl", None, ids, ref_cached, causal, len(layers), layers,
+                                   ev.SWAP_MODES, cache=cache, order=order) for s in specs}
+        assert cache.hits > 0
+    assert "forward" not in blocks[0].__dict__  # the blocks are restored
+    assert torch.equal(ref, ref_cached)
+    scale = max(abs(r[-2]) for r in plain[specs[0]])
+    for s in specs:
+        assert len(plain[s]) == len(fast[s])
+        for a, b in zip(plain[s], fast[s]):
+            assert a[:-2] == b[:-2] and a[-1] == b[-1]
+            # the same float32 operations on the same tensors: equal up to a few ulps
+            assert abs(a[-2] - b[-2]) <= 1e-6 * scale, (a, b)
+    # the variants move the outputs by far more than that tolerance: the comparison can fail
+    assert max(abs(a[-2] - b[-2]) for a, b in zip(fast[specs[0]], fast[specs[1]])) > 1e-4 * scale
+
+
+@pytest.mark.slow
+def test_evaluate_uses_given_fits(tiny, monkeypatch, tmp_path):
+    """--fits: parameters the file holds are used as they are; only the missing layers are fitted."""
+    import torch
+
+    import hla_analysis.evaluate as ev
+    from hla_analysis.capture import load_capture
+    from hla_analysis.swap import fit_key, load_fits, save_fits
+    from hla_analysis.variants import make_variant
+
+    root, cap_dir = tiny
+    cap = load_capture(cap_dir)
+    spec = make_variant("linear:phi=hedgehog").spec
+    given = {}
+    for layer in range(cap.num_layers - 1):  # the last layer is left for evaluate to fit
+        var = make_variant(spec).bind(cap.head_dim, heads=cap.num_heads)
+        torch.manual_seed(layer)
+        for name, t in var.state_dict().items():
+            given[fit_key(layer, spec, "map_kl") + name] = torch.randn_like(t) * 0.1
+    path = save_fits(tmp_path / "r.fits.safetensors", given)
+    fitted_layers = []
+    real = ev.fit_variant
+    monkeypatch.setattr(ev, "fit_variant", lambda v, b, config: fitted_layers.append(config.objective) or real(v, b, config=config))
+    out = tmp_path / "m.parquet"
+    table = ev.run_model_evaluation("minilm", capture=cap_dir, results=root / "r.parquet", out=out,
+                                    variants="linear:phi=hedgehog", objectives=("map_kl",), fits=path,
+                                    max_heldout=3, progress=False)
+    assert fitted_layers == ["map_kl"]  # the one layer the file lacks
+    written = load_fits(out.with_name("m.fits.safetensors"))
+    assert all(torch.equal(written[k], t) for k, t in given.items())
+    assert sum(k.startswith(fit_key(cap.num_layers - 1, spec, "map_kl")) for k in written) > 0
+    assert set(table.objective) == {"map_kl"} and table.value.notna().all()
+    # the given parameters are the ones the model ran with: other parameters give other numbers
+    other = {k: t * 3 for k, t in given.items()}
+    save_fits(tmp_path / "o.fits.safetensors", other)
+    table2 = ev.run_model_evaluation("minilm", capture=cap_dir, results=root / "r.parquet", out=tmp_path / "o.parquet",
+                                     variants="linear:phi=hedgehog", objectives=("map_kl",),
+                                     fits=tmp_path / "o.fits.safetensors", max_heldout=3, progress=False)
+    cos = lambda t: t[(t.metric == "embedding_cosine") & (t.input < 0) & (t.layer == 0) & (t.swap_mode == "single")].value.iloc[0]
+    assert cos(table) != cos(table2)

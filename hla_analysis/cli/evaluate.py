@@ -12,9 +12,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Swap every variant into one layer at a time and into layers 0..l, run the capture's "
                     "held-out inputs, and write a tidy table of embedding cosine / pairwise Spearman (encoders) "
                     "or perplexity / next-token KL (causal LMs), with the fraction of failed normaliser rows. "
-                    "Learnable variants are fitted per layer by map KL and by output MSE. Resumes.",
+                    "Learnable variants are fitted per layer by map KL and by output MSE on the training inputs "
+                    "(or taken from --fits). Resumes.",
         epilog="example:\n  hla-analysis evaluate --model minilm --capture runs/demo/capture "
-               "--results runs/demo/results.parquet --out runs/demo/model_level.parquet",
+               "--results runs/demo/results.parquet --out runs/demo/model_level.parquet\n"
+               "  ... --fits runs/demo/results.fits.safetensors   # reuse compare's fits",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="minilm, smollm2 or a model folder (the captured model)")
@@ -24,6 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="specs (separate arguments or joined with ';') or 'default' (the compare table's list)")
     p.add_argument("--objectives", nargs="+", default=["map_kl", "output_mse"], choices=["map_kl", "output_mse"])
     p.add_argument("--max-heldout", type=int, default=None, metavar="K", help="evaluate the first K held-out inputs")
+    p.add_argument("--fits", default=None, metavar="FILE",
+                   help="a .fits.safetensors (compare's, or an earlier evaluate's): use the parameters it holds "
+                        "instead of refitting; only what it lacks is fitted")
     p.add_argument("--out", required=True, metavar="FILE", help=".parquet or .csv")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -37,6 +42,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--max-heldout must be >= 2 (pairwise similarities need two inputs), got {args.max_heldout}")
     table = run_model_evaluation(args.model, capture=args.capture, results=args.results, out=args.out,
                                  variants=variants, objectives=tuple(args.objectives),
-                                 max_heldout=args.max_heldout, progress=not args.quiet)
+                                 max_heldout=args.max_heldout, fits=args.fits, progress=not args.quiet)
     print(f"wrote {len(table):,} rows to {args.out}")
     return 0

@@ -144,8 +144,10 @@ def swap_attention(model, spec: str, *, layers="all", fits=None, objective: str 
         Attention layers to swap, numbered in call order (as in a capture).
     fits : path, dict or None
         Fitted parameters of learnable variants: a ``.fits.safetensors`` file written by
-        ``hla-analysis evaluate`` (or :func:`save_fits`), or the dict it holds. Required
-        for learnable variants (Hedgehog, ReBased, HLA with ``proj=1``).
+        ``hla-analysis compare`` (beside its table), ``hla-analysis evaluate`` or
+        :func:`save_fits`, or the dict it holds; keys ``fit_key(layer, spec, objective) +
+        <state_dict name>``. Required for learnable variants (Hedgehog, ReBased, HLA with
+        ``proj=1``).
     objective : {"map_kl", "output_mse"}
         Which fitted parameters to load: those fitted by map KL or by layer-output MSE.
 

@@ -1,0 +1,94 @@
+"""The body both model-level studies share (issue 14): capture, compare, evaluate, figures.
+
+Each study names its model, its demo settings and its variants; this module
+
+1. reuses the run folder's capture and compare table when they exist (``make demo`` writes
+   ``runs/demo``, ``studies/compare_smollm2.py`` writes ``runs/smollm2``) and otherwise
+   creates them with ``hla-analysis demo`` and the study's settings (deterministic: fixed
+   texts, fixed seeds; reruns reuse them);
+2. runs ``hla-analysis evaluate`` (resumable: an interrupted study restarts where it stopped);
+3. writes the figures with their CSVs and ``run.json`` (wall and CPU seconds, load average:
+   the machine may be shared, so the load is recorded beside the times).
+
+Every step can be rerun to re-time it: ``--fresh`` re-evaluates (the capture is kept).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "studies"))
+
+from model_level_figures import make_figures, objective_figures  # noqa: E402
+
+from hla_analysis._io import atomic_write_json  # noqa: E402
+from hla_analysis.cli import main  # noqa: E402
+
+# Nine variants beside softmax: the usable default kernels (every row normalisable on MiniLM)
+# and the HLA forms, two of them fitted (by map KL and by output MSE). Hedgehog (fitted too)
+# is left out to keep the study near 10 minutes: each fitted variant costs 2 fits per layer.
+VARIANTS = ("softmax", "linear:phi=elu1", "linear:phi=relu", "linear:phi=favor,m=256", "linear:phi=taylor",
+            "linear:phi=cosformer", "hla:m=2,phi=affine", "hla:m=4,phi=affine", "hla:m=2,phi=affine,proj=1",
+            "hla:m=4,phi=affine,proj=1")
+
+
+def _parser(name: str, run: str, num_inputs: int, max_tokens: int, max_heldout: int) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=f"model-level study on {name} (issue 14)")
+    p.add_argument("--run", default=str(ROOT / "runs" / run), metavar="DIR",
+                   help=f"run folder with capture/ and results.parquet (created if missing; default runs/{run})")
+    p.add_argument("--num-inputs", type=int, default=num_inputs, help="inputs to capture when the run is created")
+    p.add_argument("--max-tokens", type=int, default=max_tokens, help="tokens per input when the run is created")
+    p.add_argument("--train-inputs", type=int, default=None, help="fit inputs when the run is created (demo default)")
+    p.add_argument("--max-heldout", type=int, default=max_heldout, help="held-out inputs evaluated")
+    p.add_argument("--variants", default=";".join(VARIANTS), help="';'-separated specs")
+    p.add_argument("--fits", default=None, metavar="FILE", help="fitted parameters to reuse (compare's .fits file)")
+    p.add_argument("--figures", default=str(ROOT / "figures" / f"model_level_{name}"), metavar="DIR")
+    p.add_argument("--fresh", action="store_true", help="re-evaluate even if the table exists (to re-time)")
+    p.add_argument("--quiet", action="store_true")
+    return p
+
+
+def run_study(name: str, *, run: str, num_inputs: int, max_tokens: int, max_heldout: int, error: str,
+              argv: list[str]) -> int:
+    """Run one model-level study end to end; ``error`` is the per-input model error metric."""
+    args = _parser(name, run, num_inputs, max_tokens, max_heldout).parse_args(argv)
+    folder, figures = Path(args.run), Path(args.figures)
+    quiet = ["--quiet"] if args.quiet else []
+    timing = {"load_average_start": os.getloadavg(), "cpu_cores": os.cpu_count()}
+    results = folder / "results.parquet"
+    if not results.is_file():  # no demo run to reuse: make one with the study's settings
+        started = time.perf_counter()
+        train = ["--train-inputs", str(args.train_inputs)] if args.train_inputs else []
+        code = main(["demo", "--model", name, "--num-inputs", str(args.num_inputs), "--max-tokens",
+                     str(args.max_tokens), *train, "--variants", args.variants, "--out", str(folder),
+                     "--figures", str(folder / "figures"), *quiet])
+        if code:
+            return code
+        timing["demo_seconds"] = round(time.perf_counter() - started, 1)
+    out = folder / "model_level.parquet"
+    if args.fresh or not out.is_file():
+        fits = ["--fits", args.fits] if args.fits else []
+        code = main(["evaluate", "--model", name, "--capture", str(folder / "capture"), "--results", str(results),
+                     "--variants", args.variants, "--max-heldout", str(args.max_heldout), *fits, "--out", str(out),
+                     *quiet])
+        if code:
+            return code
+    estimate, low, high = make_figures(out, results, figures, error=error)
+    objective_figures(out, figures, error=error)
+    timing.update(load_average_end=os.getloadavg(), spearman=estimate, ci_low=low, ci_high=high,
+                  run=str(folder), max_heldout=args.max_heldout)
+    settings = json.loads(out.with_name(out.stem + ".settings.json").read_text())
+    # the evaluation's own wall and CPU seconds (CPU: torch's threads included; on 2 idle cores
+    # the wall time is about half of it); a resumed run counts the part after its restart
+    timing.update(variants=len(settings["variants"]), heldout=settings["heldout"],
+                  evaluate_seconds=settings.get("seconds"), evaluate_cpu_seconds=settings.get("cpu_seconds"))
+    atomic_write_json(figures / "run.json", timing)
+    print(f"{name}: map KL vs model error Spearman {estimate:.2f} (95% CI {low:.2f}..{high:.2f}); "
+          f"figures in {figures}")
+    return 0
