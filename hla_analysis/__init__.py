@@ -17,7 +17,7 @@ from hla_analysis.ops import (  # noqa: E402  (version must exist before submodu
     softmax_attention_map,
     softmax_attention_output,
 )
-from hla_analysis.variants import make_variant, list_variants  # noqa: E402
+from hla_analysis.variants import list_variants, make_variant  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -254,7 +254,8 @@ def check_pair(
     """
     for n, t in ((qname, q), (kname, k)):
         if not isinstance(t, Tensor):
-            raise ValueError(f"{n} must be a torch.Tensor [..., N, d], got {type(t).__name__}; wrap it with torch.as_tensor.")
+            raise ValueError(f"{n} must be a torch.Tensor [..., N, d], got {type(t).__name__}; "
+                             "wrap it with torch.as_tensor.")
         if t.dim() < 2:
             raise ValueError(f"{n} must be [..., N, d], got shape {tuple(t.shape)}.")
         check_float(n, t)
@@ -302,7 +303,8 @@ def check_factor_lists(qs: list[Tensor], ks: list[Tensor], *, propagates: bool =
 
 def check_values(v: Tensor, n_keys: int, *, propagates: bool = False) -> None:
     if not isinstance(v, Tensor):
-        raise ValueError(f"v must be a torch.Tensor [..., N, dv], got {type(v).__name__}; wrap it with torch.as_tensor.")
+        raise ValueError(f"v must be a torch.Tensor [..., N, dv], got {type(v).__name__}; "
+                         "wrap it with torch.as_tensor.")
     if v.dim() < 2 or v.shape[-2] != n_keys:
         raise ValueError(
             f"v must be [..., N, dv] with N = {n_keys} (the number of keys), got shape {tuple(v.shape)}."

@@ -36,9 +36,9 @@ from hla_analysis.ops.hla import BACKENDS, _blocks, _chunked, _key_state, _query
 
 __all__ = ["hla_sequence_parallel"]
 
-_MESSAGE_BYTES = 1024
+_MESSAGE_BYTES = 1024  # room for one rank's error message in the failure exchange
 # torch 2.13 renamed all_gather_into_tensor to all_gather_single (same arguments)
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # room for one rank's error message in the failure exchange
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 class _AllReduceSum(torch.autograd.Function):

@@ -45,7 +45,7 @@ def _compare_settings(results: Path) -> dict:
 
 
 def _load_causal_lm(model: str):
-    from transformers import AutoModelForCausalLM, AutoModel, AutoTokenizer  # noqa: F401
+    from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     from hla_analysis.capture.models import resolve_model
 
@@ -110,7 +110,8 @@ def _metrics(ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, causal: bo
         kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean(-1)
         for i in range(len(ids)):
             rows += [(i, "nll", float(nll[i])), (i, "next_token_kl", float(kl[i]))]
-        rows += [(None, "perplexity", float(nll.mean().exp())), (None, "perplexity_original", float(nll_ref.mean().exp())),
+        rows += [(None, "perplexity", float(nll.mean().exp())),
+                 (None, "perplexity_original", float(nll_ref.mean().exp())),
                  (None, "next_token_kl", float(kl.mean()))]
     else:
         from scipy.stats import spearmanr
@@ -292,7 +293,8 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     parts.mkdir(parents=True, exist_ok=True)
     marker = parts / "settings.json"
     if marker.exists() and json.loads(marker.read_text()).get("key") != key:
-        raise ValueError(f"{parts} holds partial results of a run with other settings; delete it or choose another --out")
+        raise ValueError(f"{parts} holds partial results of a run with other settings; "
+                         "delete it or choose another --out")
     atomic_write_json(marker, {"key": key})
     started, cpu_started = time.perf_counter(), time.process_time()
 

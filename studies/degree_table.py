@@ -13,8 +13,6 @@ import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hla_analysis._io import atomic_save_figure, atomic_write_table  # noqa: E402
-
-
 from hla_analysis.numeric.degree import measure_variant_degree  # noqa: E402
 from hla_analysis.symbolic.derive import derive  # noqa: E402
 from hla_analysis.variants import list_variants, make_variant  # noqa: E402

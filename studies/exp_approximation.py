@@ -13,8 +13,6 @@ import pandas as pd  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from hla_analysis._io import atomic_save_figure, atomic_write_table  # noqa: E402
-
-
 from hla_analysis.numeric.exp_approximation import FAMILIES, exp_errors  # noqa: E402
 from hla_analysis.numeric.softmax_rows import draw_scores, row_errors  # noqa: E402
 
@@ -37,14 +35,16 @@ def main():
                 # only minimax refuses (best error below float64 resolution): record why, plot nothing
                 if family != "minimax":
                     raise
-                for target, metrics in ((exp_target, ("max_rel_error", "mean_rel_error")), (rows_target, ("mean_kl", "mean_tv"))):
+                for target, metrics in ((exp_target, ("max_rel_error", "mean_rel_error")),
+                                        (rows_target, ("mean_kl", "mean_tv"))):
                     for metric in metrics:
                         records.append({"target": target, "family": family, "degree": degree, "metric": metric,
                                         "value": float("nan"), "negative_weights": 0, "note": str(err)})
                 continue
             for metric in ("max_rel_error", "mean_rel_error"):
                 records.append({"target": exp_target, "family": family, "degree": degree,
-                                "metric": metric, "value": e[metric], "negative_weights": int(not e["positive"]), "note": ""})
+                                "metric": metric, "value": e[metric], "negative_weights": int(not e["positive"]),
+                                "note": ""})
             for metric in ("mean_kl", "mean_tv"):
                 records.append({"target": rows_target, "family": family, "degree": degree, "metric": metric,
                                 "value": r[metric], "negative_weights": r["negative_weights"], "note": ""})
@@ -65,7 +65,8 @@ def main():
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend()
     fig.suptitle(f"Approximating exp on [-{A:g}, {A:g}] and softmax rows of {ROWS['keys']} N(0, {ROWS['scale']}^2) "
-                 "scores (KL = inf rows, from negative weights, are omitted;\nminimax = best uniform rational in relative error, "
+                 "scores (KL = inf rows, from negative weights, are omitted;\n"
+                 "minimax = best uniform rational in relative error, "
                  "omitted where float64 cannot resolve it, see the CSV's note)")
     fig.tight_layout()
     atomic_save_figure(fig, OUT.with_suffix(".png"), dpi=110)

@@ -104,7 +104,8 @@ def main():
     axes[1].set_xlabel("L (interval [-L, 0]); ticks at top: heads' p99 effective spread")
     axes[1].set_ylabel("normalised relative error")
     axes[1].legend(fontsize=6, ncol=2)
-    fig.suptitle(f"Where real heads sit: spreads of 4 x 256-token captures, and the error each family reaches at that L")
+    fig.suptitle("Where real heads sit: spreads of 4 x 256-token captures, "
+                 "and the error each family reaches at that L")
     fig.tight_layout()
     atomic_save_figure(fig, OUT.with_suffix(".png"), dpi=100)
     summary = table.groupby(["model", "family"]).needed_degree.describe(percentiles=[0.5, 0.9])

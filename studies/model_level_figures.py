@@ -46,7 +46,8 @@ def make_figures(evaluation: Path, results: Path, folder: Path, *, error: str, b
             failed = (g.status != "ok").any()
             ax.plot(g.layer, g.model_error.clip(lower=1e-8), style, marker="x" if failed else "o", ms=3,
                     color=palette[variant],
-                    label=f"{variant}" + (f" [{objective}]" if objective != "none" else "") + (" (failed rows)" if failed else ""))
+                    label=f"{variant}" + (f" [{objective}]" if objective != "none" else "")
+                    + (" (failed rows)" if failed else ""))
         ax.set_yscale("log")
         ax.set_xlabel("layer l" + (" (swapped alone)" if mode == "single" else " (layers 0..l swapped)"))
         ax.set_title(f"{mode} swap")

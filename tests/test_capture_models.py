@@ -141,7 +141,8 @@ def test_compare_tables_do_not_depend_on_how_the_scale_is_split(tmp_path):
     tables = []
     for c in caps:
         try:
-            tables.append(run_comparison(c, out=c.parent / (c.name + ".csv"), variants=variants, fit=fit, progress=False))
+            tables.append(run_comparison(c, out=c.parent / (c.name + ".csv"), variants=variants, fit=fit,
+                                         progress=False))
         except ValueError as exc:  # a spec this tree's registry does not know: use the defaults only
             if "favor" not in str(exc) and "exp" not in str(exc):
                 raise
@@ -149,8 +150,8 @@ def test_compare_tables_do_not_depend_on_how_the_scale_is_split(tmp_path):
             tables = [run_comparison(x, out=x.parent / (x.name + "d.csv"), variants=variants, fit=fit, progress=False)
                       for x in caps]
             break
-    a, b = (t.drop(columns=["model"]).sort_values(["variant", "input", "layer", "head", "metric"]).reset_index(drop=True)
-            for t in tables)
+    a, b = (t.drop(columns=["model"]).sort_values(["variant", "input", "layer", "head", "metric"])
+            .reset_index(drop=True) for t in tables)
     assert a[["variant", "input", "layer", "head", "metric"]].equals(b[["variant", "input", "layer", "head", "metric"]])
     assert a["variant"].str.contains("favor|exp").any()
     # float32 rounding of q, k (relative ~1e-7) moves logits of size ~1 by ~1e-6; metrics follow.
@@ -231,7 +232,8 @@ def test_one_line_errors_say_what_to_pass(tmp_path, capsys):
         capture(Plain(), inputs=[{"x": torch.randn(1, 4, 8)}], out=tmp_path / "e", progress=False)
     whisper = _whisper()
     with pytest.raises(ValueError, match="cross-attention.*modules="):
-        capture(whisper, inputs=[{"input_features": torch.randn(1, 16, 40), "decoder_input_ids": torch.tensor([[1, 5]])}],
+        capture(whisper,
+                inputs=[{"input_features": torch.randn(1, 16, 40), "decoder_input_ids": torch.tensor([[1, 5]])}],
                 out=tmp_path / "f", progress=False, modules="decoder")
     for argv in (["--device", "bogus"], ["--model", str(tmp_path / "no_such_folder")]):
         assert cli_main(["capture", "--out", str(tmp_path / "g"), "--quiet", *argv]) == 1

@@ -63,7 +63,8 @@ def test_smollm2_softmax_matches_model_causal_every_layer_and_head(smollm2_captu
         ids = cap.get(0, i)["input_ids"]
         projections = {}
         attn = net.layers[checked_layer].self_attn
-        hooks = [getattr(attn, name).register_forward_hook(lambda mod, a, o, name=name: projections.__setitem__(name, o))
+        hooks = [getattr(attn, name).register_forward_hook(
+                     lambda mod, a, o, name=name: projections.__setitem__(name, o))
                  for name in ("q_proj", "k_proj", "v_proj")]
         try:
             with torch.no_grad():

@@ -86,7 +86,8 @@ def test_output_mse_objective_fits_outputs():
         FitConfig(objective="mse")
     no_v = {k: v for k, v in batch.items() if k != "v"}
     with pytest.raises(ValueError, match="'v'"):
-        fit_variant(make_variant("linear:phi=hedgehog").bind(4, heads=2), [no_v], config=FitConfig(objective="output_mse"))
+        fit_variant(make_variant("linear:phi=hedgehog").bind(4, heads=2), [no_v],
+                    config=FitConfig(objective="output_mse"))
 
 
 @pytest.mark.parametrize("arch", ["bert", "llama"])
@@ -153,7 +154,8 @@ def test_evaluate_uses_given_fits(tiny, monkeypatch, tmp_path):
     path = save_fits(tmp_path / "r.fits.safetensors", given)
     fitted_layers = []
     real = ev.fit_variant
-    monkeypatch.setattr(ev, "fit_variant", lambda v, b, config: fitted_layers.append(config.objective) or real(v, b, config=config))
+    monkeypatch.setattr(ev, "fit_variant",
+                        lambda v, b, config: fitted_layers.append(config.objective) or real(v, b, config=config))
     out = tmp_path / "m.parquet"
     table = ev.run_model_evaluation("minilm", capture=cap_dir, results=root / "r.parquet", out=out,
                                     variants="linear:phi=hedgehog", objectives=("map_kl",), fits=path,
@@ -169,5 +171,6 @@ def test_evaluate_uses_given_fits(tiny, monkeypatch, tmp_path):
     table2 = ev.run_model_evaluation("minilm", capture=cap_dir, results=root / "r.parquet", out=tmp_path / "o.parquet",
                                      variants="linear:phi=hedgehog", objectives=("map_kl",),
                                      fits=tmp_path / "o.fits.safetensors", max_heldout=3, progress=False)
-    cos = lambda t: t[(t.metric == "embedding_cosine") & (t.input < 0) & (t.layer == 0) & (t.swap_mode == "single")].value.iloc[0]
+    cos = lambda t: t[(t.metric == "embedding_cosine") & (t.input < 0) & (t.layer == 0)
+                      & (t.swap_mode == "single")].value.iloc[0]
     assert cos(table) != cos(table2)

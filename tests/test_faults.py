@@ -13,7 +13,7 @@ from torch.overrides import TorchFunctionMode
 
 from hla_analysis._checks import checks_disabled
 from hla_analysis.cli import main
-from hla_analysis.ops import hla, hla_attention_map, linear_attention, softmax_attention_map, softmax_attention_output
+from hla_analysis.ops import hla, linear_attention, softmax_attention_map, softmax_attention_output
 from hla_analysis.variants import make_variant
 
 

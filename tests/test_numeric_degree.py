@@ -9,7 +9,6 @@ from hla_analysis.numeric.softmax_rows import draw_scores, row_errors
 from hla_analysis.symbolic.derive import derive
 from hla_analysis.variants import list_variants, make_variant
 
-
 EPS = np.finfo(float).eps
 # AAA (an SVD of the Loewner matrix of 300 float64 samples) reproduces an exact type-(n, n) rational
 # to ~1e2-1e4 eps (sample rounding, a few eps, times the Loewner conditioning); 1e6 eps ~ 2e-10 sits

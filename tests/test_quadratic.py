@@ -12,8 +12,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from hla_analysis.ops import hla, hla_attention_output  # noqa: E402
-from hla_analysis.ops import quadratic_dispatch  # noqa: E402
+from hla_analysis.ops import hla, hla_attention_output, quadratic_dispatch  # noqa: E402
 from hla_analysis.ops.quadratic_dispatch import quadratic_flops, state_flops  # noqa: E402
 
 CUDA = torch.cuda.is_available()

@@ -6,7 +6,7 @@ import torch
 
 from hla_analysis.symbolic.cost_model import N, crossover_tokens, evaluate_costs, hla_cost, softmax_cost
 from hla_analysis.symbolic.derive import derive, resolve_spec
-from hla_analysis.symbolic.efficient_forms import FORMS, efficient, materialized, prove_efficient_form, _matrices
+from hla_analysis.symbolic.efficient_forms import FORMS, _matrices, efficient, materialized, prove_efficient_form
 from hla_analysis.symbolic.exp_approximants import pade_exp, taylor_exp
 from hla_analysis.symbolic.rational_form import derive_rational_form, t
 from hla_analysis.symbolic.representability import affine_factorization

@@ -51,7 +51,10 @@ def _sync(device: str) -> None:
 
 
 def bench_smollm2(args, work: Path) -> dict:
-    kw = dict(num_inputs=2, max_tokens=32, modules=r"layers\.(0|1)\.") if args.smoke else dict(num_inputs=8, max_tokens=8192)
+    if args.smoke:
+        kw = dict(num_inputs=2, max_tokens=32, modules=r"layers\.(0|1)\.")
+    else:
+        kw = dict(num_inputs=8, max_tokens=8192)
     started = time.perf_counter()
     cap = capture("smollm2", out=work / "cap", device=args.device, progress=not args.quiet, **kw)
     _sync(args.device)
@@ -96,7 +99,8 @@ def main() -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script in seconds, on CPU")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
-    result = {"device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
+    result = {"device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
+                         else platform.processor() or "cpu"),
               "torch": torch.__version__, "smoke": args.smoke, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "smollm2"):

@@ -188,7 +188,8 @@ def check_correctness():
             continue
         tol = 2e-2 if dtype != torch.float32 else 1e-4
         ok = all(math.isfinite(e) and e < tol for e in errs)
-        rows.append(dict(m=m, r=r, causal=causal, n=n, masked=masked, dtype=str(dtype), rel_errors=errs, tol=tol, ok=ok))
+        rows.append(dict(m=m, r=r, causal=causal, n=n, masked=masked, dtype=str(dtype), rel_errors=errs,
+                         tol=tol, ok=ok))
         print(f"check m={m} r={r} causal={causal} n={n} masked={masked} {dtype}: "
               + " ".join(f"{e:.1e}" for e in errs) + ("  OK" if ok else "  FAIL"), flush=True)
     return rows
@@ -208,8 +209,8 @@ def measure(results, peak, name, make, n, extra, budget_end):
             flops = f_fwd if pass_name == "fwd" else f_both
             row.update(ms=ms, reps=reps, flops=flops, tflops=flops / (ms * 1e-3) / 1e12)
             row["pct_peak"] = 100 * row["tflops"] / peak
-            print(f"[{time.strftime('%H:%M:%S')}] {name:28s} n={n:6d} {pass_name:8s} {ms:9.3f} ms {row['tflops']:7.1f} TFLOP/s "
-                  f"{row['pct_peak']:5.1f}% {extra}", flush=True)
+            print(f"[{time.strftime('%H:%M:%S')}] {name:28s} n={n:6d} {pass_name:8s} {ms:9.3f} ms "
+                  f"{row['tflops']:7.1f} TFLOP/s {row['pct_peak']:5.1f}% {extra}", flush=True)
         except Exception as exc:  # noqa: BLE001  (record OOM / unsupported, keep going)
             row["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(f"{name} n={n} {pass_name}: {row['error']}", flush=True)
@@ -244,11 +245,13 @@ def priority(results, peak, cfg, budget_end):
     for n in NS[1:]:
         for be in ("cudnn", "flash"):
             measure(results, peak, f"sdpa_{be}", lambda: case_sdpa(n, be), n, dict(d=128, causal=False), budget_end)
-        for m, r, causal in ((2, 64, False), (2, 64, True), (2, 32, False), (2, 32, True), (1, 128, True), (1, 64, True)):
+        for m, r, causal in ((2, 64, False), (2, 64, True), (2, 32, False), (2, 32, True), (1, 128, True),
+                             (1, 64, True)):
             measure(results, peak, "triton_hla", lambda: case_hla(n, m, r, causal, "triton", cfg), n,
                     dict(m=m, r=r, causal=causal), budget_end)
     n = 32760
-    measure(results, peak, "torch_hla", lambda: case_hla(n, 2, 64, False, "torch"), n, dict(m=2, r=64, causal=False), budget_end)
+    measure(results, peak, "torch_hla", lambda: case_hla(n, 2, 64, False, "torch"), n,
+            dict(m=2, r=64, causal=False), budget_end)
     measure(results, peak, "fla_chunk_linear_attn", lambda: case_fla(n, 128), n, dict(k=128, causal=True), budget_end)
     measure(results, peak, "power_retention_deg2", lambda: case_power(n, 64, 1024), n,
             dict(d=64, chunk=1024, causal=True), budget_end)
@@ -256,10 +259,12 @@ def priority(results, peak, cfg, budget_end):
     measure(results, peak, "fla_chunk_linear_attn", lambda: case_fla(n, 128), n, dict(k=128, causal=True), budget_end)
     measure(results, peak, "power_retention_deg2", lambda: case_power(n, 64, 1024), n,
             dict(d=64, chunk=1024, causal=True), budget_end)
-    measure(results, peak, "torch_hla", lambda: case_hla(n, 2, 64, False, "torch"), n, dict(m=2, r=64, causal=False), budget_end)
+    measure(results, peak, "torch_hla", lambda: case_hla(n, 2, 64, False, "torch"), n,
+            dict(m=2, r=64, causal=False), budget_end)
     n = 32760
     measure(results, peak, "fla_chunk_linear_attn", lambda: case_fla(n, 64), n, dict(k=64, causal=True), budget_end)
-    measure(results, peak, "torch_hla", lambda: case_hla(n, 2, 64, True, "torch"), n, dict(m=2, r=64, causal=True), budget_end)
+    measure(results, peak, "torch_hla", lambda: case_hla(n, 2, 64, True, "torch"), n,
+            dict(m=2, r=64, causal=True), budget_end)
 
 
 def slow_anchors(results, peak, budget_end, save, *, power_ns):
@@ -321,7 +326,8 @@ def main():
         return
     if args.mode == "anchors":  # power retention and unfused torch, beside the headline rows again
         for n in NS[1:]:
-            measure(results, peak, "sdpa_cudnn", lambda: case_sdpa(n, "cudnn"), n, dict(d=128, causal=False), budget_end)
+            measure(results, peak, "sdpa_cudnn", lambda: case_sdpa(n, "cudnn"), n, dict(d=128, causal=False),
+                    budget_end)
             for causal in (False, True):
                 measure(results, peak, "triton_hla", lambda: case_hla(n, 2, 64, causal, "triton", cfg), n,
                         dict(m=2, r=64, causal=causal), budget_end)
@@ -330,7 +336,8 @@ def main():
     if args.mode == "smoke":
         sweep(results, peak, budget_end)
         for n in (8192,):
-            measure(results, peak, "fla_chunk_linear_attn", lambda: case_fla(n, 128), n, dict(k=128, causal=True), budget_end)
+            measure(results, peak, "fla_chunk_linear_attn", lambda: case_fla(n, 128), n, dict(k=128, causal=True),
+                    budget_end)
             measure(results, peak, "power_retention_deg2", lambda: case_power(n, 64, 1024), n,
                     dict(d=64, chunk=1024, causal=True), budget_end)
             measure(results, peak, "torch_hla", lambda: case_hla(n, 2, 64, False, "torch"), n,

@@ -229,7 +229,8 @@ def _overhead_at(n, hla, linear_attention, hla_triton, make_variant, out_path, r
                 host_on = host_ms(call)
                 with checks_disabled():
                     host_off = host_ms(call)
-            row = dict(call=name, n=n, checks_on_ms=on, checks_on_repeat_ms=on2, checks_off_ms=off, host_on_ms=host_on, host_off_ms=host_off,
+            row = dict(call=name, n=n, checks_on_ms=on, checks_on_repeat_ms=on2, checks_off_ms=off,
+                       host_on_ms=host_on, host_off_ms=host_off,
                        bare_kernels_ms=kernels, overhead_vs_off=min(on, on2) / off - 1,
                        overhead_vs_bare=None if kernels is None else min(on, on2) / kernels - 1)
             out.append(row)
@@ -275,7 +276,8 @@ def main(argv=None):
                 run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)
         if "variants" not in args.skip:
             for spec, d in VARIANTS:
-                causal_set = (False, True) if spec in ("hla:m=2,phi=affine", "linear:phi=elu1") and d == 64 else (False,)
+                both = spec in ("hla:m=2,phi=affine", "linear:phi=elu1") and d == 64
+                causal_set = (False, True) if both else (False,)
                 for causal in causal_set:
                     meta, fwd, leaves = variant_case(spec, d, n, causal)
                     run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)

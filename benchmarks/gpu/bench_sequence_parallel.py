@@ -121,10 +121,10 @@ def main():
             for backward in (False, True):
                 qs, ks, v = inputs(n_local, heads=heads, r=r, dv=dv, device=device, dtype=dtype, grad=backward)
                 kw = dict(causal=causal, backward=backward, backend=backend)
-                step_ms = timed(lambda qs=qs, ks=ks, v=v: step(qs, ks, v, group=None, **kw), cuda=cuda, warmup=args.warmup,
-                                reps=args.reps)
-                local_ms = timed(lambda qs=qs, ks=ks, v=v: step(qs, ks, v, group=alone, **kw), cuda=cuda, warmup=args.warmup,
-                                 reps=args.reps)
+                step_ms = timed(lambda qs=qs, ks=ks, v=v: step(qs, ks, v, group=None, **kw), cuda=cuda,
+                                warmup=args.warmup, reps=args.reps)
+                local_ms = timed(lambda qs=qs, ks=ks, v=v: step(qs, ks, v, group=alone, **kw), cuda=cuda,
+                                 warmup=args.warmup, reps=args.reps)
                 coll_ms = timed(collectives(state_numel, causal=causal, backward=backward, group=None,
                                             device=device), cuda=cuda, warmup=args.warmup, reps=args.reps)
                 times = torch.tensor([step_ms, local_ms, coll_ms], device=device)

@@ -96,7 +96,8 @@ def main(argv=None):
         print("|---|---|---|---|---|---|---|")
         for r in over.itertuples():
             on = min(r.checks_on_ms, r.checks_on_repeat_ms)
-            bare = "n/a" if r.bare_kernels_ms is None or math.isnan(r.bare_kernels_ms) else f"{r.bare_kernels_ms:.3f} ms"
+            bare = ("n/a" if r.bare_kernels_ms is None or math.isnan(r.bare_kernels_ms)
+                    else f"{r.bare_kernels_ms:.3f} ms")
             host = (f"{r.host_on_ms:.3f} / {r.host_off_ms:.3f} ms" if "host_on_ms" in over.columns
                     and not math.isnan(r.host_on_ms) else "n/a")
             print(f"| {r.call} | {r.n:,} | {on:.3f} ms | {r.checks_off_ms:.3f} ms | {bare} | "
@@ -122,7 +123,8 @@ def main(argv=None):
             sel = rows[(rows.spec == spec) & (rows.d == d) & (~rows.causal) & (rows["mode"] == "fwd_nograd")]
             if not len(sel):
                 continue
-            ratios = ", ".join(f"{float(sel[sel.n == n].ms.iloc[0]) / cud[(d, n)]:.2f}" for n in NS if (sel.n == n).any())
+            ratios = ", ".join(f"{float(sel[sel.n == n].ms.iloc[0]) / cud[(d, n)]:.2f}"
+                               for n in NS if (sel.n == n).any())
             want = 1.2 if "tied=0" not in spec else (m + 1) / 2 * 1.2
             print(f"- {spec} d={d} fwd / cuDNN d={d} at N={', '.join(map(str, NS))}: {ratios} (target <= {want:.1f})")
 

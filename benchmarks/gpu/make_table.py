@@ -107,7 +107,8 @@ def targets(df: pd.DataFrame, sources) -> str:
     for n in (8192, 32760, 75600):
         for r, k in ((64, 64), (128, 128)):
             for p in ("fwd", "fwd+bwd"):
-                src, got = first([(f"triton_hla M=1 r={r} causal", n, p), (f"fla_chunk_linear_attn K={k} causal", n, p)])
+                src, got = first([(f"triton_hla M=1 r={r} causal", n, p),
+                                  (f"fla_chunk_linear_attn K={k} causal", n, p)])
                 if src:
                     x = got[1].ms / got[0].ms
                     verdict = ("met" if x >= 1 else "tie (within 0.5%)" if x > 0.995

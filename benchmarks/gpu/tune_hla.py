@@ -154,7 +154,8 @@ def main():
         try:
             ms, reps = timed(fn, target_ms=150)
             rec.update(ms=ms, reps=reps, tflops=flops / ms / 1e9, pct_peak=100 * flops / ms / 1e9 / peak)
-            print(f"{stage:8s} {name:22s} {ms:8.3f} ms {rec['tflops']:6.1f} TFLOP/s {rec['pct_peak']:5.1f}%", flush=True)
+            print(f"{stage:8s} {name:22s} {ms:8.3f} ms {rec['tflops']:6.1f} TFLOP/s {rec['pct_peak']:5.1f}%",
+                  flush=True)
         except Exception as exc:  # noqa: BLE001
             rec["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
             print(f"{stage}/{name}: {rec['error']}", flush=True)

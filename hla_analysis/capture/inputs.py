@@ -61,7 +61,8 @@ def plan_inputs(tokenizer, documents: list[Document], *, num_inputs: int, max_to
     prefix, suffix = _special_tokens(tokenizer)
     room = max_tokens - len(prefix) - len(suffix)
     if room < 1:
-        raise ValueError(f"max_tokens={max_tokens} leaves no room for text next to {len(prefix) + len(suffix)} special tokens")
+        raise ValueError(f"max_tokens={max_tokens} leaves no room for text next to "
+                         f"{len(prefix) + len(suffix)} special tokens")
 
     from transformers.utils import logging as hf_logging
 

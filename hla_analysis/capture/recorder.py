@@ -226,7 +226,8 @@ class AttentionRecorder:
         if self._pattern is not None and not self._pattern.search(name):
             return
         if probs is None:
-            raise CaptureError(f"the attention function used for {name} returned no probabilities; it must return (output, probs)")
+            raise CaptureError(f"the attention function used for {name} returned no probabilities; "
+                               "it must return (output, probs)")
         batch, heads_q, nq, _ = query.shape
         heads_kv, nk = key.shape[1], key.shape[2]
         if nq != nk:

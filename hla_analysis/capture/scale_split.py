@@ -61,7 +61,8 @@ def split_factors(q: torch.Tensor, k: torch.Tensor, model_scale: float) -> tuple
     (True, True)
     """
     if not (math.isfinite(model_scale) and model_scale > 0):
-        raise ValueError(f"the model passed attention scale {model_scale!r}; only positive finite scales can be captured")
+        raise ValueError(f"the model passed attention scale {model_scale!r}; "
+                         "only positive finite scales can be captured")
     heads, kv_heads, dim = q.shape[0], k.shape[0], q.shape[-1]
     groups = heads // kv_heads
     total = math.sqrt(model_scale / canonical_scale(dim))

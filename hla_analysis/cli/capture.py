@@ -40,7 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "  hla-analysis capture --model smollm2 --out runs/smol --max-tokens 2048 --modules 'layers\\.(0|29)\\.'\n"
             "  hla-analysis capture --model /path/to/hf/model --text my_corpus/ --out runs/mine\n"
             "  hla-analysis capture --model /path/to/vit --image-dir photos/ --out runs/vit\n"
-            "  hla-analysis capture --model /path/to/whisper --submodule encoder --inputs mels.safetensors --out runs/asr\n"
+            "  hla-analysis capture --model /path/to/whisper --submodule encoder --inputs mels.safetensors "
+            "--out runs/asr\n"
             "then: hla-analysis compare --capture runs/cap --variants default --out runs/results.parquet"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -123,8 +123,9 @@ def approximant(family: str, degree: int, *, interval):
     if family == "taylor":
         return _taylor(degree), ""
     if family == "pade":
-        from hla_analysis.symbolic.exp_approximants import pade_exp
         import sympy as sp
+
+        from hla_analysis.symbolic.exp_approximants import pade_exp
 
         p, q = (np.array([float(c) for c in sp.Poly(e, sp.Symbol("s", real=True)).all_coeffs()])
                 for e in pade_exp(degree, degree))

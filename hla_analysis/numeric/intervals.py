@@ -46,7 +46,9 @@ class Interval:
         try:
             lo, hi = (float(v) for v in interval)
         except (TypeError, ValueError):
-            raise ValueError(f"interval must be a pair (lo, hi) of numbers, e.g. (-inf, 0), got {interval!r}.") from None
+            raise ValueError(
+                f"interval must be a pair (lo, hi) of numbers, e.g. (-inf, 0), got {interval!r}."
+            ) from None
         return cls(lo, hi)
 
     @property

@@ -215,7 +215,8 @@ def _solve_reference(problem: _Problem, x):
     grid = np.linspace(-1.0, 1.0, 40 * problem.k + 1)
     best = None
     for h, v in zip(vals, vecs.T):
-        if not np.isfinite(h) or abs(h.imag) > 1e-8 * max(1.0, abs(h)) or np.max(np.abs(v.imag)) > 1e-8 * np.max(np.abs(v)):
+        if (not np.isfinite(h) or abs(h.imag) > 1e-8 * max(1.0, abs(h))
+                or np.max(np.abs(v.imag)) > 1e-8 * np.max(np.abs(v))):
             continue
         h = float(h.real)
         beta = den_basis @ v.real
@@ -233,7 +234,8 @@ def _solve_reference(problem: _Problem, x):
 def _alternating_extrema(err, x_ref, per_gap=48):
     """Signed extrema of ``err`` on [-1, 1], one per sign-constant stretch, found on a dense grid and refined."""
     nodes = np.unique(np.concatenate([[-1.0], x_ref, [1.0]]))
-    grid = np.unique(np.concatenate([np.linspace(lo, hi, per_gap, endpoint=False) for lo, hi in zip(nodes[:-1], nodes[1:])] + [[1.0]]))
+    grid = np.unique(np.concatenate([np.linspace(lo, hi, per_gap, endpoint=False)
+                                     for lo, hi in zip(nodes[:-1], nodes[1:])] + [[1.0]]))
     e = err(grid)
     pts, vals = [], []
     start = 0

@@ -19,7 +19,8 @@ def normalised_relative_error(weights: np.ndarray, target: np.ndarray) -> float:
     >>> s = np.linspace(-4, 0, 101)
     >>> round(normalised_relative_error(2 * np.exp(s), np.exp(s)), 12)  # a constant factor costs nothing
     0.0
-    >>> round(normalised_relative_error(1 + s / 8, np.exp(s)), 3) < round(float(np.max(np.abs((1 + s / 8) / np.exp(s) - 1))), 3)
+    >>> (round(normalised_relative_error(1 + s / 8, np.exp(s)), 3)
+    ...  < round(float(np.max(np.abs((1 + s / 8) / np.exp(s) - 1))), 3))
     True
     """
     w, f = np.asarray(weights, dtype=np.float64), np.asarray(target, dtype=np.float64)

@@ -8,8 +8,8 @@ run it: the fused Triton kernels (bf16 tensor cores) at 1, the torch state forms
 einsums) at ``TORCH_STATE_RATE``.
 
 ``form="quadratic"`` forces the quadratic path on any device: the Triton kernel on CUDA or
-under ``TRITON_INTERPRET=1`` (fp16/bf16/fp32), else (and for float64) :func:`quadratic_torch`, a blockwise torch twin (exact
-tiles over key blocks; O(N) forward memory, autograd keeps its tiles).
+under ``TRITON_INTERPRET=1`` (fp16/bf16/fp32), else (and for float64) :func:`quadratic_torch`,
+a blockwise torch twin (exact tiles over key blocks; O(N) forward memory, autograd keeps its tiles).
 
 :data:`last_dispatch` holds the last :class:`Dispatch` (per process, not per thread).
 """

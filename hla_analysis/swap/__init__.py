@@ -14,7 +14,7 @@ import contextlib
 import contextvars
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 from torch import Tensor
 
@@ -41,7 +41,8 @@ def _swap_dispatch(module, query, key, value, attention_mask, scaling=None, drop
     session = _active.get()
     layer = None if session is None else session._layer_of(module)
     if layer is None or layer not in session.layers:
-        return _model_eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+        return _model_eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                    **kwargs)
     variant = session._variant_for(layer, query.shape[-1], query.shape[1])
     counts = session.counts.setdefault(layer, SwapCounts())
     return variant_attention(variant, query, key, value, attention_mask, scaling, counts)
@@ -73,7 +74,8 @@ def _parse_layers(layers, num_layers: int | None) -> frozenset[int]:
         raise ValueError(f"layers must be 'all', an int or a non-empty list of ints, got {layers!r}")
     bad = [l for l in chosen if l < 0 or (num_layers is not None and l >= num_layers)]
     if bad:
-        raise ValueError(f"layers {bad} are out of range for a model with {num_layers} attention layers (0..{num_layers - 1})")
+        raise ValueError(f"layers {bad} are out of range for a model with {num_layers} attention layers "
+                         f"(0..{num_layers - 1})")
     return frozenset(chosen)
 
 
@@ -117,7 +119,8 @@ class SwapSession:
                     variant.load_state_dict(state, strict=True)
                 except RuntimeError as exc:
                     first = str(exc).splitlines()[0]
-                    raise ValueError(f"fitted parameters of {self.spec} for layer {layer} do not fit this model: {first}") from None
+                    raise ValueError(f"fitted parameters of {self.spec} for layer {layer} do not fit this model: "
+                                     f"{first}") from None
             variant.requires_grad_(False)
             self._variants[layer] = variant
         return variant
@@ -188,7 +191,8 @@ def swap_attention(model, spec: str, *, layers="all", fits=None, objective: str 
     if isinstance(fits, (str, Path)):
         fits = load_fits(fits)
     if fits is not None and not isinstance(fits, dict):
-        raise ValueError(f"fits must be a path to a .fits.safetensors file or a dict of tensors, got {type(fits).__name__}")
+        raise ValueError(f"fits must be a path to a .fits.safetensors file or a dict of tensors, "
+                         f"got {type(fits).__name__}")
     if is_learnable(make_variant(spec)) and fits is None:
         raise ValueError(
             f"{spec} has learnable parameters; pass fits= (the .fits.safetensors that `hla-analysis evaluate` "

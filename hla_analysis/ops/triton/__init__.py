@@ -23,9 +23,9 @@ import os
 import torch
 
 from hla_analysis._checks import check_normalizers, check_output
+from hla_analysis.ops.triton import split
 from hla_analysis.ops.triton.autograd import HLAFunction, default_config, validate_config
 from hla_analysis.ops.triton.autograd_tied import TiedHLAFunction, tied_config
-from hla_analysis.ops.triton import split
 
 __all__ = ["supports", "hla_triton", "default_config", "factors_tied", "TIED_BY_DEFAULT"]
 
@@ -57,7 +57,8 @@ def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
     True
     >>> supports([q, q, q], [q, q, q], torch.rand(2, 10, 32), causal=False, key_padding_mask=None)
     False
-    >>> supports([q[..., :5]], [q[..., :5]], torch.rand(2, 10, 32), causal=False, key_padding_mask=None) == _interpreting()
+    >>> (supports([q[..., :5]], [q[..., :5]], torch.rand(2, 10, 32), causal=False, key_padding_mask=None)
+    ...  == _interpreting())
     True
     """
     qs, ks = list(qs), list(ks)

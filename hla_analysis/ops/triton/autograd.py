@@ -187,8 +187,8 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None, initial=None
         buf = torch.empty((splits, bh, r, dv), device=f1.device, dtype=f1.dtype if splits == 1 else torch.float32)
         state((grid_a, grid_d, bh * splits),
             f1, f2_arg, x, buf, n, tps, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,
-            BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=0, CHUNK=cfg["CHUNK"], NUM_CHUNKS=1, SPLITS=splits, PRECISION=_precision(f1.dtype),
-            num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
+            BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=0, CHUNK=cfg["CHUNK"], NUM_CHUNKS=1, SPLITS=splits,
+            PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"])
         s = buf.sum(0).to(f1.dtype) if splits > 1 else buf[0]
         s = s.view(bh, 1, r, dv)
     else:
@@ -216,8 +216,8 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None, initial=None
         state((grid_a, grid_d, bh),
             f1, f2_arg, x, s, n, n, R1=r1, R2=r2, DV=dv, BLOCK_N=cfg["STATE_BLOCK_N"], BLOCK_A=block_a,
             BLOCK_DV=block_dv, HAS_F2=f2 is not None, MODE=1 if mode == "prefix" else 2, CHUNK=cfg["CHUNK"],
-            NUM_CHUNKS=nc, SPLITS=1, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"], num_stages=cfg["STAGES"],
-            s0_ptr=None if initial is None else initial[0], HAS_INIT=initial is not None)
+            NUM_CHUNKS=nc, SPLITS=1, PRECISION=_precision(f1.dtype), num_warps=cfg["STATE_WARPS"],
+            num_stages=cfg["STAGES"], s0_ptr=None if initial is None else initial[0], HAS_INIT=initial is not None)
     return s, _with_initial_z(_normaliser_state(f1, f2, w, nc=nc, mode=mode, chunk=cfg["CHUNK"]), initial)
 
 
@@ -268,7 +268,8 @@ def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, 
         den if chk is None else chk, n,
         R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["APPLY_BLOCK_C"], r1, r2),
         HAS_F2=q2 is not None, CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],
-        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, NORMALIZE=normalize, CHECK=chk is not None, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
+        PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, NORMALIZE=normalize, CHECK=chk is not None,
+        num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
     return o, den
 
 
