@@ -30,6 +30,7 @@ demo: $(STAMP)
 	$(VENV)/bin/hla-analysis demo --out $(DEMO_OUT)
 
 test: $(STAMP)
+	$(VENV)/bin/ruff check .
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
 
 clean:

@@ -71,7 +71,8 @@ def main() -> int:
     if args.child:
         print(json.dumps(child(args.capture, args.variants, args.threads)))
         return 0
-    cmd = [sys.executable, __file__, args.capture, "--variants", args.variants, "--threads", str(args.threads), "--child"]
+    cmd = [sys.executable, __file__, args.capture, "--variants", args.variants,
+           "--threads", str(args.threads), "--child"]
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)

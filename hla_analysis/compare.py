@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch
 from tqdm.auto import tqdm
 
 from hla_analysis import __version__
-from hla_analysis.capture import load_capture
 from hla_analysis._io import atomic_write_json, atomic_write_table, exclusive_output_lock
+from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
 from hla_analysis.metrics.streaming import StreamingAttentionMetrics, reference_rows
 from hla_analysis.swap.fits import fit_key, load_fits, save_fits
@@ -288,7 +287,8 @@ def run_comparison(
         train_inputs = min(max(1, cap.num_inputs // 4), 4, cap.num_inputs - 1)
     if not 1 <= train_inputs < cap.num_inputs:
         raise ValueError(
-            f"train_inputs must be between 1 and {cap.num_inputs - 1} (one input at least must be held out), got {train_inputs}."
+            f"train_inputs must be between 1 and {cap.num_inputs - 1} (one input at least must be held out), "
+            f"got {train_inputs}."
         )
     if block_rows < 1 or row_stride < 1:
         raise ValueError(f"block_rows and row_stride must be >= 1, got {block_rows} and {row_stride}.")
@@ -416,7 +416,8 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     result = add_spec_columns(result, head_dim=cap.head_dim)
     atomic_write_table(out, result)
     write_figure_tables(cap, result, out)
-    fits_table = pd.DataFrame(fits, columns=["layer", "variant", "params_per_head", "loss_initial", "loss_final", "steps"])
+    fits_table = pd.DataFrame(
+        fits, columns=["layer", "variant", "params_per_head", "loss_initial", "loss_final", "steps"])
     atomic_write_table(out.with_name(out.stem + ".fits.csv"), fits_table)
     save_fits(fits_path(out), states, settings={k: v for k, v in settings.items() if k != "device"})
     atomic_write_json(out.with_name(out.stem + ".settings.json"),
@@ -454,7 +455,8 @@ def summarize(table: pd.DataFrame) -> pd.DataFrame:
     grouped = wide.groupby(level="variant")
     summary = pd.DataFrame({
         "kl_mean": grouped["kl_mean"].mean(),
-        "kl_worst_head": wide.groupby(level=["variant", "layer", "head"])["kl_mean"].mean().groupby(level="variant").max(),
+        "kl_worst_head": (wide.groupby(level=["variant", "layer", "head"])["kl_mean"].mean()
+                          .groupby(level="variant").max()),
         "output_rel": grouped["output_rel"].mean(),
         "tv_mean": grouped["tv_mean"].mean(),
         "topk_recall": grouped["topk_recall_mean"].mean(),

@@ -224,7 +224,8 @@ def test_figures_read_the_table_and_save_their_numbers(default_results, small_ca
 
     table, out = default_results
     paths = comparison_figures(table, out, tmp_path)  # the figure tables compare wrote beside the results
-    assert sorted(p.name for p in paths) == ["attention_maps.png", "error_vs_factors.png", "kl_heatmaps.png", "monotonicity.png"]
+    assert sorted(p.name for p in paths) == [
+        "attention_maps.png", "error_vs_factors.png", "kl_heatmaps.png", "monotonicity.png"]
     for p in paths:
         assert p.stat().st_size > 10_000 and p.with_suffix(".csv").exists()
     heat = pd.read_csv(tmp_path / "kl_heatmaps.csv")
@@ -269,9 +270,9 @@ def test_table_matches_the_expected_fixture(tmp_path):
     against the same runner with each fitted variant alone, on this machine
     (``test_fitted_variants_do_not_depend_on_the_other_variants``).
     """
-    from compare_fixture import FIXTURE_BLOCK_ROWS, FIXTURE_FIT, FIXTURE_KW, FIXTURE_TEXTS, FIXTURE_VARIANTS
-
     from pathlib import Path
+
+    from compare_fixture import FIXTURE_BLOCK_ROWS, FIXTURE_FIT, FIXTURE_KW, FIXTURE_TEXTS, FIXTURE_VARIANTS
 
     from hla_analysis.spec import SPEC_COLUMNS, spec_columns
 

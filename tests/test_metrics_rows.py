@@ -80,7 +80,8 @@ def test_topk_recall_hand_cases_with_ties_and_short_rows():
     assert topk_recall_rows(p, q, allowed=allowed, k=2).tolist() == [0.5]
     assert topk_recall_rows(p, q, allowed=allowed, k=5).tolist() == [1.0]
     # no allowed key at all: undefined
-    assert math.isnan(float(topk_recall_rows(t([[0.0, 0.0]]), t([[0.5, 0.5]]), allowed=torch.zeros(1, 2, dtype=torch.bool))[0]))
+    none_allowed = torch.zeros(1, 2, dtype=torch.bool)
+    assert math.isnan(float(topk_recall_rows(t([[0.0, 0.0]]), t([[0.5, 0.5]]), allowed=none_allowed)[0]))
     with pytest.raises(ValueError, match="k must"):
         topk_recall_rows(p, q, k=0)
 

@@ -54,7 +54,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score every S-th query row only (a sample; S times cheaper). Default 1: all rows")
     p.add_argument("--device", default="cpu", help="torch device for maps, metrics and fits (default cpu; e.g. cuda)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing --out (and its .fits.csv/.fits.safetensors/.settings.json) that hla-analysis did not write")
+                   help="replace an existing --out (and its .fits.csv/.fits.safetensors/.settings.json) "
+                        "that hla-analysis did not write")
     add_fit_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -3,9 +3,9 @@
 Every fitted variant gets the same treatment: Adam, the same number of steps and learning
 rate, deterministic seeds, and the loss that attention transfer (Hedgehog, LoLCATs) uses:
 the row KL divergence ``KL(softmax || approx)``, i.e. the cross-entropy of the weights up to
-the softmax entropy (Adam with cosine decay; defaults in :class:`FitConfig`). Parameters are per head (:meth:`Variant.bind` with ``heads``), so one
-fit covers a whole layer. The parameter count per head is reported, so tables can show the
-budget beside the score.
+the softmax entropy (Adam with cosine decay; defaults in :class:`FitConfig`). Parameters are
+per head (:meth:`Variant.bind` with ``heads``), so one fit covers a whole layer. The
+parameter count per head is reported, so tables can show the budget beside the score.
 """
 
 from __future__ import annotations

@@ -146,7 +146,8 @@ def reference_rows(
     if scores is not None:
         _check_block("scores", scores)
         if scores.shape != p.shape:
-            raise ValueError(f"scores has shape {tuple(scores.shape)} but the rows are {tuple(p.shape)}; they must match.")
+            raise ValueError(f"scores has shape {tuple(scores.shape)} but the rows are {tuple(p.shape)}; "
+                             "they must match.")
         scores = scores.to(device)
         if not checked:
             check_scores(scores, mask)
@@ -180,7 +181,8 @@ def _validate_pair(p: Tensor, p_hat: Tensor) -> tuple[Tensor, Tensor]:
             f"p {tuple(p.shape)} and p_hat {tuple(p_hat.shape)} must be row blocks [..., R, N] of the same shape."
         )
     if p.dtype != p_hat.dtype or p.device != p_hat.device:
-        raise ValueError(f"p is {p.dtype} on {p.device} but p_hat is {p_hat.dtype} on {p_hat.device}; use one dtype and device.")
+        raise ValueError(f"p is {p.dtype} on {p.device} but p_hat is {p_hat.dtype} on {p_hat.device}; "
+                         "use one dtype and device.")
     return p, p_hat
 
 
@@ -346,7 +348,8 @@ class StreamingAttentionMetrics:
             self._has_values, self._has_scores, self._n_keys = has_values, has_scores, n_keys
             return
         if n_keys != self._n_keys:
-            raise ValueError(f"this block has {n_keys} keys but earlier blocks had {self._n_keys}; stream one head at a time.")
+            raise ValueError(f"this block has {n_keys} keys but earlier blocks had {self._n_keys}; "
+                             "stream one head at a time.")
         for name, now, before in (("v", has_values, self._has_values), ("scores", has_scores, self._has_scores)):
             if now != before:
                 raise ValueError(
@@ -437,7 +440,8 @@ class StreamingAttentionMetrics:
                 f"uses k={self.k}, rank_stride={self.rank_stride}; prepare it with the same settings."
             )
         if ref.p.dim() < self.batch_dims + 2:
-            raise ValueError(f"blocks need {self.batch_dims} batch dim(s) before [R, N], got shape {tuple(ref.p.shape)}.")
+            raise ValueError(f"blocks need {self.batch_dims} batch dim(s) before [R, N], "
+                             f"got shape {tuple(ref.p.shape)}.")
         return p_hat
 
     def _accumulate(self, ref: ReferenceRows, p_hat: Tensor, invalid_b: Tensor, include: Tensor) -> None:
