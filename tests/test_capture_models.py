@@ -157,8 +157,22 @@ def test_compare_tables_do_not_depend_on_how_the_scale_is_split(tmp_path):
     # float32 rounding of q, k (relative ~1e-7) moves logits of size ~1 by ~1e-6; metrics follow.
     # linear:phi=rebased squares normalised features, so some rows' normalisers nearly cancel and
     # amplify that rounding to a few percent in kl_max: compared at a tolerance that allows it.
-    tight = ~a["variant"].str.contains("rebased")
-    for rows, rtol in ((tight, 1e-3), (~tight, 0.1)):
+    # Spearman is a step function of its inputs: two near-equal weights (or logits) that round
+    # the other way swap adjacent ranks, which moves that row's rho by 12 / (n (n^2 - 1)) with
+    # n = 24 keys. It is compared in those units (two swaps per row at most), not relatively.
+    n = 24
+    rank_step = 12 / (n * (n * n - 1))
+    ranks = a["metric"].str.startswith("spearman")
+    torch.testing.assert_close(torch.tensor(a["value"][ranks].to_numpy()), torch.tensor(b["value"][ranks].to_numpy()),
+                               rtol=0, atol=2 * rank_step, equal_nan=True)
+    # rebased's nearly cancelling normalisers can also put one row of a head (1/24) on the other
+    # side of the failed-row test: its failed fraction is compared in whole rows.
+    rebased = a["variant"].str.contains("rebased")
+    failed = rebased & (a["metric"] == "failed_fraction")
+    torch.testing.assert_close(torch.tensor(a["value"][failed].to_numpy()), torch.tensor(b["value"][failed].to_numpy()),
+                               rtol=0, atol=1 / n + 1e-12, equal_nan=True)
+    tight = ~rebased & ~ranks
+    for rows, rtol in ((tight, 1e-3), (rebased & ~ranks & ~failed, 0.1)):
         torch.testing.assert_close(torch.tensor(a["value"][rows].to_numpy()), torch.tensor(b["value"][rows].to_numpy()),
                                    rtol=rtol, atol=1e-4, equal_nan=True)
 
