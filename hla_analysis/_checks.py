@@ -573,18 +573,7 @@ def nonnegative_weights_flag(qs: Sequence[Tensor], ks: Sequence[Tensor]) -> Tens
     Otherwise a 0-d bool that is True when every remaining factor has features >= 0 (two
     reductions per factor); False means "may be negative".
     """
-    counts: dict[tuple[int, int], int] = {}
-    pairs: dict[tuple[int, int], tuple[Tensor, Tensor]] = {}
-    for fq, fk in zip(qs, ks):
-        key = (id(fq), id(fk))
-        counts[key] = counts.get(key, 0) + 1
-        pairs[key] = (fq, fk)
-    flags = []
-    for key, count in counts.items():
-        if count % 2 == 0:
-            continue
-        fq, fk = pairs[key]
-        flags.append((fq.detach().amin() >= 0) & (fk.detach().amin() >= 0))
+    flags = [(fq.detach().amin() >= 0) & (fk.detach().amin() >= 0) for fq, fk in _odd_pairs(qs, ks)]
     if not flags:
         return None
     return torch.stack(flags).all()

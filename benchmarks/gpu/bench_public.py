@@ -51,24 +51,13 @@ HLA_CALLS = ((1, 64, False), (1, 64, True), (2, 64, False), (2, 64, True), (2, 1
 
 
 def timed(fn, *, warmup=2, target_ms=100.0, min_reps=5, max_reps=30):
-    """Median ms of ``fn`` (CUDA events around each call, synchronised), after warm-up."""
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    last = 0.0
-    for _ in range(warmup):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        last = start.elapsed_time(end)
-    reps = 3 if last > 100.0 else int(min(max_reps, max(min_reps, target_ms / max(last, 1e-3))))
-    times = []
-    for _ in range(reps):
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times), reps
+    """Median ms of ``fn`` (CUDA events around each call, synchronised), after warm-up.
+
+    The timing loop of ``bench_hla.timed``, with this script's shorter defaults.
+    """
+    from bench_hla import timed as timed_loop  # the script's folder is on sys.path
+
+    return timed_loop(fn, warmup=warmup, target_ms=target_ms, min_reps=min_reps, max_reps=max_reps)
 
 
 def per_call_ms(fn, *, calls=20, batches=5):
