@@ -59,44 +59,48 @@ def _head_data(capture, layer: int, head: int, input_index: int, tokens: int):
     return d["q"][head, :n], d["k"][head], d["scale"], d["causal"]
 
 
-def _maps(q, k, scale, causal):
+def _maps(q, k, scale, causal) -> dict[str, np.ndarray]:
     with torch.no_grad():
-        for spec in MAP_VARIANTS:
-            yield spec, make_variant(spec).attention_map(q, k, scale=scale, causal=causal, allow_signed=True).numpy()
+        return {spec: make_variant(spec).attention_map(q, k, scale=scale, causal=causal, allow_signed=True).numpy()
+                for spec in MAP_VARIANTS}
 
 
-def attention_map_rows(capture, *, layer: int, head: int, input_index: int = 0,
-                       tokens: int = MAP_TOKENS) -> pd.DataFrame:
-    """One head's map under every ``MAP_VARIANTS`` entry, top-left ``tokens x tokens`` block."""
-    q, k, scale, causal = _head_data(capture, layer, head, input_index, tokens)
+def _map_table(maps: dict[str, np.ndarray], tokens: int) -> pd.DataFrame:
+    """Every variant's top-left ``tokens x tokens`` block (rows are normalised over every key)."""
     rows = []
-    for spec, attn in _maps(q, k, scale, causal):
-        attn = attn[:, : q.shape[0]]
-        i, j = np.meshgrid(range(attn.shape[0]), range(attn.shape[1]), indexing="ij")
-        rows.append(pd.DataFrame({"variant": spec, "query": i.ravel(), "key": j.ravel(), "weight": attn.ravel()}))
-    return pd.concat(rows, ignore_index=True).assign(layer=layer, head=head, input=input_index, keys=k.shape[0])
+    for spec, attn in maps.items():
+        n = min(tokens, attn.shape[0])
+        block = attn[:n, :n]
+        i, j = np.meshgrid(range(n), range(n), indexing="ij")
+        rows.append(pd.DataFrame({"variant": spec, "query": i.ravel(), "key": j.ravel(), "weight": block.ravel()}))
+    return pd.concat(rows, ignore_index=True)
 
 
-def monotonicity_rows(capture, *, layer: int, head: int, input_index: int = 0,
-                      tokens: int = MONOTONICITY_TOKENS) -> pd.DataFrame:
-    """Weight against the logit ``scale q.k`` for every allowed pair of the first ``tokens`` queries."""
-    q, k, scale, causal = _head_data(capture, layer, head, input_index, tokens)
-    scores = (q @ k.T * scale).numpy()
-    frames = []
-    for spec, attn in _maps(q, k, scale, causal):
-        keep = np.tril(np.ones_like(attn, dtype=bool)) if causal else np.ones_like(attn, dtype=bool)
-        rel = attn * keep.sum(-1, keepdims=True)
-        frames.append(pd.DataFrame({"variant": spec, "score": scores[keep], "weight_times_row_len": rel[keep]}))
-    return pd.concat(frames, ignore_index=True).assign(layer=layer, head=head, input=input_index)
+def _monotonicity_table(maps: dict[str, np.ndarray], scores: np.ndarray, causal: bool) -> pd.DataFrame:
+    """Weight (times the row's allowed length) against the logit, for every allowed pair."""
+    keep = np.tril(np.ones_like(scores, dtype=bool)) if causal else np.ones_like(scores, dtype=bool)
+    row_len = keep.sum(-1, keepdims=True)
+    frames = [pd.DataFrame({"variant": spec, "score": scores[keep], "weight_times_row_len": (attn * row_len)[keep]})
+              for spec, attn in maps.items()]
+    return pd.concat(frames, ignore_index=True)
 
 
 def write_figure_tables(capture, results: pd.DataFrame, results_path: str | Path) -> dict[str, Path]:
-    """Compute both figure tables for :func:`figure_head` and write them beside the results."""
+    """Compute both figure tables for :func:`figure_head` and write them beside the results.
+
+    The head is read once and each variant's map computed once, on the first
+    ``MONOTONICITY_TOKENS`` queries; the map table is its top-left ``MAP_TOKENS`` block.
+    """
     where = figure_head(results)
-    kw = dict(layer=where["layer"], head=where["head"], input_index=where["input"])
+    layer, head, input_index = where["layer"], where["head"], where["input"]
+    q, k, scale, causal = _head_data(capture, layer, head, input_index, max(MAP_TOKENS, MONOTONICITY_TOKENS))
+    maps = _maps(q, k, scale, causal)
+    scores = (q @ k.T * scale).numpy()
     paths = figure_table_paths(results_path)
-    atomic_write_table(paths["maps"], attention_map_rows(capture, **kw))
-    atomic_write_table(paths["monotonicity"], monotonicity_rows(capture, **kw))
+    atomic_write_table(paths["maps"], _map_table(maps, MAP_TOKENS)
+                       .assign(layer=layer, head=head, input=input_index, keys=k.shape[0]))
+    atomic_write_table(paths["monotonicity"], _monotonicity_table(maps, scores, causal)
+                       .assign(layer=layer, head=head, input=input_index))
     return paths
 
 
