@@ -326,17 +326,14 @@ def make_variant(spec: str) -> Variant:
     Raises
     ------
     ValueError
-        Unknown family, option or feature map; an option the feature map does not take;
-        bad values (M < 1 or > 8, c <= 0, ...).
+        Every spec :func:`hla_analysis.spec.normalize_spec` refuses (its docstring lists them).
 
     Examples
     --------
     >>> make_variant("linear:phi=favor,features=128").spec
     'linear:phi=favor,features=128'
-    >>> make_variant("hla:m=0")
-    Traceback (most recent call last):
-    ...
-    ValueError: hla needs m >= 1 factors, got 0 (spec 'hla:m=0').
+    >>> type(make_variant("hla:m=3,phi=affine")).__name__
+    'KernelVariant'
     """
     parsed = normalize_spec(spec)
     return _FAMILY_CLASSES[parsed.family](parsed)
