@@ -86,16 +86,7 @@ def row_kl_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) ->
     similarities all vanish) carry no distribution at all: they are left out of the mean,
     as the evaluation leaves them out and counts them.
     """
-    total, rows = 0.0, 0
-    for batch, p in zip(batches, targets):
-        row_loss, valid = _row_kl(variant, batch, p, torch.log(p.clamp_min(_LOG_FLOOR)))
-        total = total + torch.where(valid, row_loss, torch.zeros_like(row_loss)).sum()
-        rows += int(valid.sum())
-    if rows == 0:
-        raise ValueError(
-            f"{variant.spec} has no row with a positive normalizer on the training inputs; it cannot be fitted."
-        )
-    return total / rows
+    return _mean_loss(variant, batches, [(p, torch.log(p.clamp_min(_LOG_FLOOR))) for p in targets], "map_kl")
 
 
 def _row_kl(variant: Variant, batch: dict, p: Tensor, log_p: Tensor) -> tuple[Tensor, Tensor]:
@@ -117,20 +108,16 @@ def output_mse_loss(variant: Variant, batches: list[dict], targets: list[Tensor]
     ``targets`` are softmax outputs ``[..., N, dv]`` on each batch's ``v``. Rows whose
     normalizer is not a positive finite number are left out, as in :func:`row_kl_loss`.
     """
+    return _mean_loss(variant, batches, [(target, None) for target in targets], "output_mse")
+
+
+def _mean_loss(variant: Variant, batches: list[dict], targets: list[tuple], objective: str) -> Tensor:
+    """Mean of :func:`_loss_sums` over every batch (one graph: the caller calls backward)."""
     total, count = 0.0, 0
     for batch, target in zip(batches, targets):
-        weights, den = variant.weights(batch["q"], batch["k"], scale=batch["scale"], causal=batch["causal"])
-        valid = (den > 0) & torch.isfinite(den)
-        output = (weights / torch.where(valid, den, torch.ones_like(den))) @ batch["v"]
-        error = (output - target).square().mean(-1)
-        valid = valid.squeeze(-1) & torch.isfinite(error)
-        total = total + torch.where(valid, error, torch.zeros_like(error)).sum()
-        count += int(valid.sum())
-    if count == 0:
-        raise ValueError(
-            f"{variant.spec} has no row with a positive normalizer on the training inputs; it cannot be fitted."
-        )
-    return total / count
+        block_sum, block_count = _loss_sums(variant, batch, target, objective)
+        total, count = total + block_sum, count + block_count
+    return total / _count(count, variant)
 
 
 _OBJECTIVES = ("map_kl", "output_mse")
