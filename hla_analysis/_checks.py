@@ -30,10 +30,6 @@ from torch import Tensor
 _state = threading.local()
 
 
-def _finite(x: float) -> bool:
-    return math.isfinite(x)
-
-
 class CheckBatch:
     """Value checks of one public call, resolved with at most one host sync."""
 
@@ -134,11 +130,6 @@ def sum_value(x: Tensor) -> Tensor:
     return x.detach().sum(dtype=torch.promote_types(x.dtype, torch.float32))
 
 
-def all_finite_flag(x: Tensor) -> Tensor:
-    """0-d bool on the device, False if ``x`` has a NaN/Inf (or a sum that overflows)."""
-    return torch.isfinite(sum_value(x))
-
-
 def require_finite(name: str, x: Tensor, *, propagates: bool = False) -> None:
     """:func:`check_finite`, deferred to the active batch if there is one.
 
@@ -154,7 +145,7 @@ def require_finite(name: str, x: Tensor, *, propagates: bool = False) -> None:
     elif propagates:
         batch.add(None, lambda: check_finite(name, x))
     else:
-        batch.add_values((sum_value(x),), _finite, lambda: check_finite(name, x))
+        batch.add_values((sum_value(x),), math.isfinite, lambda: check_finite(name, x))
 
 
 def check_stacked_against_values(qs, v: Tensor) -> None:
@@ -520,7 +511,7 @@ def check_output(out: Tensor, den: Tensor | None = None, *, allow_signed: bool =
     if batch is None:
         _diagnose_output(out, den, allow_signed=allow_signed, what=what)
     else:
-        batch.add_values((sum_value(out),), _finite,
+        batch.add_values((sum_value(out),), math.isfinite,
                          lambda: _diagnose_output(out, den, allow_signed=allow_signed, what=what))
 
 
