@@ -95,6 +95,13 @@ def _index(index):
     return index
 
 
+def _operator(op, swap: bool = False):
+    """A binary operator method: ``self (op) other``, or ``other (op) self`` when ``swap``."""
+    def method(self, other):
+        return self._binary(other, op, swap)
+    return method
+
+
 class SymbolicTensor:
     """An array of SymPy expressions with the tensor interface of the efficient HLA forms.
 
@@ -177,34 +184,15 @@ class SymbolicTensor:
         keep = np.tri(rows, cols, k=diagonal, dtype=bool)
         return SymbolicTensor(np.where(keep, self.data, sp.Integer(0)))
 
-    # -- arithmetic ---------------------------------------------------------------
+    # -- arithmetic: elementwise with broadcasting, and @ --------------------------------
     def _binary(self, other, op, swap: bool = False) -> SymbolicTensor:
         a, b = self.data, _as_array(other)
         return SymbolicTensor(op(b, a) if swap else op(a, b))
 
-    def __add__(self, other):
-        return self._binary(other, operator.add)
-
-    def __radd__(self, other):
-        return self._binary(other, operator.add, swap=True)
-
-    def __sub__(self, other):
-        return self._binary(other, operator.sub)
-
-    def __rsub__(self, other):
-        return self._binary(other, operator.sub, swap=True)
-
-    def __mul__(self, other):
-        return self._binary(other, operator.mul)
-
-    def __rmul__(self, other):
-        return self._binary(other, operator.mul, swap=True)
-
-    def __matmul__(self, other):
-        return self._binary(other, np.matmul)
-
-    def __rmatmul__(self, other):
-        return self._binary(other, np.matmul, swap=True)
+    __add__, __radd__ = _operator(operator.add), _operator(operator.add, swap=True)
+    __sub__, __rsub__ = _operator(operator.sub), _operator(operator.sub, swap=True)
+    __mul__, __rmul__ = _operator(operator.mul), _operator(operator.mul, swap=True)
+    __matmul__, __rmatmul__ = _operator(np.matmul), _operator(np.matmul, swap=True)
 
     def __neg__(self):
         return SymbolicTensor(-self.data)
