@@ -134,7 +134,7 @@ def test_proof_fails_for_tied_features_without_the_multinomial_weights(monkeypat
     (dict(form="fast"), "unknown form"),
     (dict(form="contract", causal=True), "non-causal"),
     (dict(form="contract", prior=1), "takes no initial state"),
-    (dict(form="chunked", prior=1), "only when causal"),
+    (dict(form="chunked", prior=1), "chunked with causal=True"),
     (dict(form="recurrent", n=0), "n must be"),
     (dict(form="recurrent", chunk=0), "chunk must be"),
     (dict(form="recurrent", prior=-1), "prior must be"),

@@ -82,32 +82,27 @@ def efficient(form: str, qs, ks, v, causal: bool, chunk: int = 2, *, prior: int 
     ``chunk`` is the chunk or block size. ``chunked`` without ``causal`` runs ``_contract``,
     as :func:`hla_analysis.ops.hla` does; ``tied`` uses ``qs[0]``, ``ks[0]`` and ``len(qs)``.
     """
-    shipped = importlib.import_module("hla_analysis.ops.hla")  # the module (the package re-exports a function hla)
     if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; choose one of {FORMS}.")
-    if prior and form not in STATEFUL_FORMS:
-        raise ValueError(f"form {form!r} takes no initial state; prior keys need one of {STATEFUL_FORMS}.")
+    if prior and (form not in STATEFUL_FORMS or (form == "chunked" and not causal)):
+        raise ValueError(f"form {form!r} (causal={causal}) takes no initial state; prior keys need recurrent, "
+                         "or chunked with causal=True.")
     if form == "contract" and causal:
         raise ValueError("the contract form is non-causal; use recurrent or chunked for causal=True.")
+    shipped = importlib.import_module("hla_analysis.ops.hla")  # the module (the package re-exports a function hla)
     initial = _key_state([k[:prior, :] for k in ks], v[:prior, :]) if prior else None
     sq = [SymbolicTensor.from_matrix(q) for q in qs]
     sk = [SymbolicTensor.from_matrix(k[prior:, :]) for k in ks]
     values = _with_ones(v[prior:, :])
-    if form == "chunked" and not causal:
-        if prior:
-            raise ValueError("the chunked form continues from an initial state only when causal.")
-        form = "contract"  # what hla(form="chunked") runs without causal
-    if form == "contract":
-        out = shipped._contract(sq, sk, values, block=chunk)
-    elif form == "recurrent":
-        out = shipped._recurrent(sq, sk, values, causal=causal, initial_state=initial)
-    elif form == "chunked":
-        out = shipped._chunked(sq, sk, values, chunk=chunk, initial_state=initial)
-    elif form == "value_modulation":
-        out = shipped._value_modulation(sq, sk, values, causal=causal, chunk=chunk)
-    else:
-        out = shipped._tied(sq[0], sk[0], len(qs), values, causal=causal, chunk=chunk, block=chunk)
-    out = out.to_matrix()
+    runs = {  # each form called as hla() calls it; hla(form="chunked") runs _contract when not causal
+        "contract": lambda: shipped._contract(sq, sk, values, block=chunk),
+        "recurrent": lambda: shipped._recurrent(sq, sk, values, causal=causal, initial_state=initial),
+        "chunked": lambda: (shipped._chunked(sq, sk, values, chunk=chunk, initial_state=initial) if causal
+                            else shipped._contract(sq, sk, values, block=chunk)),
+        "value_modulation": lambda: shipped._value_modulation(sq, sk, values, causal=causal, chunk=chunk),
+        "tied": lambda: shipped._tied(sq[0], sk[0], len(qs), values, causal=causal, chunk=chunk, block=chunk),
+    }
+    out = runs[form]().to_matrix()
     return out[:, :-1], list(out[:, -1])
 
 
