@@ -30,7 +30,7 @@ Examples
 >>> var = make_variant("hla:m=3,phi=affine")
 >>> var.kind, var.factors, var.phi, var.spec
 ('hla', 3, 'affine', 'hla:m=3,phi=affine')
->>> q = torch.randn(2, 6, 8)
+>>> q = torch.rand(2, 6, 8)   # entries >= 0: every logit >= 0, so (1 + s/3)^3 > 0
 >>> var.attention_map(q, q).sum(-1).allclose(torch.ones(2, 6))
 True
 """
