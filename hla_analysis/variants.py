@@ -30,7 +30,7 @@ Examples
 >>> var = make_variant("hla:m=3,phi=affine")
 >>> var.kind, var.factors, var.phi, var.spec
 ('hla', 3, 'affine', 'hla:m=3,phi=affine')
->>> q = torch.randn(2, 6, 8)
+>>> q = torch.rand(2, 6, 8)   # entries >= 0: every logit >= 0, so (1 + s/3)^3 > 0
 >>> var.attention_map(q, q).sum(-1).allclose(torch.ones(2, 6))
 True
 """
@@ -141,17 +141,9 @@ class Variant(nn.Module):
         """Factor features ``(qs, ks)``: M tensors each; tied factors share one object."""
         raise NotImplementedError
 
-    def attention_map(
-        self,
-        q: Tensor,
-        k: Tensor,
-        *,
-        scale: float | None = None,
-        causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-        query_offset: int = 0,
-        allow_signed: bool = False,
-    ) -> Tensor:
+    def attention_map(self, q: Tensor, k: Tensor, *, scale: float | None = None, causal: bool = False,
+                      key_padding_mask: Tensor | None = None, query_offset: int = 0,
+                      allow_signed: bool = False) -> Tensor:
         """Row-normalised ``[..., Nq, Nk]`` map of this variant (materialized; for analysis).
 
         Negative weights or a non-positive row normaliser raise a ``ValueError`` unless
@@ -159,16 +151,8 @@ class Variant(nn.Module):
         """
         raise NotImplementedError
 
-    def weights(
-        self,
-        q: Tensor,
-        k: Tensor,
-        *,
-        scale: float | None = None,
-        causal: bool = False,
-        key_padding_mask: Tensor | None = None,
-        query_offset: int = 0,
-    ) -> tuple[Tensor, Tensor]:
+    def weights(self, q: Tensor, k: Tensor, *, scale: float | None = None, causal: bool = False,
+                key_padding_mask: Tensor | None = None, query_offset: int = 0) -> tuple[Tensor, Tensor]:
         """Unnormalised weights ``[..., Nq, Nk]`` and row normalizers ``[..., Nq, 1]``, unjudged.
 
         For counting failing rows: ``weights / normalizer`` is the map, and a row whose

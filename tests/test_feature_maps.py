@@ -167,6 +167,23 @@ def test_every_registered_map_matches_its_symbolic_form(name):
     assert (entry.params_per_head(d) > 0) == entry.learnable
 
 
+@pytest.mark.parametrize("name", [n for n, e in FEATURE_MAP_REGISTRY.items() if e.learnable])
+def test_learnable_maps_match_their_symbolic_form_away_from_init(name):
+    """Fitted parameters, not only the initial ones: random values for every parameter."""
+    d, n = 3, 5
+    q, k = pair(n=n, d=d, seed=11, scale=0.8)
+    phi = make_feature_map(name, d).double()
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, **F64))
+    params = {key: value.detach().tolist() for key, value in phi.named_parameters()}
+    assert set(params) == {"hedgehog": {"weight"}, "rebased": {"gamma", "beta"}}[name]
+    for x in (q, k):
+        want = _symbolic_features(name, x, **params)
+        torch.testing.assert_close(phi(x).detach(), want, rtol=1e-12, atol=1e-12)
+
+
 def test_registry_names_match_both_sides():
     from hla_analysis.symbolic.feature_maps import SYMBOLIC_FEATURE_MAPS
 

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import textwrap
 
-from hla_analysis.cli.derive import add_variant_arguments
+from hla_analysis.cli.derive import add_variant_command
 
+HELP = "measure a variant's rational degree in t with AAA and compare with the symbolic one"
+DESCRIPTION = (
+    "Sample a(t), the variant's own attention weights with q -> t q on random q/k "
+    "(float64), fit AAA and report the smallest degree reaching each tolerance, next "
+    "to the degree derived symbolically. Rational variants match; softmax and other "
+    "non-rational ones grow as the tolerance tightens."
+)
 EXAMPLES = """\
 examples:
   hla-analysis degree hla --factors 3                  # measured 3 == symbolic 3
@@ -20,19 +25,7 @@ examples:
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "degree",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="measure a variant's rational degree in t with AAA and compare with the symbolic one",
-        description=textwrap.fill(
-            "Sample a(t), the variant's own attention weights with q -> t q on random q/k "
-            "(float64), fit AAA and report the smallest degree reaching each tolerance, next "
-            "to the degree derived symbolically. Rational variants match; softmax and other "
-            "non-rational ones grow as the tolerance tightens."
-        ),
-    )
-    add_variant_arguments(p)
+    p = add_variant_command(subparsers, "degree", help=HELP, description=DESCRIPTION, examples=EXAMPLES)
     p.add_argument("--tol", type=float, nargs="+", default=[1e-9], help="relative tolerance(s), > 0")
     p.add_argument("--t-max", type=float, default=3.0, help="sample t in (0, t_max]")
     from hla_analysis.cli.approx import interval_argument

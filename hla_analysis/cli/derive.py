@@ -6,6 +6,13 @@ import argparse
 import json
 import textwrap
 
+HELP = "rational form and degrees of a variant's attention weight (SymPy)"
+DESCRIPTION = (
+    "Derive a_1(t) = prod_m s^(m)_1(t) / sum_l prod_m s^(m)_l(t) from the variant's "
+    "definition, with the query scaled q -> t q, and report numerator, denominator and "
+    "their degrees in t. VARIANT is a family (hla, linear, softmax, power) or a registry "
+    "spec such as 'hla:m=3,phi=affine' or 'linear:phi=taylor'."
+)
 EXAMPLES = """\
 examples:
   hla-analysis derive hla --factors 3          # degrees 3 and 3
@@ -15,8 +22,12 @@ examples:
 """
 
 
-def add_variant_arguments(p: argparse.ArgumentParser) -> None:
-    """VARIANT and --factors, read the same way by `derive` and `degree`."""
+def add_variant_command(subparsers, name: str, *, help: str, description: str, examples: str):
+    """A subcommand taking VARIANT and --factors, read the same way by `derive` and `degree`."""
+    p = subparsers.add_parser(
+        name, epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter, help=help,
+        description=textwrap.fill(description),
+    )
     p.add_argument(
         "variant", metavar="VARIANT",
         help="a registry spec (see `hla-analysis variants`), or a bare family meaning its rational "
@@ -24,22 +35,11 @@ def add_variant_arguments(p: argparse.ArgumentParser) -> None:
              "power = power:p=P, softmax",
     )
     p.add_argument("--factors", "-M", type=int, default=None, help="M for hla (default 2), p for power")
+    return p
 
 
 def register(subparsers) -> None:
-    p = subparsers.add_parser(
-        "derive",
-        epilog=EXAMPLES,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        help="rational form and degrees of a variant's attention weight (SymPy)",
-        description=textwrap.fill(
-            "Derive a_1(t) = prod_m s^(m)_1(t) / sum_l prod_m s^(m)_l(t) from the variant's "
-            "definition, with the query scaled q -> t q, and report numerator, denominator and "
-            "their degrees in t. VARIANT is a family (hla, linear, softmax, power) or a registry "
-            "spec such as 'hla:m=3,phi=affine' or 'linear:phi=taylor'."
-        ),
-    )
-    add_variant_arguments(p)
+    p = add_variant_command(subparsers, "derive", help=HELP, description=DESCRIPTION, examples=EXAMPLES)
     fmt = p.add_mutually_exclusive_group()
     fmt.add_argument("--json", action="store_true", help="print one JSON object")
     fmt.add_argument("--latex", action="store_true", help="print a LaTeX formula")

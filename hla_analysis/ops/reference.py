@@ -26,15 +26,8 @@ from hla_analysis._checks import (
 )
 
 
-def softmax_attention_map(
-    q: Tensor,
-    k: Tensor,
-    *,
-    scale: float | None = None,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-    query_offset: int = 0,
-) -> Tensor:
+def softmax_attention_map(q: Tensor, k: Tensor, *, scale: float | None = None, causal: bool = False,
+                          key_padding_mask: Tensor | None = None, query_offset: int = 0) -> Tensor:
     """Row-normalised softmax attention map ``softmax(scale * q k^T)``.
 
     Parameters
@@ -87,15 +80,9 @@ def softmax_attention_map(
     return torch.softmax(scores, dim=-1).to(q.dtype)
 
 
-def hla_attention_map(
-    qs: Tensor | Sequence[Tensor],
-    ks: Tensor | Sequence[Tensor],
-    *,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-    query_offset: int = 0,
-    allow_signed: bool = False,
-) -> Tensor:
+def hla_attention_map(qs: Tensor | Sequence[Tensor], ks: Tensor | Sequence[Tensor], *, causal: bool = False,
+                      key_padding_mask: Tensor | None = None, query_offset: int = 0,
+                      allow_signed: bool = False) -> Tensor:
     """Materialized HLA map ``a_ij = prod_m s^(m)_ij / sum_l prod_m s^(m)_il``.
 
     ``s^(m) = qs[m] @ ks[m]^T``: features are used as given (apply feature maps first).
@@ -139,14 +126,8 @@ def hla_attention_map(
         return attention
 
 
-def hla_weights(
-    qs: Tensor | Sequence[Tensor],
-    ks: Tensor | Sequence[Tensor],
-    *,
-    causal: bool = False,
-    key_padding_mask: Tensor | None = None,
-    query_offset: int = 0,
-) -> tuple[Tensor, Tensor]:
+def hla_weights(qs: Tensor | Sequence[Tensor], ks: Tensor | Sequence[Tensor], *, causal: bool = False,
+                key_padding_mask: Tensor | None = None, query_offset: int = 0) -> tuple[Tensor, Tensor]:
     """Unnormalised HLA weights ``prod_m s^(m)_ij`` (masked entries 0) and row normalizers.
 
     Returns ``(weights [..., Nq, Nk], normalizer [..., Nq, 1])`` without judging the sign of

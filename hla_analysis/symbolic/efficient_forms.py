@@ -1,203 +1,161 @@
-"""Symbolic proof that HLA's efficient forms equal the materialized map.
+"""Symbolic proof that the shipped efficient HLA forms equal the materialized map.
 
-For small symbolic sizes every form is built in SymPy from its own recipe -- state sums
-contracted one factor at a time, prefix-sum states (token by token), chunked states,
-value modulation, and the tied symmetric-power state -- and its numerators and
-denominators are expanded against the materialized ``prod_m (Q_m K_m^T)`` map.
-An identity of polynomials in every entry of Q, K and V is a proof for those sizes.
+The forms of :mod:`hla_analysis.ops.hla` (``_contract``, ``_recurrent``, ``_chunked``,
+``_value_modulation`` and ``_tied`` with ``symmetric_power_features``) run unchanged on a
+:class:`~hla_analysis.symbolic.tensor.SymbolicTensor` of symbols for every entry of Q, K
+and V. Their numerators and denominators are expanded against the materialized
+``prod_m (Q_m K_m^T)`` map, built here in plain SymPy. An identity of polynomials in every
+entry is a proof for those sizes, of the code that runs, not of a copy of it.
 """
 
 from __future__ import annotations
 
-import itertools
-from functools import lru_cache
-from math import factorial, prod
+import importlib
+from math import prod
 
+import numpy as np
 import sympy as sp
 
+from hla_analysis.symbolic.tensor import SymbolicTensor
+
 FORMS = ("contract", "recurrent", "chunked", "value_modulation", "tied")
+# forms that continue from the state of earlier keys (``initial_state``)
+STATEFUL_FORMS = ("recurrent", "chunked")
+MAX_STATE_ENTRIES = 400
 
 
-def _matrices(n: int, r: int, factors: int, dv: int, tied: bool):
-    qs = [sp.Matrix(n, r, lambda i, c, m=m: sp.Symbol(f"q{0 if tied else m}_{i}{c}")) for m in range(factors)]
-    ks = [sp.Matrix(n, r, lambda j, c, m=m: sp.Symbol(f"k{0 if tied else m}_{j}{c}")) for m in range(factors)]
-    v = sp.Matrix(n, dv, lambda j, e: sp.Symbol(f"v_{j}{e}"))
+def _widths(r, factors: int) -> tuple[int, ...]:
+    widths = (r,) * factors if isinstance(r, int) else tuple(r)
+    if len(widths) != factors or any(isinstance(w, bool) or not isinstance(w, int) or w < 1 for w in widths):
+        raise ValueError(f"r must be an integer >= 1 or one such width per factor ({factors}), got {r!r}.")
+    return widths
+
+
+def _matrices(n: int, r, factors: int, dv: int, tied: bool, *, prior: int = 0):
+    """Symbolic ``qs`` (n rows), ``ks`` and ``v`` (``prior + n`` rows: the earlier keys first)."""
+    widths = _widths(r, factors)
+    if tied and len(set(widths)) > 1:
+        raise ValueError(f"tied factors share one width, got {widths}.")
+    qs = [sp.Matrix(n, w, lambda i, c, m=m: sp.Symbol(f"q{0 if tied else m}_{i}{c}")) for m, w in enumerate(widths)]
+    ks = [sp.Matrix(prior + n, w, lambda j, c, m=m: sp.Symbol(f"k{0 if tied else m}_{j}{c}"))
+          for m, w in enumerate(widths)]
+    v = sp.Matrix(prior + n, dv, lambda j, e: sp.Symbol(f"v_{j}{e}"))
     return qs, ks, v
 
 
-def materialized(qs, ks, v, causal: bool):
-    """Numerators ``[N, dv]`` and denominators ``[N]`` of the materialized map."""
-    n = v.shape[0]
+def materialized(qs, ks, v, causal: bool, *, prior: int = 0):
+    """Numerators ``[Nq, dv]`` and denominators ``[Nq]`` of the materialized map.
+
+    Query ``i`` sits at position ``prior + i`` among the keys (causal: it sees keys ``<=``).
+    """
+    n, n_keys = qs[0].shape[0], v.shape[0]
     sims = [q * k.T for q, k in zip(qs, ks)]
-    weights = sp.Matrix(n, n, lambda i, j: 0 if causal and j > i else prod(s[i, j] for s in sims))
+    weights = sp.Matrix(n, n_keys, lambda i, j: 0 if causal and j > prior + i else prod(s[i, j] for s in sims))
     return weights * v, [sum(weights.row(i)) for i in range(n)]
 
 
-def _key_state(ks, v, tokens):
-    """``S[c1..cM, e] = sum_j prod_m K_m[j, c_m] V[j, e]`` and ``z`` (e = None) as dicts."""
-    r = ks[0].shape[1]
-    state = {}
-    for idx in itertools.product(range(r), repeat=len(ks)):
-        kprods = [prod(k[j, c] for k, c in zip(ks, idx)) for j in tokens]
-        for e in range(v.shape[1]):
-            state[idx + (e,)] = sum(kp * v[j, e] for kp, j in zip(kprods, tokens))
-        state[idx + (None,)] = sum(kprods)
-    return state
+def _with_ones(v: sp.Matrix) -> SymbolicTensor:
+    """``[v, 1]``: the values with the normaliser column, as :func:`hla_analysis.ops.hla` builds them."""
+    return SymbolicTensor.from_matrix(v.row_join(sp.ones(v.shape[0], 1)))
 
 
-def _contract(state, qs, i, dv):
-    """Contract the state with query ``i``, one factor (mode) at a time."""
-    cur = state
-    for q in qs:
-        nxt = {}
-        for key, val in cur.items():
-            nxt[key[1:]] = nxt.get(key[1:], 0) + q[i, key[0]] * val
-        cur = nxt
-    return [cur[(e,)] for e in range(dv)], cur[(None,)]
+def _key_state(ks, v) -> SymbolicTensor:
+    """``sum_j k1_j (x) ... (x) kM_j (x) [v_j, 1]`` in the ``initial_state`` layout ``[r_1, r_2*...*r_M*e]``.
+
+    Written from the definition (outer products, row-major flattening), not with the shipped helpers.
+    """
+    values = _with_ones(v).data
+    state = 0
+    for j in range(v.shape[0]):
+        outer = np.array(1, dtype=object)
+        for k in ks:
+            outer = np.multiply.outer(outer, np.array(list(k.row(j)), dtype=object))
+        state = state + np.multiply.outer(outer, values[j])
+    return SymbolicTensor(np.asarray(state, dtype=object).reshape(ks[0].shape[1], -1))
 
 
-def _rows(contracted, n: int, dv: int):
-    """Stack per-query ``(row, denominator)`` pairs into ``num [N, dv]`` and ``den [N]``."""
-    num = sp.zeros(n, dv)
-    den = [0] * n
-    for i, (row, d) in enumerate(contracted):
-        num[i, :] = sp.Matrix([row])
-        den[i] = d
-    return num, den
+def efficient(form: str, qs, ks, v, causal: bool, chunk: int = 2, *, prior: int = 0):
+    """Numerators ``[Nq, dv]`` and denominators ``[Nq]`` of the shipped form ``form``, run on symbols.
 
-
-def _form_contract(qs, ks, v, causal, chunk):
-    if causal:
-        raise ValueError("the contract form is non-causal; use recurrent or chunked for causal=True.")
-    n, dv = v.shape
-    state = _key_state(ks, v, range(n))
-    return _rows((_contract(state, qs, i, dv) for i in range(n)), n, dv)
-
-
-def _prefix_states(ks, v, n: int):
-    """The state after each token: a prefix sum of per-token outer products."""
-    state = {key: 0 for key in _key_state(ks, v, [])}
-    for i in range(n):
-        step = _key_state(ks, v, [i])
-        state = {key: state[key] + step[key] for key in state}
-        yield state
-
-
-def _form_recurrent(qs, ks, v, causal, chunk):
-    n, dv = v.shape
-    states = _prefix_states(ks, v, n) if causal else itertools.repeat(_key_state(ks, v, range(n)), n)
-    return _rows((_contract(state, qs, i, dv) for i, state in zip(range(n), states)), n, dv)
-
-
-def _intra_chunk(qs, ks, v, i, block, causal, row, d):
-    """Add the quadratic (masked) contributions of the keys inside query ``i``'s chunk."""
-    for j in (j for j in block if not (causal and j > i)):
-        w = prod(sum(q[i, c] * k[j, c] for c in range(q.shape[1])) for q, k in zip(qs, ks))
-        row = [row[e] + w * v[j, e] for e in range(v.shape[1])]
-        d += w
-    return row, d
-
-
-def _form_chunked(qs, ks, v, causal, chunk):
-    n, dv = v.shape
-    out = []
-    carried = {key: 0 for key in _key_state(ks, v, [])}
-    for start in range(0, n, chunk):
-        block = range(start, min(start + chunk, n))
-        inter = carried if causal else _key_state(ks, v, [j for j in range(n) if j not in block])
-        out += [_intra_chunk(qs, ks, v, i, block, causal, *_contract(inter, qs, i, dv)) for i in block]
-        step = _key_state(ks, v, list(block))
-        carried = {key: carried[key] + step[key] for key in carried}
-    return _rows(out, n, dv)
-
-
-def _form_value_modulation(qs, ks, v, causal, chunk):
-    # (S_1 o ... o S_M) V = sum_r diag(Q_M[:, r]) (S_1 o ... o S_{M-1}) diag(K_M[:, r]) V
-    n, dv = v.shape
-    inner = [q * k.T for q, k in zip(qs[:-1], ks[:-1])]
-    a = sp.Matrix(n, n, lambda i, j: 0 if causal and j > i else prod(s[i, j] for s in inner))
-    num, den = sp.zeros(n, dv), [0] * n
-    for rr in range(qs[-1].shape[1]):
-        dq, dk = sp.diag(*qs[-1][:, rr]), sp.diag(*ks[-1][:, rr])
-        num += dq * a * dk * v
-        dsum = dq * a * dk * sp.ones(n, 1)
-        den = [den[i] + dsum[i] for i in range(n)]
-    return num, den
-
-
-def _multi_indices(factors: int, r: int):
-    """``(alpha, M!/alpha!)`` for every multi-index of total degree M over r features."""
-    for combo in itertools.combinations_with_replacement(range(r), factors):
-        alpha = [combo.count(c) for c in range(r)]
-        yield alpha, sp.Integer(factorial(factors)) / prod(factorial(a) for a in alpha)
-
-
-def _tied_row(q, k, v, i, keys, factors):
-    row, d = [0] * v.shape[1], 0
-    for alpha, coef in _multi_indices(factors, q.shape[1]):
-        qa = coef * prod(q[i, c] ** a for c, a in enumerate(alpha))
-        kas = {j: prod(k[j, c] ** a for c, a in enumerate(alpha)) for j in keys}
-        row = [row[e] + qa * sum(kas[j] * v[j, e] for j in keys) for e in range(v.shape[1])]
-        d += qa * sum(kas.values())
-    return row, d
-
-
-def _form_tied(qs, ks, v, causal, chunk):
-    # symmetric-power state: (q.k)^M = sum_{|alpha|=M} M!/alpha! q^alpha k^alpha
-    n, dv = v.shape
-    rows = (_tied_row(qs[0], ks[0], v, i, range(i + 1) if causal else range(n), len(qs)) for i in range(n))
-    return _rows(rows, n, dv)
-
-
-_FORMS = {
-    "contract": _form_contract, "recurrent": _form_recurrent, "chunked": _form_chunked,
-    "value_modulation": _form_value_modulation, "tied": _form_tied,
-}
-
-
-def efficient(form: str, qs, ks, v, causal: bool, chunk: int = 2):
-    """Numerators and denominators of one efficient form (see :data:`FORMS`)."""
-    if form not in _FORMS:
+    ``qs``, ``ks``, ``v`` are SymPy matrices; the first ``prior`` rows of ``ks`` and ``v`` are
+    earlier keys, handed to the form as its ``initial_state`` (forms in :data:`STATEFUL_FORMS`).
+    ``chunk`` is the chunk or block size. ``chunked`` without ``causal`` runs ``_contract``,
+    as :func:`hla_analysis.ops.hla` does; ``tied`` uses ``qs[0]``, ``ks[0]`` and ``len(qs)``.
+    """
+    if form not in FORMS:
         raise ValueError(f"unknown form {form!r}; choose one of {FORMS}.")
-    return _FORMS[form](qs, ks, v, causal, chunk)
+    if prior and (form not in STATEFUL_FORMS or (form == "chunked" and not causal)):
+        raise ValueError(f"form {form!r} (causal={causal}) takes no initial state; prior keys need recurrent, "
+                         "or chunked with causal=True.")
+    if form == "contract" and causal:
+        raise ValueError("the contract form is non-causal; use recurrent or chunked for causal=True.")
+    shipped = importlib.import_module("hla_analysis.ops.hla")  # the module (the package re-exports a function hla)
+    initial = _key_state([k[:prior, :] for k in ks], v[:prior, :]) if prior else None
+    sq = [SymbolicTensor.from_matrix(q) for q in qs]
+    sk = [SymbolicTensor.from_matrix(k[prior:, :]) for k in ks]
+    values = _with_ones(v[prior:, :])
+    runs = {  # each form called as hla() calls it; hla(form="chunked") runs _contract when not causal
+        "contract": lambda: shipped._contract(sq, sk, values, block=chunk),
+        "recurrent": lambda: shipped._recurrent(sq, sk, values, causal=causal, initial_state=initial),
+        "chunked": lambda: (shipped._chunked(sq, sk, values, chunk=chunk, initial_state=initial) if causal
+                            else shipped._contract(sq, sk, values, block=chunk)),
+        "value_modulation": lambda: shipped._value_modulation(sq, sk, values, causal=causal, chunk=chunk),
+        "tied": lambda: shipped._tied(sq[0], sk[0], len(qs), values, causal=causal, chunk=chunk, block=chunk),
+    }
+    out = runs[form]().to_matrix()
+    return out[:, :-1], list(out[:, -1])
 
 
-@lru_cache(maxsize=64)
-def prove_efficient_form(form: str, *, n: int = 3, r: int = 2, factors: int = 2, dv: int = 2,
-                         causal: bool = False) -> bool:
-    """True iff the form's numerators and denominators expand to the materialized ones.
+def _check_sizes(n, r, factors, dv, chunk, prior) -> tuple[int, ...]:
+    for name, value in (("n", n), ("factors", factors), ("dv", dv), ("chunk", chunk)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+    if isinstance(prior, bool) or not isinstance(prior, int) or prior < 0:
+        raise ValueError(f"prior must be an integer >= 0, got {prior!r}.")
+    widths = _widths(r, factors)
+    entries = (n + prior) * prod(widths) * dv
+    if entries > MAX_STATE_ENTRIES:
+        raise ValueError(
+            f"(n + prior) * r_1*...*r_M * dv = {entries} state entries is too large to expand quickly; keep it "
+            f"<= {MAX_STATE_ENTRIES} (e.g. n=3, r=2, M<=3, dv<=2)."
+        )
+    return widths
+
+
+def prove_efficient_form(form: str, *, n: int = 3, r: int | tuple[int, ...] = 2, factors: int = 2, dv: int = 2,
+                         causal: bool = False, chunk: int = 2, prior: int = 0) -> bool:
+    """True iff the shipped form's numerators and denominators expand to the materialized ones.
 
     Parameters
     ----------
     form : str
         One of :data:`FORMS` (``contract`` is non-causal only; ``tied`` ties all factors).
-    n, r, factors, dv : int
-        Tokens, feature width per factor, ``M``, value width (keep them small: <= 4).
+    n, factors, dv : int
+        Tokens, ``M``, value width (keep them small: <= 5).
+    r : int or tuple of int
+        Feature width of every factor, or one width per factor.
     causal : bool
+    chunk : int
+        Chunk (causal) or block (non-causal) size; one that does not divide ``n`` leaves a
+        short last chunk.
+    prior : int
+        Earlier keys carried in as ``initial_state`` (forms in :data:`STATEFUL_FORMS`).
 
     Raises
     ------
     ValueError
-        Unknown form, sizes < 1, or sizes too large to expand quickly.
+        Unknown form, sizes < 1, an initial state the form does not take, or sizes too large
+        to expand quickly.
 
     Examples
     --------
     >>> prove_efficient_form("contract", factors=2)
     True
-    >>> prove_efficient_form("recurrent", factors=2, causal=True)
+    >>> prove_efficient_form("chunked", n=4, factors=2, dv=1, causal=True, chunk=3, prior=2)
     True
     """
-    for name, value in (("n", n), ("r", r), ("factors", factors), ("dv", dv)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
-    if n * r**factors * dv > 400:
-        raise ValueError(
-            f"n * r^M * dv = {n * r**factors * dv} state entries is too large to expand quickly; keep it <= 400 "
-            "(e.g. n=3, r=2, M<=3, dv<=2)."
-        )
-    qs, ks, v = _matrices(n, r, factors, dv, tied=form == "tied")
-    num_ref, den_ref = materialized(qs, ks, v, causal)
-    num, den = efficient(form, qs, ks, v, causal)
-    return all(sp.expand(a - b) == 0 for a, b in zip(list(num), list(num_ref))) and all(
-        sp.expand(a - b) == 0 for a, b in zip(den, den_ref)
-    )
+    _check_sizes(n, r, factors, dv, chunk, prior)
+    qs, ks, v = _matrices(n, r, factors, dv, tied=form == "tied", prior=prior)
+    num_ref, den_ref = materialized(qs, ks, v, causal, prior=prior)
+    num, den = efficient(form, qs, ks, v, causal, chunk, prior=prior)
+    return all(sp.expand(a - b) == 0 for a, b in zip([*num, *den], [*num_ref, *den_ref], strict=True))

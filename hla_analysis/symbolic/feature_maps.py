@@ -62,17 +62,21 @@ def _softmax_vector(z: Sequence[sp.Expr]) -> Vector:
     return [sp.exp(zi) / total for zi in z]
 
 
-def _hedgehog(x: Sequence[sp.Expr], **_) -> Vector:
-    # [softmax(W x), softmax(-W x)] at its initial W = identity.
-    return _softmax_vector(x) + _softmax_vector([-xi for xi in x])
+def _hedgehog(x: Sequence[sp.Expr], *, weight=None, **_) -> Vector:
+    # [softmax(W x), softmax(-W x)]; W (rows of the d x d matrix) defaults to its initial identity.
+    z = list(x) if weight is None else [sum(w * xi for w, xi in zip(row, x)) for row in weight]
+    return _softmax_vector(z) + _softmax_vector([-zi for zi in z])
 
 
-def _rebased(x: Sequence[sp.Expr], *, eps=sp.Symbol("epsilon", positive=True), **_) -> Vector:
-    # (layer_norm(x))^(x)2 at its initial gamma = 1, beta = 0 (symmetric-packed square).
+def _rebased(x: Sequence[sp.Expr], *, eps=sp.Symbol("epsilon", positive=True), gamma=None, beta=None,
+             **_) -> Vector:
+    # (gamma * layer_norm(x) + beta)^(x)2, symmetric-packed; gamma, beta default to their initial 1 and 0.
     n = len(x)
     mean = sum(x) / n
     var = sum((xi - mean) ** 2 for xi in x) / n
-    y = [(xi - mean) / sp.sqrt(var + eps) for xi in x]
+    gamma = [1] * n if gamma is None else gamma
+    beta = [0] * n if beta is None else beta
+    y = [g * (xi - mean) / sp.sqrt(var + eps) + b for xi, g, b in zip(x, gamma, beta)]
     return [sp.sqrt(1 if a == b else 2) * y[a] * y[b] for a, b in combinations_with_replacement(range(n), 2)]
 
 
@@ -99,12 +103,13 @@ def symbolic_feature_map(name: str, x: Sequence[sp.Expr], **options) -> Vector:
     ----------
     name : str
         A key of :data:`SYMBOLIC_FEATURE_MAPS` (the registry's maps; learnable ones at their
-        initial parameters).
+        initial parameters unless given).
     x : sequence of sympy.Expr
         The head vector (already scaled by ``sqrt(scale)``).
     **options
         Map options: ``c`` (affine), ``features`` (favor: number of random features),
-        ``angle`` (cosformer: the token's angle ``pi i / 2L``).
+        ``angle`` (cosformer: the token's angle ``pi i / 2L``), learnable parameters
+        ``weight`` (hedgehog: the rows of ``W``), ``gamma`` and ``beta`` (rebased).
 
     Returns
     -------

@@ -232,17 +232,9 @@ def _cancel_product(numer: sp.Expr, denom: sp.Expr) -> tuple[sp.Expr, sp.Expr]:
     return coeff * num, den
 
 
-def derive_rational_form(
-    kind: str,
-    *,
-    factors: int | None = None,
-    phi: str | None = None,
-    tied: bool = True,
-    n_keys: int = 3,
-    options: dict | None = None,
-    variant: str | None = None,
-    max_degree: int = MAX_SYMBOLIC_DEGREE,
-) -> RationalForm:
+def derive_rational_form(kind: str, *, factors: int | None = None, phi: str | None = None, tied: bool = True,
+                         n_keys: int = 3, options: dict | None = None, variant: str | None = None,
+                         max_degree: int = MAX_SYMBOLIC_DEGREE) -> RationalForm:
     """Build ``a_1(t) = prod_m s^(m)_1(t) / sum_l prod_m s^(m)_l(t)`` and cancel it.
 
     Parameters
