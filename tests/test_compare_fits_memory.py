@@ -213,3 +213,42 @@ def test_shared_reference_metrics_equal_the_plain_row_functions(causal):
             assert got[name] == pytest.approx(float(value), rel=1e-10, abs=1e-12), name
         rel_f = math.sqrt(float(((pc - qc) ** 2).sum() / (pc**2).sum()))
         assert got["frobenius_rel"] == pytest.approx(rel_f, rel=1e-10)
+
+
+def test_capped_rows_are_spread_contiguous_runs():
+    q = torch.arange(1000.0).reshape(1, 1000, 1).expand(2, 1000, 1)
+    batch = {"q": q, "k": q, "scale": 1.0, "causal": True, "query_offset": 5}
+    runs = fit_module._cap_rows(batch, 80)
+    assert len(runs) == fit_module._RUNS and sum(r["q"].shape[-2] for r in runs) == 80
+    for run in runs:  # each run: contiguous rows, its offset names its first row
+        rows = run["q"][0, :, 0]
+        assert torch.equal(rows, torch.arange(rows[0], rows[0] + 10))
+        assert run["query_offset"] == 5 + int(rows[0])
+    assert runs[0]["q"][0, 0, 0] == 0 and runs[-1]["q"][0, -1, 0] == 999  # first and last rows
+    assert fit_module._cap_rows(batch, 1000) == [batch]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_capped_fit_equals_a_fit_on_its_runs(causal):
+    """A fit with ``max_rows`` is the plain fit on the runs given as batches (float64: the same
+    arithmetic in the same order, so equal to rounding), and its cost is bounded: no tensor
+    larger than a few [H, max_rows, N] maps however long the input is."""
+    n, heads, cap = 600, 2, 48
+    batch = _batch(torch.Generator().manual_seed(8), heads, n, 4, causal=causal)
+    spec = "hla:m=2,phi=affine,proj=1,shift=1"
+    config = FitConfig(steps=3, row_stride=1, max_rows=cap)
+
+    capped = make_variant(spec).bind(4, heads=heads).double()
+    with _LargestTensor() as watch:
+        capped_losses = fit_variant(capped, [batch], config=config).losses
+    runs = fit_module._cap_rows(batch, cap)
+    plain = make_variant(spec).bind(4, heads=heads).double()
+    plain_losses = fit_variant(plain, runs, config=FitConfig(steps=3, row_stride=1, max_rows=n)).losses
+    assert capped_losses == pytest.approx(plain_losses, rel=1e-12)
+    for name, t in plain.state_dict().items():
+        torch.testing.assert_close(capped.state_dict()[name], t, rtol=1e-12, atol=1e-14)
+    assert watch.largest <= 4 * heads * cap * n < heads * n * n
+    # uncapped, the same input trains on all its rows: a different fit
+    whole = make_variant(spec).bind(4, heads=heads).double()
+    fit_variant(whole, [batch], config=FitConfig(steps=3, row_stride=1, max_rows=n))
+    assert not torch.equal(whole.state_dict()["proj.0"], plain.state_dict()["proj.0"])

@@ -128,5 +128,5 @@ def test_output_paths_are_checked_before_any_work(captures, tmp_path, monkeypatc
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="not a folder"):
         run_comparison(a, out=tmp_path / "file" / "r.parquet", **FAST)
-    with pytest.raises(ValueError, match="unknown device"):
+    with pytest.raises(ValueError, match="is not a torch device"):
         run_comparison(a, out=tmp_path / "r.parquet", device="bogus", **FAST)

@@ -211,3 +211,25 @@ def test_leading_dims_broadcast_mask():
     assert kl.shape == (2, 5)
     torch.testing.assert_close(kl[0], kl_divergence_rows(P[0], Q[0], allowed=torch.tensor(allowed)))
     assert torch.all(kl[1] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_order_key_sorts_and_ties_like_the_floats(dtype):
+    """Issue 12: sorts and top-k run on integer keys. On fresh random values with repeats,
+    both zeros, infinities and subnormals, the keys give the floats' order and ties exactly."""
+    from hla_analysis.metrics.rows import order_key
+
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(6, 50, generator=g, dtype=dtype) * torch.logspace(-40, 3, 50, dtype=dtype)
+    x[:, 20:30] = x[:, 10:20]  # repeated values
+    special = torch.tensor([0.0, -0.0, float("inf"), float("-inf"), torch.finfo(dtype).tiny / 4], dtype=dtype)
+    x[:, -5:] = special
+    key = order_key(x)
+    assert not key.is_floating_point()
+    i, j = torch.meshgrid(torch.arange(50), torch.arange(50), indexing="ij")
+    assert torch.equal(key[:, i] < key[:, j], x[:, i] < x[:, j])
+    assert torch.equal(key[:, i] == key[:, j], x[:, i] == x[:, j])  # -0.0 ties with +0.0
+
+
+def test_average_ranks_tie_both_zeros():
+    assert average_ranks(torch.tensor([0.0, -0.0, 1.0, -1.0])).tolist() == [1.5, 1.5, 3.0, 0.0]

@@ -285,3 +285,24 @@ def test_rank_stride_samples_rows_for_spearman_only():
     assert got["kl_mean"] == pytest.approx(want_rest["kl_mean"], rel=1e-12)
     with pytest.raises(ValueError, match="rank_stride"):
         StreamingAttentionMetrics(rank_stride=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_topk_recall_on_integer_keys_equals_the_plain_rows_with_signed_zeros(dtype):
+    """Issue 12: the streaming top-k picks on the weights' bits. Rows whose k-th weight is a
+    zero, with -0.0 and +0.0 mixed at the cut, must still be scored as ties (the plain
+    per-row function, on float comparisons, is the reference); fresh random rows."""
+    from hla_analysis.metrics import topk_recall_rows
+
+    g = torch.Generator().manual_seed(21)
+    r, n, k = 40, 12, 4
+    p = torch.softmax(torch.randn(r, n, generator=g, dtype=dtype) * 2, -1)
+    q = torch.relu(torch.randn(r, n, generator=g, dtype=dtype))
+    q[:, : n // 2] = torch.where(q[:, : n // 2] == 0, torch.tensor(-0.0, dtype=dtype), q[:, : n // 2])
+    q[::3, 2:] = 0.0  # many rows: at most 2 positive weights, the rest of the top-k tied zeros
+    q[1::3, 2:] = -0.0
+    assert (torch.signbit(q) & (q == 0)).any() and ((q == 0) & ~torch.signbit(q)).any()
+    acc = StreamingAttentionMetrics(k=k)
+    acc.update(p, q)
+    want = topk_recall_rows(p, q, k=k).double().mean()  # per row in p's dtype
+    assert acc.compute()["topk_recall_mean"] == pytest.approx(float(want), rel=4 * torch.finfo(dtype).eps)

@@ -17,19 +17,29 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fit-steps", type=int, default=d.steps, help=f"Adam steps per fit (default {d.steps})")
     g.add_argument("--fit-lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
     g.add_argument("--seed", type=int, default=d.seed, help=f"seed of every fit (default {d.seed})")
+    g.add_argument("--fit-max-rows", type=int, default=d.max_rows, metavar="R",
+                   help=f"training query rows per input and head, at most (default {d.max_rows}); "
+                        "bounds a fit's cost on long inputs")
 
 
 def fit_config(args):
     from hla_analysis.fit import FitConfig
 
-    return FitConfig(steps=args.fit_steps, lr=args.fit_lr, seed=args.seed)
+    return FitConfig(steps=args.fit_steps, lr=args.fit_lr, seed=args.seed, max_rows=args.fit_max_rows)
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, *, help: str, description: str,
+                epilog: str | None = None) -> argparse.ArgumentParser:
+    """A subcommand whose description is one filled paragraph and whose epilog keeps its lines."""
+    return sub.add_parser(name, help=help, description=textwrap.fill(description), epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "compare",
+    p = add_command(
+        sub, "compare",
         help="compare attention variants with softmax on a capture (writes a results table)",
-        description=textwrap.fill(
+        description=(
             "Approximate every head's softmax attention with each variant and measure the "
             "error: row KL, Jensen-Shannon, total variation, Frobenius and output error, "
             "entropy, top-k recall, Spearman monotonicity, and the fraction of rows whose "
@@ -42,7 +52,6 @@ def register(sub: argparse._SubParsersAction) -> None:
             "example:\n  hla-analysis compare --capture runs/cap --variants default --out runs/results.parquet\n"
             "  hla-analysis compare --capture runs/cap --variants 'softmax;hla:m=2,phi=affine' --out r.csv"
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--capture", required=True, metavar="DIR", help="capture directory (hla-analysis capture)")
     p.add_argument("--variants", nargs="+", default=["default"], metavar="SPEC",

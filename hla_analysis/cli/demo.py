@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import textwrap
 import time
 from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "demo",
+    from hla_analysis.cli.compare import add_command, add_fit_options
+
+    p = add_command(
+        sub, "demo",
         help="capture MiniLM, compare every default variant, write results and figures",
-        description=textwrap.fill(
+        description=(
             "The main job on the embedded all-MiniLM-L6-v2 (no download needed): capture q, k, v "
             "of every layer on the Python language reference text, compare every default variant "
             "with softmax (fitting the learnable ones on the first inputs), write the results "
             "table and figures, and print the per-variant summary. Every step resumes if "
             "interrupted."
         ),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="output directory (default runs/demo)")
     p.add_argument("--model", default="minilm", help="model to capture (default: the embedded minilm)")
@@ -32,8 +32,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for capture, fits, maps and metrics (default cpu)")
     p.add_argument("--figures", metavar="DIR", help="where figures go (default OUT/figures)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    from hla_analysis.cli.compare import add_fit_options
-
     add_fit_options(p)
     p.set_defaults(func=run)
 

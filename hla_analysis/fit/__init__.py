@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from hla_analysis._checks import check_batch
 from hla_analysis.ops import softmax_attention_map
 from hla_analysis.variants import Variant
 
@@ -33,6 +34,11 @@ class FitConfig:
     # Non-causal fits use every row_stride-th query row (against all keys): rows are
     # interchangeable training examples, and the cost falls by the same factor.
     row_stride: int = 4
+    # At most this many training query rows per input and head (after row_stride), taken as
+    # 8 contiguous runs spread evenly over the sequence: a step then costs O(max_rows x N)
+    # per head instead of O(N^2), so long inputs (N = 8,192 .. 32,760) fit in bounded time.
+    # Inputs of up to 4 x 512 tokens (non-causal) or 512 tokens (causal) are not capped.
+    max_rows: int = 512
     # "map_kl": row KL of the weights (Hedgehog); "output_mse": attention-output MSE against
     # softmax's output on the same values (LoLCATs' attention transfer).
     objective: str = "map_kl"
@@ -44,6 +50,8 @@ class FitConfig:
             raise ValueError(f"steps must be >= 0, got {self.steps}.")
         if self.row_stride < 1:
             raise ValueError(f"row_stride must be >= 1, got {self.row_stride}.")
+        if self.max_rows < _RUNS:
+            raise ValueError(f"max_rows must be >= {_RUNS} (training rows per input and head), got {self.max_rows}.")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}.")
 
@@ -153,9 +161,34 @@ def _subsample_rows(batch: dict, stride: int) -> dict:
     return {**batch, "q": batch["q"][..., ::stride, :]}
 
 
+# contiguous runs of rows a capped input is sampled in (see FitConfig.max_rows)
+_RUNS = 8
+
+
+def _cap_rows(batch: dict, max_rows: int) -> list[dict]:
+    """At most ``max_rows`` query rows of a batch, as ``_RUNS`` contiguous runs spread evenly.
+
+    Runs keep each row's own keys, causal mask and position (``query_offset``); a batch with
+    ``max_rows`` rows or fewer is returned whole, unchanged.
+    """
+    n = batch["q"].shape[-2]
+    if n <= max_rows:
+        return [batch]
+    size, offset = max_rows // _RUNS, batch.get("query_offset", 0)
+    starts = [(i * (n - size)) // (_RUNS - 1) for i in range(_RUNS)]
+    return [{**batch, "q": batch["q"][..., s : s + size, :], "query_offset": offset + s} for s in starts]
+
+
 # Elements of one [..., rows, N] map of a fit's row block: the fit's memory is a few such
 # maps (autograd keeps the block's intermediates until its backward), whatever N is.
 FIT_MAP_ELEMENTS = 2**22
+# On a GPU blocks are this many times larger: each block recomputes the key features of all
+# N keys, so at N = 32,760 blocks of a few rows would spend the fit on them.
+_GPU_BLOCK_FACTOR = 16
+
+
+def _map_budget(device: torch.device) -> int:
+    return FIT_MAP_ELEMENTS * (_GPU_BLOCK_FACTOR if device.type == "cuda" else 1)
 
 
 def _row_blocks(batch: dict, map_elements: int | None = None) -> list[dict]:
@@ -167,7 +200,7 @@ def _row_blocks(batch: dict, map_elements: int | None = None) -> list[dict]:
     q, k = batch["q"], batch["k"]
     n_rows, n_keys = q.shape[-2], k.shape[-2]
     per_row = max(1, q[..., :1, :1].numel()) * n_keys
-    rows = max(1, (map_elements or FIT_MAP_ELEMENTS) // per_row)
+    rows = max(1, (map_elements or _map_budget(q.device)) // per_row)
     if rows >= n_rows:
         return [batch]
     offset = batch.get("query_offset", 0)
@@ -211,6 +244,7 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
     if not batches:
         raise ValueError("fit_variant needs at least one training input; got none.")
     batches = [_subsample_rows(b, config.row_stride) for b in batches]
+    batches = [run for b in batches for run in _cap_rows(b, config.max_rows)]
     if config.objective == "output_mse" and any("v" not in b for b in batches):
         raise ValueError("objective='output_mse' needs the values: give every batch a 'v' tensor [H, N, dv].")
     if getattr(variant, "shift", None) is not None:
@@ -219,14 +253,15 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
     heads = variant.heads or 1
     result = FitResult(params_per_head=sum(p.numel() for p in params) // heads)
     blocks = [block for b in batches for block in _row_blocks(b)]
-    # Targets of short inputs are kept across steps; those of long ones (several blocks) are
-    # recomputed per block and step, so that they never pile up to N x N.
-    keep = len(blocks) == len(batches)
+    # Targets are kept across steps while all of them together stay within a few block maps;
+    # beyond that (long inputs) they are recomputed per block and step, so that they never
+    # pile up to N x N.
+    keep = sum(b["q"][..., :1].numel() * b["k"].shape[-2] for b in blocks) <= 2 * _map_budget(blocks[0]["q"].device)
     targets = [_target(b, config.objective) for b in blocks] if keep else None
 
     def loss_and_backward(backward: bool) -> Tensor:
         """The loss over every block; with ``backward`` its gradient lands in ``.grad``."""
-        if keep and len(blocks) == len(batches) == 1 and backward:
+        if keep and len(blocks) == 1 and backward:
             # one block: the plain mean and one backward, exactly as a single graph
             loss = _loss_sums(variant, blocks[0], targets[0], config.objective)
             loss = loss[0] / _count(loss[1], variant)
@@ -281,7 +316,17 @@ def _target(block: dict, objective: str) -> tuple[Tensor, Tensor]:
 
 
 def _loss_sums(variant: Variant, block: dict, target: tuple[Tensor, Tensor], objective: str) -> tuple[Tensor, int]:
-    """Sum of the per-row (or per-entry) losses of a block over the rows that count, and their count."""
+    """Sum of the per-row (or per-entry) losses of a block over the rows that count, and their count.
+
+    The variant's input checks run as one batch (:func:`~hla_analysis._checks.check_batch`):
+    one reduction per checked tensor instead of an elementwise isfinite, same errors.
+    """
+    with check_batch():
+        return _loss_sums_unbatched(variant, block, target, objective)
+
+
+def _loss_sums_unbatched(variant: Variant, block: dict, target: tuple[Tensor, Tensor],
+                         objective: str) -> tuple[Tensor, int]:
     if objective == "output_mse":
         weights, den = variant.weights(block["q"], block["k"], scale=block["scale"], causal=block["causal"],
                                        query_offset=block.get("query_offset", 0))
