@@ -79,9 +79,8 @@ class FitResult:
 
 
 def is_learnable(variant: Variant) -> bool:
-    """Whether the variant has parameters to fit (after binding its head dim)."""
-    hla_params = not variant.tied or variant.shared_proj or variant.shifted
-    return variant.kind == "hla" and hla_params or variant.phi in ("hedgehog", "rebased")
+    """Whether the variant has parameters to fit: read from its parsed spec (the map registry)."""
+    return variant.parsed.learnable
 
 
 def row_kl_loss(variant: Variant, batches: list[dict], targets: list[Tensor]) -> Tensor:
