@@ -61,6 +61,12 @@ class CheckBatch:
     def resolve(self) -> None:
         if not self.values:
             return
+        if len(self.values) == 1:  # the kernels' one flag vector: one .item(), no stack or cast
+            ok = self.predicates[0][2](float(self.values[0].item()))
+            if not ok:
+                for diagnose in self.diagnoses:
+                    diagnose()
+            return
         device = self.values[0].device
         groups: dict[tuple, list[int]] = {}  # one stack per (dtype, device), one cast each
         for i, v in enumerate(self.values):
@@ -449,26 +455,21 @@ def check_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | N
     _diagnose_normalizers(den, allow_signed=allow_signed, valid_rows=valid_rows)
 
 
-def check_normalizers_and_output(chk: Tensor, den: Tensor, out: Tensor, *, allow_signed: bool) -> None:
-    """:func:`check_normalizers` and :func:`check_output` from one vector a kernel produced.
+def require_flags(flags: Tensor, diagnose: Callable[[], None]) -> None:
+    """Per-row pass/fail ``flags`` (1 = fine, 0 = a problem) that a kernel wrote: one ``amin``.
 
-    ``chk`` (``[..., R]``) is ``den`` where the output row is finite and NaN elsewhere, so one
-    ``aminmax`` covers both checks; the detailed diagnoses read ``den`` and ``out``.
+    Read with the active batch's one host sync (or here, without a batch); ``diagnose`` runs
+    only when some flag is 0 and raises the detailed error.
     """
     batch, skip = _active_or_none()
-    if skip or not chk.numel():
+    if skip or not flags.numel():
         return
-
-    def diagnose():
-        _diagnose_normalizers(den, allow_signed=allow_signed)
-        _diagnose_output(out, den[..., None], allow_signed=allow_signed, what="output")
-
+    lo = flags.detach().amin()
     if batch is None:
-        lo, hi = torch.stack(torch.aminmax(chk.detach())).tolist()
-        if not _normalizers_ok(allow_signed)(lo, hi):
+        if not lo.item() > 0.5:
             diagnose()
         return
-    batch.add_values(torch.aminmax(chk.detach()), _normalizers_ok(allow_signed), diagnose)
+    batch.add_values((lo,), lambda x: x > 0.5, diagnose)
 
 
 def _diagnose_normalizers(den: Tensor, *, allow_signed: bool, valid_rows: Tensor | None = None) -> None:
@@ -596,21 +597,37 @@ def check_hla_signs(qs: Sequence[Tensor], ks: Sequence[Tensor], *, allow_signed:
     if not odd:
         return
 
-    def refuse(ok: bool | None = None):
-        if ok is None:
-            ok = bool(nonnegative_weights_flag(qs, ks))
-        if not ok:
-            raise ValueError(
-                "these factor features can give negative attention weights (an odd number of "
-                "sign-indefinite factors, e.g. identity features or phi=affine with odd m), and the "
-                "O(N) form cannot check each weight without building the N x N map. Use a positive "
-                "feature map or an even number of tied factors, check the map with "
-                "hla_attention_map / Variant.attention_map, or pass allow_signed=True to accept "
-                "signed weights."
-            )
+    def refuse():
+        _diagnose_signs(qs, ks)
 
     if batch is None:
         refuse()
         return
     mins = [t.detach().amin() for pair in odd for t in pair]
     batch.add_values(mins, lambda *lo: all(x >= 0 for x in lo), refuse)
+
+
+def _diagnose_signs(qs: Sequence[Tensor], ks: Sequence[Tensor]) -> None:
+    flag = nonnegative_weights_flag(qs, ks)
+    if flag is not None and not bool(flag):
+        raise ValueError(
+            "these factor features can give negative attention weights (an odd number of "
+            "sign-indefinite factors, e.g. identity features or phi=affine with odd m), and the "
+            "O(N) form cannot check each weight without building the N x N map. Use a positive "
+            "feature map or an even number of tied factors, check the map with "
+            "hla_attention_map / Variant.attention_map, or pass allow_signed=True to accept "
+            "signed weights."
+        )
+
+
+def diagnose_rows(den: Tensor, out: Tensor, qs: Sequence[Tensor], ks: Sequence[Tensor], *,
+                  allow_signed: bool, signs: bool) -> None:
+    """The detailed diagnosis behind a kernel's failed row flags (:func:`require_flags`).
+
+    In the order of the slow checks: normalisers (NaN/Inf, then zero or negative), the
+    output (overflow from finite inputs), then, with ``signs``, the factor features' signs.
+    """
+    _diagnose_normalizers(den, allow_signed=allow_signed)
+    _diagnose_output(out, den[..., None], allow_signed=allow_signed, what="output")
+    if signs and not allow_signed:
+        _diagnose_signs(qs, ks)

@@ -15,16 +15,21 @@ prove it against :func:`hla_analysis.ops.reference.hla_attention_map`.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from hla_analysis._checks import (
+    _active_or_none,
+    _odd_pairs,
     as_factors,
     broadcast_leading,
     check_batch,
     check_factor_lists,
+    check_finite,
     check_hla_signs,
     check_mask_leading_dims,
     check_normalizers,
@@ -229,6 +234,75 @@ def hla(
         )
 
 
+# -- per-shape verdicts: repeated calls skip the Python-side validation ------------------------
+# Shape, dtype, device and option checks, and the dispatch decision, depend only on the key of
+# :func:`_verdict_key`, so a call whose key was seen before skips them (tens of microseconds of
+# host time before the first kernel launch, which a checked call cannot hide behind the
+# previous call's kernels). Value checks (NaN/Inf, normalisers, outputs, signs, masks that
+# leave a row empty) still run on every call. ``clear_verdicts()`` empties the cache (tests that
+# patch the dispatcher's cost model call it).
+
+_VERDICTS: dict = {}
+_MAX_VERDICTS = 256
+
+
+@dataclass(frozen=True)
+class _Verdict:
+    path: object  # quadratic_dispatch.Dispatch
+    triton: bool  # the state path runs the fused kernels
+    signs: bool  # some factor pair occurs an odd number of times: its signs need a certificate
+
+
+def clear_verdicts() -> None:
+    """Forget every cached shape/dispatch verdict of :func:`hla`."""
+    _VERDICTS.clear()
+
+
+def _describe(x):
+    if isinstance(x, torch.Tensor):
+        return (x.shape, x.dtype, x.device)
+    return None
+
+
+def _verdict_key(qs, ks, v, key_padding_mask, options):
+    """Everything the shape checks and the dispatcher read, or None when not cacheable."""
+    if not isinstance(v, torch.Tensor):
+        return None
+    if key_padding_mask is not None and not isinstance(key_padding_mask, torch.Tensor):
+        return None
+    parts = []
+    for factors in (qs, ks):
+        if isinstance(factors, torch.Tensor):
+            parts.append(("stacked", factors.shape, factors.dtype, factors.device))
+        elif isinstance(factors, (list, tuple)) and factors and all(isinstance(f, torch.Tensor) for f in factors):
+            parts.append(tuple(_describe(f) for f in factors))
+        else:
+            return None
+    tensors = [*(qs if isinstance(qs, (list, tuple)) else [qs]), *(ks if isinstance(ks, (list, tuple)) else [ks]), v]
+    ids = [id(t) for t in tensors]
+    identity = tuple(ids.index(i) for i in ids)  # tied factors (the same objects) dispatch differently
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    mask = None if key_padding_mask is None else _describe(key_padding_mask)
+    return (*parts, _describe(v), mask, identity, grad, options, os.environ.get("TRITON_INTERPRET"))
+
+
+def _input_diagnosis(qs, ks, v):
+    """The NaN/Inf diagnosis of every input, registered with the call's batch (no device work):
+    NaN/Inf in any input reaches the normaliser or the output flags, which fail first."""
+    def diagnose():
+        seen = set()
+        for m, (fq, fk) in enumerate(zip(qs, ks)):
+            if (id(fq), id(fk)) not in seen:
+                seen.add((id(fq), id(fk)))
+                check_finite(f"qs[{m}]", fq)
+                check_finite(f"ks[{m}]", fk)
+        check_finite("v", v)
+
+    batch, skip = _active_or_none()
+    if batch is not None and not skip:
+        batch.add(None, diagnose)
+
+
 def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow_signed, backend) -> Tensor:
     """:func:`hla` inside a :class:`~hla_analysis._checks.CheckBatch`: value checks are flags.
 
@@ -237,46 +311,62 @@ def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow
     flag of their own: the normaliser and output flags catch them, and only then does the
     detailed diagnosis name the input.
     """
-    if isinstance(v, torch.Tensor):
-        check_stacked_against_values(qs, v)
-    qs, ks = as_factors(qs, "qs"), as_factors(ks, "ks")
-    check_factor_lists(qs, ks, propagates=True)
-    n_queries, n_keys = qs[0].shape[-2], ks[0].shape[-2]
-    check_values(v, n_keys, propagates=True)
-    broadcast_leading({"qs[0]": qs[0], "ks[0]": ks[0], "v": v})
-    if causal and n_queries != n_keys:
-        raise ValueError(f"causal HLA needs as many queries as keys, got {n_queries} and {n_keys}.")
-    if not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
-    if key_padding_mask is not None:
-        check_mask_leading_dims(key_padding_mask, *qs, *ks, v)
-        check_padding_mask(key_padding_mask, n_keys, causal=causal)
-
     from hla_analysis.ops import quadratic_dispatch
 
-    path = quadratic_dispatch.choose(qs, ks, v, causal=causal, form=form, backend=backend)
+    key = _verdict_key(qs, ks, v, key_padding_mask, (causal, form, chunk_size, allow_signed, backend))
+    verdict = None if key is None else _VERDICTS.get(key)
+    if verdict is not None:
+        qs, ks = as_factors(qs, "qs"), as_factors(ks, "ks")
+        _input_diagnosis(qs, ks, v)
+        if key_padding_mask is not None:
+            check_padding_mask(key_padding_mask, ks[0].shape[-2], causal=causal)  # a value check
+        path = quadratic_dispatch._record(verdict.path)
+    else:
+        if isinstance(v, torch.Tensor):
+            check_stacked_against_values(qs, v)
+        qs, ks = as_factors(qs, "qs"), as_factors(ks, "ks")
+        check_factor_lists(qs, ks, propagates=True)
+        n_queries, n_keys = qs[0].shape[-2], ks[0].shape[-2]
+        check_values(v, n_keys, propagates=True)
+        broadcast_leading({"qs[0]": qs[0], "ks[0]": ks[0], "v": v})
+        if causal and n_queries != n_keys:
+            raise ValueError(f"causal HLA needs as many queries as keys, got {n_queries} and {n_keys}.")
+        if not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
+        if form not in FORMS:
+            raise ValueError(f"unknown form {form!r}; choose one of {', '.join(FORMS)}.")
+        if key_padding_mask is not None:
+            check_mask_leading_dims(key_padding_mask, *qs, *ks, v)
+            check_padding_mask(key_padding_mask, n_keys, causal=causal)
+        path = quadratic_dispatch.choose(qs, ks, v, causal=causal, form=form, backend=backend)
+        triton = False
+        if path.path == "state" and backend != "torch":
+            from hla_analysis.ops import triton_backend
+
+            # the cost model already asked the kernels (one supports() per call, not two)
+            known = path.engine == "triton" and path.reason == "cost model"
+            triton = known or triton_backend.usable(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+                                                    explicit=backend == "triton")
+            if not triton and backend == "triton":
+                raise ValueError(triton_backend.why_not(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask))
+        verdict = _Verdict(path, triton, bool(_odd_pairs(qs, ks)))
+        if key is not None:
+            if len(_VERDICTS) >= _MAX_VERDICTS:
+                _VERDICTS.clear()
+            _VERDICTS[key] = verdict
+
     if path.path == "quadratic":
         return quadratic_dispatch.run(path, qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
                                       allow_signed=allow_signed)
-
-    if backend != "torch":
+    if verdict.triton:
         from hla_analysis.ops import triton_backend
 
-        explicit = backend == "triton"
-        # the cost model already asked the kernels (one supports() per call, not two)
-        known = path.engine == "triton" and path.reason == "cost model"
-        if known or triton_backend.usable(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
-                                          explicit=explicit):
-            # the kernels' own normaliser and output checks join this call's batch (no sync of
-            # their own; the untied kernels derive both from one vector they store on chip)
-            out = triton_backend.run(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
-                                     allow_signed=allow_signed)
-            check_hla_signs(qs, ks, allow_signed=allow_signed)
-            return out
-        if explicit:
-            raise ValueError(triton_backend.why_not(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask))
+        # the kernels flag normalisers, outputs and (signs) the features' signs per row; the
+        # flags join this call's batch: one amin, read with the call's one sync
+        return triton_backend.run(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+                                  allow_signed=allow_signed, signs=verdict.signs and not allow_signed)
 
     tied = form in ("auto", "tied") and is_tied(qs, ks)
     form = _resolve_form(form, causal=causal, tied=tied, num_factors=len(qs))

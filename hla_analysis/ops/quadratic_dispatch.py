@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from hla_analysis._checks import check_normalizers
+from hla_analysis._checks import check_hla_signs, check_normalizers, check_output
 
 # Throughput of the torch state forms relative to the fused kernels on one GPU: fp32 SIMT
 # einsums against bf16 tensor cores (H200 datasheet: 67 vs 990 TFLOP/s dense).
@@ -144,12 +144,19 @@ def quadratic_torch(qs, ks, v, *, causal: bool, key_padding_mask, block: int = 2
 
 
 def run(d: Dispatch, qs, ks, v, *, causal: bool, key_padding_mask, allow_signed: bool):
-    """Run the quadratic path chosen by :func:`choose`."""
+    """Run the quadratic path chosen by :func:`choose`, with the checks of the state path:
+    normalisers, the sign certificate of the factors (odd pairs of sign-indefinite features
+    can give negative weights under a positive normaliser) and an output that overflows."""
     if d.engine == "triton":
         from hla_analysis.ops.triton.quadratic_autograd import hla_quadratic_triton
 
-        return hla_quadratic_triton(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
-                                    allow_signed=allow_signed)
+        out = hla_quadratic_triton(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+                                   allow_signed=allow_signed)
+        check_hla_signs(qs, ks, allow_signed=allow_signed)  # normalisers and output: in the Function
+        return out
     num, den = quadratic_torch(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask)
     check_normalizers(den, allow_signed=allow_signed)
-    return (num / den).to(v.dtype)
+    check_hla_signs(qs, ks, allow_signed=allow_signed)
+    out = (num / den).to(v.dtype)
+    check_output(out, den, allow_signed=allow_signed)
+    return out

@@ -42,6 +42,8 @@ def why_not(qs, ks, v, *, causal, key_padding_mask) -> str:
     )
 
 
-def run(qs, ks, v, *, causal, key_padding_mask, allow_signed):
+def run(qs, ks, v, *, causal, key_padding_mask, allow_signed, signs=False):
+    """The kernels on validated inputs; ``signs``: also certify the factors' signs (see
+    :func:`hla_analysis._checks.check_hla_signs`), on chip where the kernels can."""
     return _kernels().hla_triton(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask, allow_signed=allow_signed,
-                                 _validated=True)
+                                 _validated=True, _signs=signs)

@@ -22,9 +22,9 @@ import os
 
 import torch
 
-from hla_analysis._checks import check_normalizers, check_output
+from hla_analysis._checks import check_hla_signs, check_normalizers, check_output
 from hla_analysis.ops.triton import split
-from hla_analysis.ops.triton.autograd import HLAFunction, default_config, validate_config
+from hla_analysis.ops.triton.autograd import HLAFunction, default_config, forward_states, validate_config
 from hla_analysis.ops.triton.autograd_tied import TiedHLAFunction, tied_config
 
 __all__ = ["supports", "hla_triton", "default_config", "factors_tied", "TIED_BY_DEFAULT"]
@@ -117,7 +117,7 @@ def factors_tied(qs, ks) -> bool:
 
 
 def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=False, chunk_size=None, config=None,
-               tied=None, _validated=False):
+               tied=None, _validated=False, _signs=False):
     """HLA output with the fused Triton kernels (differentiable).
 
     Parameters
@@ -170,7 +170,9 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     True
     """
     qs, ks = list(qs), list(ks)
-    # _validated: hla() has already asked supports() for these inputs (host time per call)
+    # _validated: hla() has already asked supports() for these inputs (host time per call).
+    # _signs: hla() asks for the sign certificate of its factors (odd pairs present, not
+    # allow_signed); the untied kernels flag it on chip, the other paths check it in torch.
     if not _validated and not supports(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask):
         raise ValueError(
             f"hla_triton does not support these inputs (M={len(qs)}, widths {[q.shape[-1] for q in qs]}, "
@@ -187,6 +189,8 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
                              "leave tied=None (other widths run as sums of untied parts).")
         raise ValueError("tied=True needs M = 2 with qs[0] equal to qs[1] and ks[0] equal to ks[1]; "
                          "leave tied=None to detect it.")
+    if _signs and (splitting or use_tied) and not allow_signed:
+        check_hla_signs(qs, ks, allow_signed=allow_signed)
     if splitting:
         if config:
             validate_config(config, default_config(r1=16, r2=16, dv=16, causal=causal, dtype=v.dtype))
@@ -233,7 +237,13 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
         out = TiedHLAFunction.apply(q1, k1, flat(v), bool(causal), bool(allow_signed), cfg)
         check_output(out, allow_signed=allow_signed)  # the untied kernels check it on chip
     else:
-        out = HLAFunction.apply(q1, q2, k1, k2, flat(v), bool(causal), bool(allow_signed), cfg)
+        vf = flat(v)
+        flat_in = (q1, q2, k1, k2, vf)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in flat_in):
+            out = HLAFunction.apply(*flat_in, bool(causal), bool(allow_signed), cfg, bool(_signs))
+        else:  # no autograd node (and nothing saved for a backward) under no_grad or for constants
+            out, _ = forward_states(*flat_in, causal=bool(causal), allow_signed=bool(allow_signed),
+                                    signs=bool(_signs), cfg=cfg)
     return out.reshape(*lead, n, v.shape[-1]).to(out_dtype)
 
 

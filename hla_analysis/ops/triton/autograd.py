@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from hla_analysis._checks import _active_or_none, check_normalizers_and_output
+from hla_analysis._checks import _active_or_none, diagnose_rows, require_flags
 from hla_analysis.ops.triton import kernels
 
 
@@ -252,11 +252,13 @@ def _precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, normalize: bool = True, chk=None):
+def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, normalize: bool = True, chk=None,
+                 signed: bool = False, qsigns: bool = False):
     """``(o, den)``: ``o = num / den`` in ``v.dtype``, or with ``normalize=False`` ``num`` in fp32.
 
-    ``chk`` (fp32 ``[BH, N]``, optional) is filled with ``den`` where the output row is finite,
-    NaN elsewhere (see :func:`.kernels.apply_kernel`)."""
+    ``chk`` (fp32, ``BH * N`` long, optional) gets one pass/fail flag per row (1.0 / 0.0: the
+    normaliser, the output and, with ``qsigns``, the query features' signs; ``signed`` is
+    ``allow_signed``; see :func:`.kernels.apply_kernel`)."""
     bh, n, r1 = q1.shape
     r2 = 1 if q2 is None else q2.shape[-1]
     dv = v.shape[-1]
@@ -269,7 +271,7 @@ def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, 
         R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["APPLY_BLOCK_C"], r1, r2),
         HAS_F2=q2 is not None, CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],
         PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, NORMALIZE=normalize, CHECK=chk is not None,
-        num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
+        SIGNED=signed, QSIGNS=qsigns, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
     return o, den
 
 
@@ -297,20 +299,55 @@ def factor_grads(x1, x2, g, wx, y1, y2, h, wy, s, z, *, causal: bool, query_side
     return dx1, (dx2 if x2 is not None else None), (out if not query_side else None)
 
 
+SIGN_BLOCK = 4096  # elements per program of kernels.sign_kernel
+
+
+def _key_sign_flags(k1, k2, flags_tail):
+    """One :func:`kernels.sign_kernel` launch over both key factors into ``flags_tail``."""
+    y = k1 if k2 is None else k2
+    kernels.sign_kernel[(flags_tail.numel(),)](k1, y, k1.numel(), y.numel(), flags_tail, BLOCK=SIGN_BLOCK)
+
+
+def forward_states(q1, q2, k1, k2, v, *, causal, allow_signed, signs, cfg):
+    """The forward of :class:`HLAFunction`: ``(o, saved)``, ``saved`` what the backward needs.
+
+    With value checks on (no :func:`~hla_analysis._checks.checks_disabled`), the apply kernel
+    writes one pass/fail flag per row (normaliser, output and, with ``signs``, the query
+    features' signs) and, with ``signs``, one :func:`kernels.sign_kernel` launch flags the key
+    features into the tail of the same vector: one ``amin`` read with the call's one sync.
+    The detailed diagnosis (which check, how many rows) runs only when a flag is 0.
+    """
+    k1t = transposed(k1, k2, cfg)
+    s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
+    q1t = transposed(q1, q2, cfg)  # launched while the state kernel runs
+    _, skip = _active_or_none()
+    signs = signs and not allow_signed
+    rows = v.shape[0] * v.shape[1]
+    flags = chk = None
+    if not skip:
+        tail = math.ceil(max(k1.numel(), 0 if k2 is None else k2.numel()) / SIGN_BLOCK) if signs else 0
+        flags = torch.empty(rows + tail, device=v.device, dtype=torch.float32)
+        chk = flags[:rows]
+        if tail:
+            _key_sign_flags(k1, k2, flags[rows:])
+    o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t, chk=chk,
+                          signed=allow_signed, qsigns=signs)
+    if flags is not None:
+        qs = [q1] if q2 is None else [q1, q2]
+        ks = [k1] if k2 is None else [k1, k2]
+        require_flags(flags, lambda: diagnose_rows(den.view(v.shape[:2]), o, qs, ks,
+                                                   allow_signed=allow_signed, signs=signs))
+    return o, (q1, q2, k1, k2, v, o, den, s, z, q1t, k1t)
+
+
 class HLAFunction(torch.autograd.Function):
     """Flat HLA (M = 1 when ``q2 is None``) with Triton forward and backward."""
 
     @staticmethod
-    def forward(ctx, q1, q2, k1, k2, v, causal, allow_signed, cfg):
-        k1t = transposed(k1, k2, cfg)
-        s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
-        q1t = transposed(q1, q2, cfg)  # launched while the state kernel runs
-        batch, skip = _active_or_none()
-        chk = None if skip else torch.empty((v.shape[0], v.shape[1]), device=v.device, dtype=torch.float32)
-        o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t, chk=chk)
-        if chk is not None:  # normalisers and output in one reduction, read with the call's sync
-            check_normalizers_and_output(chk, den, o, allow_signed=allow_signed)
-        ctx.save_for_backward(q1, q2, k1, k2, v, o, den, s, z, q1t, k1t)
+    def forward(ctx, q1, q2, k1, k2, v, causal, allow_signed, cfg, signs=False):
+        o, saved = forward_states(q1, q2, k1, k2, v, causal=causal, allow_signed=allow_signed, signs=signs,
+                                  cfg=cfg)
+        ctx.save_for_backward(*saved)
         ctx.causal, ctx.cfg = causal, cfg
         return o
 
@@ -328,4 +365,4 @@ class HLAFunction(torch.autograd.Function):
         dk1, dk2, dv = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
                                     causal=causal, query_side=False, cfg=cfg, x1t=k1t)
         cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
-        return (cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1), cast(dv, v), None, None, None)
+        return (cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1), cast(dv, v), None, None, None, None)

@@ -272,14 +272,48 @@ def _row_normaliser(f1, f2, z_ptr, R1: tl.constexpr, R2: tl.constexpr, HAS_F2: t
 
 
 @triton.jit
+def _row_flags(out, den, f1, f2, DV: tl.constexpr, SIGNED: tl.constexpr, QSIGNS: tl.constexpr):
+    """1.0 per row that passes the checks of :func:`apply_kernel` (``CHECK``), else 0.0."""
+    # NaN fails every comparison and Inf fails ``< inf``: a row is fine iff all DV entries pass
+    out_fine = tl.sum((tl.abs(out) < float("inf")).to(tl.int32), 1) == DV
+    den_finite = tl.abs(den) < float("inf")
+    if SIGNED:
+        fine = den_finite & (out_fine | (den == 0.0))
+    else:
+        fine = den_finite & (den > 0.0) & out_fine
+    if QSIGNS:
+        fine = fine & (tl.min(f1.to(tl.float32), 1) >= 0.0) & (tl.min(f2.to(tl.float32), 1) >= 0.0)
+    return tl.where(fine, 1.0, 0.0)
+
+
+@triton.jit
+def sign_kernel(x_ptr, y_ptr, NX, NY, flag_ptr, BLOCK: tl.constexpr):
+    """``flag[pid]`` = 1.0 when elements ``[pid * BLOCK, (pid + 1) * BLOCK)`` of both ``x`` and
+    ``y`` (flat, ``NX`` and ``NY`` long) are >= 0, else 0.0 (NaN fails): the key half of the
+    sign certificate, one small launch covering both key factors."""
+    pid = tl.program_id(0)
+    offs = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(x_ptr + offs, mask=offs < NX, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + offs, mask=offs < NY, other=0.0).to(tl.float32)
+    ok = (tl.sum((x >= 0.0).to(tl.int32), 0) == BLOCK) & (tl.sum((y >= 0.0).to(tl.int32), 0) == BLOCK)
+    tl.store(flag_ptr + pid, tl.where(ok, 1.0, 0.0))
+
+
+@triton.jit
 def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den_ptr, q1t_ptr, chk_ptr, N,
                  R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
                  CAUSAL: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr,
-                 PER_A: tl.constexpr, NORMALIZE: tl.constexpr, CHECK: tl.constexpr):
+                 PER_A: tl.constexpr, NORMALIZE: tl.constexpr, CHECK: tl.constexpr,
+                 SIGNED: tl.constexpr = False, QSIGNS: tl.constexpr = False):
     """``PER_A`` (non-causal only): Khatri-Rao columns one ``a`` at a time, ``q1t = q1^T``.
     ``NORMALIZE``: store ``num / den``, else the numerator itself (the parts of a split width,
     :mod:`.split`, are summed before one division).
+    ``CHECK``: ``chk[row]`` = 1.0 when the row passes the public checks, else 0.0: the
+    normaliser is finite and > 0 (``SIGNED``: finite, any sign), every output entry is finite
+    (``SIGNED``: or the normaliser is exactly 0, the documented signed result) and, with
+    ``QSIGNS``, every query feature of the row is >= 0 (the sign certificate's query half).
+    NaN fails every comparison, so a NaN anywhere in the row's inputs fails the row.
     With the intra-chunk loop after it, Triton 3.6 produced NaNs on an H200 (not under the
     interpreter), so the launcher never combines ``PER_A`` with ``CAUSAL``."""
     tl.static_assert(not (PER_A and CAUSAL), "PER_A apply is non-causal only")
@@ -351,9 +385,7 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
     tl.store(o_ptr + rows[:, None] * DV + offs_d[None, :], out.to(o_ptr.dtype.element_ty), mask=row_ok[:, None])
     tl.store(den_ptr + bh * N + rows, den, mask=row_ok)
     if CHECK:
-        # NaN fails the comparison, Inf fails it too: a row is fine iff all DV entries pass
-        fine = tl.sum((tl.abs(out) < float("inf")).to(tl.int32), 1) == DV
-        tl.store(chk_ptr + bh * N + rows, tl.where(fine, den, float("nan")), mask=row_ok)
+        tl.store(chk_ptr + bh * N + rows, _row_flags(out, den, f1, f2, DV, SIGNED, QSIGNS), mask=row_ok)
 
 
 @triton.jit

@@ -11,7 +11,7 @@ import os
 
 import torch
 
-from hla_analysis._checks import check_normalizers
+from hla_analysis._checks import check_normalizers, check_output
 from hla_analysis.ops.triton import quadratic as kernels
 
 
@@ -79,6 +79,7 @@ class QuadraticHLAFunction(torch.autograd.Function):
             CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PRECISION=_precision(v.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
         check_normalizers(norm, allow_signed=allow_signed)
+        check_output(o, norm[..., None], allow_signed=allow_signed)  # overflow from finite inputs
         ctx.save_for_backward(q, k, v, o, norm)
         ctx.meta = (pow_, causal, main, tail)
         return o
