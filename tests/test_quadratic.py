@@ -115,3 +115,34 @@ def test_state_flops_match_symbolic_cost_model():
         subs = {N: 100, dv: 32, r: widths[0]}
         want = float(sp.sympify(flops).doit().subs(subs))
         assert abs(state_flops(widths, 32, 100, tied=tied) - want) <= 1e-9 * want
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_quadratic_refuses_signed_weights_under_positive_normalisers(backend):
+    """Odd M with signed features: every normaliser > 0 here, yet single weights are negative.
+
+    The state path refused these; the quadratic path did not check signs at all (a bug).
+    """
+    g = torch.Generator().manual_seed(5)
+    q = (torch.rand(2, 20, 16, generator=g) + 0.1).to(DEVICE, DTYPE)
+    k = (torch.rand(2, 20, 16, generator=g) + 0.1).to(DEVICE, DTYPE)
+    q[0, 3, 0] = -0.05  # q.k stays > 0 for every key: positive weights, but the features are signed
+    k[1, 4, :] = -0.01  # one key with negative similarities: (q.k)^3 < 0 in every row of batch 1
+    v = torch.randn(2, 20, 16, generator=g).to(DEVICE, DTYPE)
+    with pytest.raises(ValueError, match="can give negative attention weights"):
+        hla([q] * 3, [k] * 3, v, form="quadratic", backend=backend)
+    out = hla([q] * 3, [k] * 3, v, form="quadratic", backend=backend, allow_signed=True)
+    ref = hla_attention_output([q.double()] * 3, [k.double()] * 3, v.double(), allow_signed=True)
+    assert float((out.double() - ref).norm() / ref.norm()) < TOL * 10
+    # an even number of tied factors multiplies to squares: no certificate needed
+    assert torch.isfinite(hla([q] * 2, [k] * 2, v, form="quadratic", backend=backend)).all()
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_quadratic_refuses_output_overflow(backend):
+    g = torch.Generator().manual_seed(6)
+    q, k = ((torch.rand(1, 20, 16, generator=g) + 0.1).to(DEVICE, torch.float32) for _ in range(2))
+    v = torch.randn(1, 20, 16, generator=g).to(DEVICE, torch.float32)
+    v[0, 2:5] = 3e38
+    with pytest.raises(ValueError, match="overflowed to Inf/NaN although every input is finite"):
+        hla([q] * 3, [k] * 3, v, form="quadratic", backend=backend)

@@ -6,6 +6,7 @@ interpreter does no bounds checks). With CUDA the same comparisons run in bf16.
 """
 
 import os
+import re
 
 import pytest
 import torch
@@ -321,6 +322,9 @@ def test_tied_detection_and_forcing(tied_calls, monkeypatch):
     from hla_analysis.ops import quadratic_dispatch
 
     monkeypatch.setattr(quadratic_dispatch, "quadratic_flops", lambda *a, **kw: float("inf"))
+    from hla_analysis.ops.hla import clear_verdicts
+
+    clear_verdicts()  # a verdict cached by an earlier test would skip the patched cost model
     via_hla = hla([q, q.clone()], [k, k], v, backend="triton")
     assert tied_calls == ["prefix", "total"]
     torch.testing.assert_close(via_hla, hla([q, q], [k, k], v, backend="torch"), atol=1e-5, rtol=1e-4)
@@ -443,3 +447,126 @@ def test_public_checks_on_the_kernel_path():
     with pytest.raises(ValueError, match="can give negative attention weights"):
         hla(signed[:2], signed[2:], v, backend="triton")
     assert torch.isfinite(hla(signed[:2], signed[2:], v, backend="triton", allow_signed=True)).all()
+
+
+# ---- every refusal on the fused path, from the kernels' row flags (issue 10, item 1) ----
+
+def _positive(m, n=40, r=16, dv=16, *, seed, lead=(1, 2)):
+    g = torch.Generator().manual_seed(seed)
+    qs = [(torch.rand(*lead, n, r, generator=g) + 0.1).to(DEVICE) for _ in range(m)]
+    ks = [(torch.rand(*lead, n, r, generator=g) + 0.1).to(DEVICE) for _ in range(m)]
+    v = torch.randn(*lead, n, dv, generator=g).to(DEVICE)
+    return qs, ks, v
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("where", ["qs", "ks", "v"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_fused_refuses_nan_inf_inputs_and_names_them(m, causal, where, bad):
+    qs, ks, v = _positive(m, seed=50 + m)
+    target = {"qs": qs[-1], "ks": ks[-1], "v": v}[where]
+    target[0, 1, 7, 3] = bad
+    name = "v" if where == "v" else f"{where}[{m - 1}]"
+    for _ in range(2):  # the second call takes the cached verdict: the same refusal
+        with pytest.raises(ValueError, match=re.escape(name) + " contains 1 NaN/Inf"):
+            hla(qs, ks, v, causal=causal, backend="triton")
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_refuses_zero_and_negative_normalisers(m, causal):
+    qs, ks, v = _positive(m, seed=60 + m)
+    zero = [q.clone() for q in qs]
+    zero[0][0, 0, 5] = 0.0  # a query row with all-zero features: normaliser exactly 0
+    with pytest.raises(ValueError, match=r"1 of 80 row\(s\) have a zero or negative normalizer .*\(1 exactly zero\)"):
+        hla(zero, ks, v, causal=causal, backend="triton")
+    neg = [q.clone() for q in qs]
+    neg[0][0, 1, 9] = -neg[0][0, 1, 9]  # a negative query row: negative normaliser
+    with pytest.raises(ValueError, match="zero or negative normalizer"):
+        hla(neg, ks, v, causal=causal, backend="triton")
+    out = hla(neg, ks, v, causal=causal, backend="triton", allow_signed=True)
+    torch.testing.assert_close(out, hla(neg, ks, v, causal=causal, backend="torch", allow_signed=True),
+                               atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("side", ["query", "key"])
+@pytest.mark.parametrize("m", [1, 2])
+def test_fused_refuses_signed_features_under_positive_normalisers(side, m):
+    """One negative feature (query side: the apply kernel's flag; key side: sign_kernel) while
+    every normaliser stays positive: the weights may be negative, so the call is refused."""
+    qs, ks, v = _positive(m, seed=70 + m)
+    factors = qs if side == "query" else ks
+    factors[-1][0, 1, 3, 2] = -0.01
+    with pytest.raises(ValueError, match="can give negative attention weights"):
+        hla(qs, ks, v, backend="triton")
+    out = hla(qs, ks, v, backend="triton", allow_signed=True)
+    torch.testing.assert_close(out, hla_attention_output(qs, ks, v), atol=1e-5, rtol=1e-4)
+    # tied factors (the same objects) multiply to squares: no certificate needed
+    if m == 1:
+        assert torch.isfinite(hla([qs[0], qs[0]], [ks[0], ks[0]], v, backend="triton")).all()
+
+
+def test_fused_signs_of_padded_keys_and_masked_rows():
+    qs, ks, v = _positive(2, seed=80)
+    kpm = torch.ones(1, 1, 40, dtype=torch.bool, device=DEVICE)
+    kpm[..., 0] = False
+    empty = torch.zeros_like(kpm)
+    with pytest.raises(ValueError, match="leaves .* query row\\(s\\) with no key"):
+        hla(qs, ks, v, key_padding_mask=empty, backend="triton")
+    out = hla(qs, ks, v, key_padding_mask=kpm, backend="triton")
+    torch.testing.assert_close(out, hla_attention_output(qs, ks, v, key_padding_mask=kpm), atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="leaves .* query row\\(s\\) with no key"):  # cached verdict, fresh value check
+        hla(qs, ks, v, key_padding_mask=empty, backend="triton")
+
+
+@pytest.mark.parametrize("m", [1, 2])
+@pytest.mark.parametrize("causal", [False, True])
+def test_fused_refuses_output_overflow_from_finite_inputs(m, causal):
+    qs, ks, v = _positive(m, seed=90 + m)
+    huge = v.clone()
+    huge[..., 3:6, :] = 3e38
+    with pytest.raises(ValueError, match="overflowed to Inf/NaN although every input is finite"):
+        hla(qs, ks, huge, causal=causal, backend="triton")
+    with pytest.raises(ValueError, match="overflowed to Inf/NaN although every input is finite"):
+        hla(qs, ks, huge, causal=causal, backend="triton", allow_signed=True)
+
+
+def test_fused_no_autograd_node_without_grad_and_one_verdict_per_key():
+    from hla_analysis.ops.hla import _VERDICTS, clear_verdicts
+
+    qs, ks, v = _positive(2, seed=95)
+    leaves = [t.requires_grad_() for t in (*qs, *ks, v)]
+    clear_verdicts()
+    with torch.no_grad():
+        out = hla(qs, ks, v, backend="triton")
+    assert out.grad_fn is None and len(_VERDICTS) == 1
+    with torch.no_grad():
+        again = hla(qs, ks, v, backend="triton")
+    assert len(_VERDICTS) == 1
+    torch.testing.assert_close(out, again, atol=0, rtol=0)
+    with_grad = hla(qs, ks, v, backend="triton")  # grad enabled: its own verdict (costs differ)
+    assert with_grad.grad_fn is not None and len(_VERDICTS) == 2
+    torch.testing.assert_close(with_grad.detach(), out, atol=0, rtol=0)
+    grads = torch.autograd.grad(with_grad.sum(), leaves)
+    assert all(torch.isfinite(g).all() for g in grads)
+
+
+def test_fused_checks_cost_one_host_read(monkeypatch):
+    """A clean call reads its flags with one .item() (no .tolist(), no other sync)."""
+    from hla_analysis import _checks
+
+    qs, ks, v = _positive(2, seed=96)
+    reads = []
+    real = _checks.CheckBatch.resolve
+
+    def counting(self):
+        reads.append(len(self.values))
+        return real(self)
+
+    monkeypatch.setattr(_checks.CheckBatch, "resolve", counting)
+    for signs in (False, True):
+        q = [qs[0], qs[0]] if not signs else qs
+        k = [ks[0], ks[0]] if not signs else ks
+        hla(q, k, v, backend="triton")
+    assert reads == [1, 1]  # one flag vector (key signs in its tail), one amin, one value read
