@@ -389,6 +389,131 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
 
 
 @triton.jit
+def _grad_normaliser(f1, f2, wx, z_ptr, BLOCK_M: tl.constexpr, R1: tl.constexpr, R2: tl.constexpr,
+                     HAS_F2: tl.constexpr, PRECISION: tl.constexpr):
+    """Step 1: ``(d1, d2)``, the derivatives of ``w * f1.(f2 @ z^T)`` by ``f1`` and ``f2``, fp32."""
+    offs_a = tl.arange(0, R1)
+    if HAS_F2:
+        offs_b = tl.arange(0, R2)
+        zt = tl.load(z_ptr + offs_b[:, None] + offs_a[None, :] * R2)  # [R2, R1]
+        zz = tl.load(z_ptr + offs_a[:, None] * R2 + offs_b[None, :])  # [R1, R2]
+        d1 = wx[:, None] * tl.dot(f2.to(tl.float32), zt, input_precision=PRECISION)
+        d2 = wx[:, None] * tl.dot(f1.to(tl.float32), zz, input_precision=PRECISION)
+    else:
+        z = tl.load(z_ptr + offs_a)
+        d1 = wx[:, None] * z[None, :]
+        d2 = tl.zeros((BLOCK_M, R2), dtype=tl.float32)
+    return d1, d2
+
+
+@triton.jit
+def _grad_intra_chunk(d1, d2, out_acc, f1, f2, g, wx, y1_ptr, y2_ptr, h_ptr, wy_ptr, bh, rows, row_ok, chunk,
+                      pid_m, N, R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_N: tl.constexpr, HAS_F2: tl.constexpr, QUERY_SIDE: tl.constexpr,
+                      WANT_OUT: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr):
+    """Step 2 (causal): the quadratic part inside the row block's chunk, added to ``d1``, ``d2``
+    (and ``out_acc``, the key side's ``A^T dnum``). Query side: keys ``j <= i`` of the chunk;
+    key side: queries ``i >= j`` of the chunk."""
+    y1_ptr += bh * N * R1
+    y2_ptr += bh * N * R2
+    h_ptr += bh * N * DV
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_r1 = tl.arange(0, R1)
+    offs_r2 = tl.arange(0, R2)
+    offs_d = tl.arange(0, DV)
+    if QUERY_SIDE:
+        lo = chunk * CHUNK
+        hi = tl.minimum((pid_m + 1) * BLOCK_M, N)
+    else:
+        lo = pid_m * BLOCK_M
+        hi = tl.minimum(chunk * CHUNK + CHUNK, N)
+    for n0 in range(lo, hi, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < N
+        y1 = tl.load(y1_ptr + cols[:, None] * R1 + offs_r1[None, :], mask=col_ok[:, None], other=0.0)
+        s1 = tl.dot(f1, tl.trans(y1), input_precision=PRECISION)
+        if HAS_F2:
+            y2 = tl.load(y2_ptr + cols[:, None] * R2 + offs_r2[None, :], mask=col_ok[:, None], other=0.0)
+            s2 = tl.dot(f2, tl.trans(y2), input_precision=PRECISION)
+        else:
+            s2 = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
+        hh = tl.load(h_ptr + cols[:, None] * DV + offs_d[None, :], mask=col_ok[:, None], other=0.0)
+        da = tl.dot(g, tl.trans(hh), input_precision=PRECISION)
+        if QUERY_SIDE:
+            da += wx[:, None]
+            keep = cols[None, :] <= rows[:, None]
+        else:
+            wy = tl.load(wy_ptr + bh * N + cols, mask=col_ok, other=0.0)
+            da += wy[None, :]
+            keep = (cols[None, :] >= rows[:, None]) & row_ok[:, None]
+        da = tl.where(keep, da, 0.0)
+        d1 += tl.dot((da * s2).to(y1.dtype), y1, input_precision=PRECISION)
+        if HAS_F2:
+            d2 += tl.dot((da * s1).to(y2.dtype), y2, input_precision=PRECISION)
+        if WANT_OUT:
+            a = tl.where(keep, s1 * s2, 0.0)
+            out_acc = tl.dot(a.to(hh.dtype), hh, out_acc, input_precision=PRECISION)
+    return d1, d2, out_acc
+
+
+@triton.jit
+def _grad_state_cols(d2, out_acc, f2, g, s_ptr, x1t_ptr, dx1t_ptr, bh, rows, row_ok, N,
+                     R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, WANT_OUT: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    """Step 3, columns (``PER_A``): the state part one ``a`` at a time. ``d x1[:, a]`` goes to
+    ``dx1t [R1, N]`` (the caller adds it to ``dx1``); ``d x2`` and ``out`` accumulate."""
+    dt = s_ptr.dtype.element_ty
+    offs_r2 = tl.arange(0, R2)
+    offs_d = tl.arange(0, DV)
+    x1t_ptr += bh * N * R1
+    dx1t_ptr += bh * N * R1
+    x2f = f2.to(tl.float32)
+    f2c = f2.to(dt)
+    gc = g.to(dt)
+    for ia in range(0, R1):
+        st = tl.load(s_ptr + (ia * R2 + offs_r2)[:, None] * DV + offs_d[None, :])
+        p = tl.dot(gc, tl.trans(st), input_precision=PRECISION)  # d kr[:, ia, :], [BLOCK_M, R2]
+        c = tl.load(x1t_ptr + ia * N + rows, mask=row_ok, other=0.0)
+        if WANT_OUT:
+            out_acc = tl.dot((f2c * c[:, None]).to(dt), st, out_acc, input_precision=PRECISION)
+        tl.store(dx1t_ptr + ia * N + rows, tl.sum(p * x2f, 1), mask=row_ok)
+        d2 += p * c.to(tl.float32)[:, None]
+    return d2, out_acc
+
+
+@triton.jit
+def _grad_state_tiles(d2, out_acc, f2, g, s_ptr, x1_ptr, x2_ptr, dx1_ptr, rows, row_ok,
+                      R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                      BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr, WANT_OUT: tl.constexpr,
+                      PRECISION: tl.constexpr):
+    """Step 3, tiles: the state part tile by tile of ``BLOCK_A`` columns ``a``. ``dx1`` (which
+    holds steps 1-2) gets each tile's columns added in place; ``d x2`` and ``out`` accumulate."""
+    dt = s_ptr.dtype.element_ty
+    BLOCK_C: tl.constexpr = BLOCK_A * R2
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_ba = tl.arange(0, BLOCK_A)
+    offs_d = tl.arange(0, DV)
+    for a0 in range(0, R1, BLOCK_A):
+        st = tl.load(s_ptr + (a0 * R2 + offs_c)[:, None] * DV + offs_d[None, :])
+        p = tl.dot(g.to(dt), tl.trans(st), input_precision=PRECISION)  # d kr tile, [BLOCK_M, BLOCK_C]
+        if WANT_OUT:
+            kr = _kr_tile(x1_ptr, x2_ptr, rows, row_ok, a0, R1, R2, BLOCK_A, BLOCK_M, HAS_F2)
+            out_acc = tl.dot(kr.to(dt), st, out_acc, input_precision=PRECISION)
+        ptr1 = dx1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :]
+        prev = tl.load(ptr1, mask=row_ok[:, None], other=0.0)
+        if HAS_F2:
+            x2f = f2.to(tl.float32)
+            p3 = tl.reshape(p, (BLOCK_M, BLOCK_A, R2))
+            tl.store(ptr1, prev + tl.sum(p3 * x2f[:, None, :], 2), mask=row_ok[:, None])
+            x1t = tl.load(x1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :], mask=row_ok[:, None],
+                          other=0.0).to(tl.float32)
+            d2 += tl.sum(p3 * x1t[:, :, None], 1)
+        else:
+            tl.store(ptr1, prev + p, mask=row_ok[:, None])
+    return d2, out_acc
+
+
+@triton.jit
 def grad_kernel(x1_ptr, x2_ptr, g_ptr, wx_ptr, y1_ptr, y2_ptr, h_ptr, wy_ptr, s_ptr, z_ptr,
                 dx1_ptr, dx2_ptr, out_ptr, x1t_ptr, dx1t_ptr, N,
                 R1: tl.constexpr, R2: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -401,12 +526,14 @@ def grad_kernel(x1_ptr, x2_ptr, g_ptr, wx_ptr, y1_ptr, y2_ptr, h_ptr, wy_ptr, s_
     Key side (``x = k``, ``g = v``, ``w = 1``, ``y = q``, ``h = dnum``, ``wy = dden``), which
     also writes ``out = dv = kr @ dS`` (+ the intra-chunk ``A^T dnum``).
 
-    ``PER_A``: the state part of ``d x1`` goes to ``dx1t [BH, R1, N]`` one column at a time
-    (the caller adds it to ``dx1``, which then holds the register part only).
+    Steps: load the row block; 1. the normaliser part (:func:`_grad_normaliser`); 2. causal:
+    the intra-chunk part (:func:`_grad_intra_chunk`), both kept in registers and ``d x1``
+    parked in ``dx1``; 3. the state part, by columns (``PER_A``, :func:`_grad_state_cols`: the
+    state part of ``d x1`` goes to ``dx1t [BH, R1, N]``, which the caller adds to ``dx1``) or
+    by tiles (:func:`_grad_state_tiles`); 4. store ``d x2`` and ``out``.
     """
     pid_m = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
-    BLOCK_C: tl.constexpr = BLOCK_A * R2
     R: tl.constexpr = R1 * R2
     x1_ptr += bh * N * R1
     x2_ptr += bh * N * R2
@@ -424,7 +551,6 @@ def grad_kernel(x1_ptr, x2_ptr, g_ptr, wx_ptr, y1_ptr, y2_ptr, h_ptr, wy_ptr, s_
         chunk = 0
     s_ptr += (bh * NUM_CHUNKS + chunk) * R * DV
     z_ptr += (bh * NUM_CHUNKS + chunk) * R
-    dt = s_ptr.dtype.element_ty
 
     f1 = tl.load(x1_ptr + rows[:, None] * R1 + offs_r1[None, :], mask=row_ok[:, None], other=0.0)
     if HAS_F2:
@@ -437,94 +563,21 @@ def grad_kernel(x1_ptr, x2_ptr, g_ptr, wx_ptr, y1_ptr, y2_ptr, h_ptr, wy_ptr, s_
     else:
         wx = tl.where(row_ok, 1.0, 0.0)
 
-    # normaliser part: d/df of w * f1.(f2 @ z^T), and the intra-chunk part, kept in registers
-    offs_a = tl.arange(0, R1)
-    if HAS_F2:
-        zt = tl.load(z_ptr + offs_r2[:, None] + offs_a[None, :] * R2)  # [R2, R1]
-        zz = tl.load(z_ptr + offs_a[:, None] * R2 + offs_r2[None, :])  # [R1, R2]
-        d1 = wx[:, None] * tl.dot(f2.to(tl.float32), zt, input_precision=PRECISION)
-        d2 = wx[:, None] * tl.dot(f1.to(tl.float32), zz, input_precision=PRECISION)
-    else:
-        z = tl.load(z_ptr + offs_a)
-        d1 = wx[:, None] * z[None, :]
-        d2 = tl.zeros((BLOCK_M, R2), dtype=tl.float32)
+    d1, d2 = _grad_normaliser(f1, f2, wx, z_ptr, BLOCK_M, R1, R2, HAS_F2, PRECISION)
     out_acc = tl.zeros((BLOCK_M, DV), dtype=tl.float32)
-
     if CAUSAL:
-        y1_ptr += bh * N * R1
-        y2_ptr += bh * N * R2
-        h_ptr += bh * N * DV
-        offs_n = tl.arange(0, BLOCK_N)
-        if QUERY_SIDE:
-            lo = chunk * CHUNK
-            hi = tl.minimum((pid_m + 1) * BLOCK_M, N)
-        else:
-            lo = pid_m * BLOCK_M
-            hi = tl.minimum(chunk * CHUNK + CHUNK, N)
-        for n0 in range(lo, hi, BLOCK_N):
-            cols = n0 + offs_n
-            col_ok = cols < N
-            y1 = tl.load(y1_ptr + cols[:, None] * R1 + offs_r1[None, :], mask=col_ok[:, None], other=0.0)
-            s1 = tl.dot(f1, tl.trans(y1), input_precision=PRECISION)
-            if HAS_F2:
-                y2 = tl.load(y2_ptr + cols[:, None] * R2 + offs_r2[None, :], mask=col_ok[:, None], other=0.0)
-                s2 = tl.dot(f2, tl.trans(y2), input_precision=PRECISION)
-            else:
-                s2 = tl.full((BLOCK_M, BLOCK_N), 1.0, tl.float32)
-            hh = tl.load(h_ptr + cols[:, None] * DV + offs_d[None, :], mask=col_ok[:, None], other=0.0)
-            da = tl.dot(g, tl.trans(hh), input_precision=PRECISION)
-            if QUERY_SIDE:
-                da += wx[:, None]
-                keep = cols[None, :] <= rows[:, None]
-            else:
-                wy = tl.load(wy_ptr + bh * N + cols, mask=col_ok, other=0.0)
-                da += wy[None, :]
-                keep = (cols[None, :] >= rows[:, None]) & row_ok[:, None]
-            da = tl.where(keep, da, 0.0)
-            d1 += tl.dot((da * s2).to(y1.dtype), y1, input_precision=PRECISION)
-            if HAS_F2:
-                d2 += tl.dot((da * s1).to(y2.dtype), y2, input_precision=PRECISION)
-            if WANT_OUT:
-                a = tl.where(keep, s1 * s2, 0.0)
-                out_acc = tl.dot(a.to(hh.dtype), hh, out_acc, input_precision=PRECISION)
-
+        d1, d2, out_acc = _grad_intra_chunk(d1, d2, out_acc, f1, f2, g, wx, y1_ptr, y2_ptr, h_ptr, wy_ptr, bh, rows,
+                                            row_ok, chunk, pid_m, N, R1, R2, DV, BLOCK_M, BLOCK_N, HAS_F2,
+                                            QUERY_SIDE, WANT_OUT, CHUNK, PRECISION)
     tl.store(dx1_ptr + rows[:, None] * R1 + offs_r1[None, :], d1, mask=row_ok[:, None])
     if PER_A:
-        x1t_ptr += bh * N * R1
-        dx1t_ptr += bh * N * R1
-        x2f = f2.to(tl.float32)
-        f2c = f2.to(dt)
-        gc = g.to(dt)
-        for ia in range(0, R1):
-            st = tl.load(s_ptr + (ia * R2 + offs_r2)[:, None] * DV + offs_d[None, :])
-            p = tl.dot(gc, tl.trans(st), input_precision=PRECISION)  # d kr[:, ia, :], [BLOCK_M, R2]
-            c = tl.load(x1t_ptr + ia * N + rows, mask=row_ok, other=0.0)
-            if WANT_OUT:
-                out_acc = tl.dot((f2c * c[:, None]).to(dt), st, out_acc, input_precision=PRECISION)
-            tl.store(dx1t_ptr + ia * N + rows, tl.sum(p * x2f, 1), mask=row_ok)
-            d2 += p * c.to(tl.float32)[:, None]
+        d2, out_acc = _grad_state_cols(d2, out_acc, f2, g, s_ptr, x1t_ptr, dx1t_ptr, bh, rows, row_ok, N,
+                                       R1, R2, DV, WANT_OUT, PRECISION)
     else:
         # dx1 columns are owned tile by tile: the register part is parked in memory, add per tile
         tl.debug_barrier()
-        offs_c = tl.arange(0, BLOCK_C)
-        offs_ba = tl.arange(0, BLOCK_A)
-        for a0 in range(0, R1, BLOCK_A):
-            st = tl.load(s_ptr + (a0 * R2 + offs_c)[:, None] * DV + offs_d[None, :])
-            p = tl.dot(g.to(dt), tl.trans(st), input_precision=PRECISION)  # d kr tile, [BLOCK_M, BLOCK_C]
-            if WANT_OUT:
-                kr = _kr_tile(x1_ptr, x2_ptr, rows, row_ok, a0, R1, R2, BLOCK_A, BLOCK_M, HAS_F2)
-                out_acc = tl.dot(kr.to(dt), st, out_acc, input_precision=PRECISION)
-            ptr1 = dx1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :]
-            prev = tl.load(ptr1, mask=row_ok[:, None], other=0.0)
-            if HAS_F2:
-                x2f = f2.to(tl.float32)
-                p3 = tl.reshape(p, (BLOCK_M, BLOCK_A, R2))
-                tl.store(ptr1, prev + tl.sum(p3 * x2f[:, None, :], 2), mask=row_ok[:, None])
-                x1t = tl.load(x1_ptr + rows[:, None] * R1 + (a0 + offs_ba)[None, :], mask=row_ok[:, None],
-                              other=0.0).to(tl.float32)
-                d2 += tl.sum(p3 * x1t[:, :, None], 1)
-            else:
-                tl.store(ptr1, prev + p, mask=row_ok[:, None])
+        d2, out_acc = _grad_state_tiles(d2, out_acc, f2, g, s_ptr, x1_ptr, x2_ptr, dx1_ptr, rows, row_ok,
+                                        R1, R2, DV, BLOCK_M, BLOCK_A, HAS_F2, WANT_OUT, PRECISION)
     if HAS_F2:
         tl.store(dx2_ptr + rows[:, None] * R2 + offs_r2[None, :], d2, mask=row_ok[:, None])
     if WANT_OUT:
