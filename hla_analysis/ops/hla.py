@@ -314,7 +314,10 @@ def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow
     from hla_analysis.ops import quadratic_dispatch
 
     key = _verdict_key(qs, ks, v, key_padding_mask, (causal, form, chunk_size, allow_signed, backend))
-    verdict = None if key is None else _VERDICTS.get(key)
+    try:
+        verdict = None if key is None else _VERDICTS.get(key)
+    except TypeError:  # an unhashable option (refused below with its own message)
+        key = verdict = None
     if verdict is not None:
         qs, ks = as_factors(qs, "qs"), as_factors(ks, "ks")
         _input_diagnosis(qs, ks, v)
