@@ -108,6 +108,22 @@ def _num_sms(device) -> int:
     return 4
 
 
+def _causal_state_plan(cfg: dict, programs: int, block_dv: int, dv: int, device) -> tuple[int, int, bool]:
+    """Plan a causal state sweep over ``programs`` (state tiles x heads) programs per value block.
+
+    Splits the value columns until the chip is full (``block_dv`` halves, down to 32), and says
+    whether to sum each chunk in parallel and scan the chunk sums, which pays when there are
+    too few programs for one sequential sweep (small states); ``CAUSAL_STATE`` forces either.
+    Returns ``(block_dv, grid_d, parallel)``.
+    """
+    sms, grid_d = _num_sms(device), dv // block_dv
+    while programs * grid_d < sms and block_dv > 32:
+        block_dv //= 2
+        grid_d = dv // block_dv
+    how = cfg.get("CAUSAL_STATE", "auto")
+    return block_dv, grid_d, how == "parallel" or (how == "auto" and 2 * programs * grid_d < sms)
+
+
 def _split_plan(n: int, programs: int, cfg: dict, device) -> tuple[int, int]:
     """Token splits for a non-causal state reduction: ``(splits, tokens_per_split)``.
 
@@ -192,12 +208,8 @@ def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None, initial=None
         s = buf.sum(0).to(f1.dtype) if splits > 1 else buf[0]
         s = s.view(bh, 1, r, dv)
     else:
-        sms = _num_sms(f1.device)
-        while grid_a * grid_d * bh < sms and block_dv > 32:  # fill the chip: split the value columns
-            block_dv //= 2
-            grid_d = dv // block_dv
-        how = cfg.get("CAUSAL_STATE", "auto")
-        if how == "parallel" or (how == "auto" and 2 * grid_a * grid_d * bh < sms):
+        block_dv, grid_d, parallel = _causal_state_plan(cfg, grid_a * bh, block_dv, dv, f1.device)
+        if parallel:
             # too few programs for one sequential sweep (small states): sum each chunk in
             # parallel, then scan the chunk sums (cheap because the state is small)
             buf = torch.empty((nc, bh, r, dv), device=f1.device, dtype=torch.float32)

@@ -16,7 +16,13 @@ import torch
 
 from hla_analysis._checks import check_normalizers
 from hla_analysis.ops.triton import kernels_tied
-from hla_analysis.ops.triton.autograd import _chunks, _normaliser_state, _num_sms, _precision, _split_plan
+from hla_analysis.ops.triton.autograd import (
+    _causal_state_plan,
+    _chunks,
+    _normaliser_state,
+    _precision,
+    _split_plan,
+)
 
 
 def folded_rows(r: int, *block_cs: int) -> tuple[int, int]:
@@ -75,12 +81,8 @@ def compute_sym_states(f, x, w, *, mode: str, cfg: dict):
             f, x, buf, n, tps, BLOCK_DV=block_dv, MODE=0, NUM_CHUNKS=1, SPLITS=splits, **common)
         s = buf.sum(0).to(f.dtype) if splits > 1 else buf[0]
         return s.view(bh, 1, p, dv), _normaliser_state(f, f, w, nc=1, mode=mode, chunk=cfg["CHUNK"])
-    sms = _num_sms(f.device)
-    while grid_t * grid_d * bh < sms and block_dv > 32:  # fill the chip: split the value columns
-        block_dv //= 2
-        grid_d = dv // block_dv
-    how = cfg.get("CAUSAL_STATE", "auto")
-    if how == "parallel" or (how == "auto" and 2 * grid_t * grid_d * bh < sms):
+    block_dv, grid_d, parallel = _causal_state_plan(cfg, grid_t * bh, block_dv, dv, f.device)
+    if parallel:
         buf = torch.empty((nc, bh, p, dv), device=f.device, dtype=torch.float32)
         kernels_tied.sym_state_kernel[(grid_t, grid_d, bh * nc)](
             f, x, buf, n, cfg["CHUNK"], BLOCK_DV=block_dv, MODE=0, NUM_CHUNKS=1, SPLITS=nc, **common)
