@@ -86,7 +86,8 @@ class Variant(nn.Module):
     (:class:`SoftmaxVariant`, :class:`KernelVariant` for linear and hla,
     :class:`PowerVariant`). Attributes: ``kind`` (family), ``factors`` (M; 1 for linear, p
     for power, None for softmax), ``phi`` (feature-map name or None), ``options``, ``spec``
-    (canonical spec string) and ``parsed`` (its :class:`~hla_analysis.spec.VariantSpec`).
+    (canonical spec string), ``parsed`` (its :class:`~hla_analysis.spec.VariantSpec`) and
+    ``is_reference`` (True for softmax only).
     Learnable parts (Hedgehog, ReBased, untied HLA projections) are created on first use,
     when the head dim is known, or by :meth:`bind`.
     """
@@ -125,6 +126,10 @@ class Variant(nn.Module):
 
     def _build(self, dim: int, heads: int | None) -> None:
         """Create the family's modules and parameters (none by default)."""
+
+    #: True for the family whose weights *are* the reference (softmax): a comparison scores it
+    #: with the reference rows themselves instead of recomputing them.
+    is_reference = False
 
     @property
     def positive(self) -> bool:
@@ -195,6 +200,8 @@ class Variant(nn.Module):
 
 class SoftmaxVariant(Variant):
     """The reference: ``exp(s_ij)`` normalised per row; not a finite kernel."""
+
+    is_reference = True
 
     def features(self, q, k, *, scale=None, query_offset=0):
         raise ValueError("softmax has no feature factors; it is not a (finite) kernel.")

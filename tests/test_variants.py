@@ -243,3 +243,8 @@ def test_weights_gradients_match_the_features_path(spec):
         grads.append(torch.autograd.grad(loss, params))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_only_softmax_is_the_reference():
+    """The comparison scores the reference family by the family's own flag, not its name."""
+    assert [s for s in list_variants() if make_variant(s).is_reference] == ["softmax"]
