@@ -246,10 +246,12 @@ class _FactorVariant(Variant):
         """As :meth:`Variant.weights`; tied factors form their similarity once.
 
         ``hla_weights`` multiplies M similarity matrices, one matmul each. When every factor
-        is the same (tied, ``power``), the one similarity ``s`` is computed once and
-        multiplied by itself in the same order, ``((s * s) * s) ...``: the same bits as M
-        matmuls. A map with a direct similarity (``FeatureMap.has_similarity``: Taylor,
-        ReBased) skips its wide features; equal up to float rounding.
+        is the same (tied, ``power``) and no gradient is needed, the one similarity ``s`` is
+        computed once and multiplied by itself in the same order, ``((s * s) * s) ...``: the
+        same bits as M matmuls. A map with a direct similarity (``FeatureMap.has_similarity``:
+        Taylor, ReBased) skips its wide features, with or without a gradient; equal up to
+        float rounding, and closer to the exact value (ReBased's float32 features can sum
+        to a negative weight, the direct ``(q~.k~)^2`` cannot).
         """
         sim = None
         if self._direct_similarity():
@@ -257,7 +259,11 @@ class _FactorVariant(Variant):
             sim = self._similarity(*self._scaled(q, k, scale))
         else:
             qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
-            if not all(f is qs[0] for f in qs) or not all(f is ks[0] for f in ks):
+            tied = all(f is qs[0] for f in qs) and all(f is ks[0] for f in ks)
+            # With a graph (the fits), M matmuls: their backward sums the gradient in the same
+            # order as before, and a fit amplifies any rounding change to an O(lr) one.
+            graph = torch.is_grad_enabled() and (qs[0].requires_grad or ks[0].requires_grad)
+            if not tied or (graph and self.factors > 1):
                 return hla_weights(qs, ks, causal=causal, key_padding_mask=key_padding_mask,
                                    query_offset=query_offset)
             check_factor_lists(qs, ks)  # as hla_weights checks them (tied: one pair)
