@@ -13,7 +13,9 @@ Usage::
     .venv/bin/python benchmarks/compare_speed.py runs/cap8 --threads 1 --profile --tag t1
 
 ``cpu_seconds`` (user + sys of the run's own process) is the figure to compare across
-machines under load; at ``--threads 1`` it is close to the wall time of an idle core.
+machines under load; at ``--threads 1`` it is close to the wall time of an idle core. With
+more threads on a loaded machine, set ``OMP_WAIT_POLICY=PASSIVE`` (recorded in the result):
+libgomp's default spin-waiting then costs several times the CPU of one thread.
 ``--profile`` adds a stage breakdown (``stages``, CPU seconds of this process): ``fits``
 (every ``fit_variant`` call), ``reference`` (softmax rows, logits and what every variant
 shares, once per block), ``weights`` (the variants' weights and normalizers while scoring),
@@ -131,6 +133,7 @@ def main() -> int:
         return 0
     cmd = [sys.executable, __file__, args.capture, "--variants", args.variants,
            "--threads", str(args.threads), "--child"] + (["--profile"] if args.profile else [])
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
@@ -139,7 +142,10 @@ def main() -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     result.update({
         "capture": str(Path(args.capture).resolve()), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "loaded": args.loaded, "load_average_1min_at_end": load,
+        "loaded": args.loaded, "load_average_1min_at_start": load_start, "load_average_1min_at_end": load,
+        # libgomp's default (ACTIVE) spins between parallel regions: on a shared machine
+        # 2 threads then burn several times the CPU of 1 (see NOTES_i12.md)
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "target_seconds": TARGET_SECONDS, "target_peak_bytes": TARGET_BYTES,
         "meets_targets": result["seconds"] <= TARGET_SECONDS and result["peak_rss_bytes"] <= TARGET_BYTES,
         "command": " ".join(["python", "benchmarks/compare_speed.py", args.capture, "--threads", str(args.threads)]
