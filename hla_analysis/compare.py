@@ -126,7 +126,7 @@ def _evaluate(
         ref = reference_rows(p, allowed=allowed, v=v, scores=scores, k=topk, rank_stride=rank_stride)
         del scores
         for spec, variant in variants.items():
-            if variant.kind == "softmax":  # its weights are the reference itself
+            if variant.is_reference:  # its weights are the reference itself
                 accs[spec].update_against(ref, p)
                 continue
             with check_batch():  # the variant's NaN/Inf checks: one reduction per tensor, same errors

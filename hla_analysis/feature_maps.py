@@ -50,6 +50,20 @@ class FeatureMap(nn.Module):
     def out_dim(self) -> int:
         raise NotImplementedError
 
+    #: Whether :meth:`similarity` has a direct form (cheaper than the features' product).
+    has_similarity = False
+
+    def similarity(self, q: Tensor, k: Tensor) -> Tensor:
+        """``phi(q) @ phi(k)^T`` ``[..., Nq, Nk]`` computed without the features.
+
+        Maps whose features are much wider than ``d`` (Taylor's and ReBased's quadratic
+        ones: ``O(d^2)``) compute the similarity from ``d``-wide products instead
+        (``has_similarity``); it equals the features' product up to float rounding.
+        Non-finite intermediates are not checked here: an overflow shows as a non-finite
+        weight or normalizer, where the features' path would refuse non-finite features.
+        """
+        raise NotImplementedError(f"the {self.name} map has no direct similarity; use its features.")
+
     def extra_repr(self) -> str:
         return f"dim={self.dim}, out_dim={self.out_dim()}"
 
@@ -172,12 +186,20 @@ class Taylor(FeatureMap):
 
     name = "taylor"
 
+    has_similarity = True
+
     def out_dim(self):
         return 1 + self.dim + self.dim * (self.dim + 1) // 2
 
     def forward(self, x, **_):
         quad = symmetric_power_features(x, 2) / math.sqrt(2)
         return torch.cat([torch.ones_like(x[..., :1]), x, quad], dim=-1)
+
+    def similarity(self, q, k):
+        """``1 + s + s^2/2`` with ``s = q.k``, as ``1 + s (1 + s/2)`` (>= 1/2 for every s)."""
+        s = q @ k.transpose(-1, -2)
+        half = torch.mul(s, 0.5).add_(1.0)
+        return (half * s if s.requires_grad else half.mul_(s)).add_(1.0)  # in place when no graph needs s
 
 
 class CosFormer(FeatureMap):
@@ -235,12 +257,21 @@ class ReBased(FeatureMap):
         self.gamma = self._per_head(torch.ones(dim), row=True)
         self.beta = self._per_head(torch.zeros(dim), row=True)
 
+    has_similarity = True
+
     def out_dim(self):
         return self.dim * (self.dim + 1) // 2
 
+    def _normed(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, (self.dim,)) * self.gamma.to(x.dtype) + self.beta.to(x.dtype)
+
     def forward(self, x, **_):
-        y = F.layer_norm(x, (self.dim,)) * self.gamma.to(x.dtype) + self.beta.to(x.dtype)
-        return symmetric_power_features(y, 2)
+        return symmetric_power_features(self._normed(x), 2)
+
+    def similarity(self, q, k):
+        """``(q~.k~)^2`` from the d-wide normed vectors (not the d(d+1)/2-wide features)."""
+        s = self._normed(q) @ self._normed(k).transpose(-1, -2)
+        return s.square() if s.requires_grad else s.square_()
 
 
 _CLASSES = {

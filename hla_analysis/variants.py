@@ -42,8 +42,15 @@ import math
 import torch
 from torch import Tensor, nn
 
-from hla_analysis._checks import check_batch, check_pair, check_scale
-from hla_analysis.feature_maps import make_feature_map
+from hla_analysis._checks import (
+    allowed_keys,
+    check_batch,
+    check_factor_lists,
+    check_mask_leading_dims,
+    check_pair,
+    check_scale,
+)
+from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
 from hla_analysis.ops import hla, hla_attention_map, hla_weights, softmax_attention_map, softmax_attention_output
 from hla_analysis.spec import FAMILIES, VariantSpec, normalize_spec, parse_spec  # noqa: F401  (re-exported)
 
@@ -79,7 +86,8 @@ class Variant(nn.Module):
     (:class:`SoftmaxVariant`, :class:`KernelVariant` for linear and hla,
     :class:`PowerVariant`). Attributes: ``kind`` (family), ``factors`` (M; 1 for linear, p
     for power, None for softmax), ``phi`` (feature-map name or None), ``options``, ``spec``
-    (canonical spec string) and ``parsed`` (its :class:`~hla_analysis.spec.VariantSpec`).
+    (canonical spec string), ``parsed`` (its :class:`~hla_analysis.spec.VariantSpec`) and
+    ``is_reference`` (True for softmax only).
     Learnable parts (Hedgehog, ReBased, untied HLA projections) are created on first use,
     when the head dim is known, or by :meth:`bind`.
     """
@@ -118,6 +126,10 @@ class Variant(nn.Module):
 
     def _build(self, dim: int, heads: int | None) -> None:
         """Create the family's modules and parameters (none by default)."""
+
+    #: True for the family whose weights *are* the reference (softmax): a comparison scores it
+    #: with the reference rows themselves instead of recomputing them.
+    is_reference = False
 
     @property
     def positive(self) -> bool:
@@ -189,6 +201,8 @@ class Variant(nn.Module):
 class SoftmaxVariant(Variant):
     """The reference: ``exp(s_ij)`` normalised per row; not a finite kernel."""
 
+    is_reference = True
+
     def features(self, q, k, *, scale=None, query_offset=0):
         raise ValueError("softmax has no feature factors; it is not a (finite) kernel.")
 
@@ -214,9 +228,7 @@ class _FactorVariant(Variant):
 
     def features(self, q, k, *, scale=None, query_offset=0):
         check_pair(q, k)  # NaN/Inf: a flag of its own, since e.g. relu(-inf) = 0 hides it
-        self.bind(q.shape[-1])
-        root = math.sqrt(check_scale(scale, q.shape[-1]))
-        return self._factor_features(q * root, k * root, query_offset=query_offset)
+        return self._factor_features(*self._scaled(q, k, scale), query_offset=query_offset)
 
     def _factor_features(self, q: Tensor, k: Tensor, *, query_offset: int) -> tuple[list[Tensor], list[Tensor]]:
         raise NotImplementedError
@@ -231,8 +243,46 @@ class _FactorVariant(Variant):
             )
 
     def weights(self, q, k, *, scale=None, causal=False, key_padding_mask=None, query_offset=0):
-        qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
-        return hla_weights(qs, ks, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset)
+        """As :meth:`Variant.weights`; tied factors form their similarity once.
+
+        ``hla_weights`` multiplies M similarity matrices, one matmul each. When every factor
+        is the same (tied, ``power``) and no gradient is needed, the one similarity ``s`` is
+        computed once and multiplied by itself in the same order, ``((s * s) * s) ...``: the
+        same bits as M matmuls. A map with a direct similarity (``FeatureMap.has_similarity``:
+        Taylor, ReBased) skips its wide features, with or without a gradient; equal up to
+        float rounding, and closer to the exact value (ReBased's float32 features can sum
+        to a negative weight, the direct ``(q~.k~)^2`` cannot).
+        """
+        sim = None
+        if self._direct_similarity():
+            check_pair(q, k)
+            sim = self._similarity(*self._scaled(q, k, scale))
+        else:
+            qs, ks = self.features(q, k, scale=scale, query_offset=query_offset)
+            tied = all(f is qs[0] for f in qs) and all(f is ks[0] for f in ks)
+            # With a graph (the fits), M matmuls: their backward sums the gradient in the same
+            # order as before, and a fit amplifies any rounding change to an O(lr) one.
+            graph = torch.is_grad_enabled() and (qs[0].requires_grad or ks[0].requires_grad)
+            if not tied or (graph and self.factors > 1):
+                return hla_weights(qs, ks, causal=causal, key_padding_mask=key_padding_mask,
+                                   query_offset=query_offset)
+            check_factor_lists(qs, ks)  # as hla_weights checks them (tied: one pair)
+            sim = qs[0] @ ks[0].transpose(-1, -2)
+        return _tied_weights(sim, self.factors, q, k, causal=causal, key_padding_mask=key_padding_mask,
+                             query_offset=query_offset)
+
+    def _scaled(self, q: Tensor, k: Tensor, scale: float | None) -> tuple[Tensor, Tensor]:
+        self.bind(q.shape[-1])
+        root = math.sqrt(check_scale(scale, q.shape[-1]))
+        return q * root, k * root
+
+    def _direct_similarity(self) -> bool:
+        """Whether the factors are tied and their similarity has a direct form (:meth:`_similarity`)."""
+        return False
+
+    def _similarity(self, q: Tensor, k: Tensor) -> Tensor:
+        """The one factor similarity of scaled ``q``, ``k`` without features (see ``_direct_similarity``)."""
+        raise NotImplementedError
 
     def forward(self, q, k, v, *, scale=None, causal=False, key_padding_mask=None, allow_signed=False,
                 form="auto", backend="auto"):
@@ -263,14 +313,25 @@ class KernelVariant(_FactorVariant):
         if self.shifted:
             self.shift = nn.Parameter(torch.zeros(() if heads is None else (heads, 1, 1)))
 
+    def _direct_similarity(self):
+        return not self.parsed.untied and not self.shifted and FEATURE_MAPS[self.phi].has_similarity
+
+    def _similarity(self, q, k):
+        return self.maps[0].similarity(*self._projected(q, k))
+
+    def _projected(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """Tied factors: ``q``, ``k`` through the one shared projection, if any."""
+        if self.shared_proj:
+            w = self.proj[0].to(q.dtype).transpose(-1, -2)
+            return q @ w, k @ w
+        return q, k
+
     def _factor_features(self, q, k, *, query_offset):
         n_keys = k.shape[-2]
         q_pos = torch.arange(query_offset, query_offset + q.shape[-2], device=q.device)
         k_pos = torch.arange(n_keys, device=k.device)
         if not self.parsed.untied:  # one map shared by every factor, at most one projection
-            if self.shared_proj:
-                w = self.proj[0].to(q.dtype).transpose(-1, -2)
-                q, k = q @ w, k @ w
+            q, k = self._projected(q, k)
             fq = self._shifted(self.maps[0], self.maps[0](q, positions=q_pos, length=n_keys))
             fk = self.maps[0](k, positions=k_pos, length=n_keys)
             return [fq] * self.factors, [fk] * self.factors
@@ -287,6 +348,25 @@ class KernelVariant(_FactorVariant):
             return fq
         lead = fq[..., :1] * (1 - self.shift.to(fq.dtype) / phi.c)
         return torch.cat([lead, fq[..., 1:]], dim=-1)
+
+
+def _tied_weights(sim: Tensor, m: int, q: Tensor, k: Tensor, *, causal: bool, key_padding_mask: Tensor | None,
+                  query_offset: int) -> tuple[Tensor, Tensor]:
+    """``hla_weights`` of ``m`` factors that all have the similarity ``sim``: ``sim^m`` masked, row sums.
+
+    The product runs in ``hla_weights``' order (``((s * s) * s) ...``), so it has the same
+    bits as M separate matmuls; in place when no gradient is needed.
+    """
+    check_mask_leading_dims(key_padding_mask, q, k)
+    allowed = allowed_keys(q.shape[-2], k.shape[-2], causal=causal, key_padding_mask=key_padding_mask,
+                           query_offset=query_offset, device=q.device)
+    in_place = not (torch.is_grad_enabled() and sim.requires_grad)
+    weights = sim if m == 1 else sim * sim
+    for _ in range(m - 2):
+        weights = weights.mul_(sim) if in_place else weights * sim
+    if allowed is not None:
+        weights = weights.masked_fill_(~allowed, 0.0) if in_place else weights.masked_fill(~allowed, 0.0)
+    return weights, weights.sum(-1, keepdim=True)
 
 
 _FAMILY_CLASSES: dict[str, type[Variant]] = {

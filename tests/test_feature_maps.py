@@ -194,3 +194,59 @@ def test_old_favor_option_name_warns():
     with pytest.warns(DeprecationWarning, match="pass features="):
         phi = make_feature_map("favor", 4, m=8)
     assert phi.out_dim() == 8
+
+
+def _bound_pair(name, dtype, seed, n=7, d=16, heads=3):
+    """Fresh random q, k [heads, n, d] of varied scale, and a map at random parameters."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.logspace(-1, 0.5, heads, dtype=torch.float64)[:, None, None]
+    q = (torch.randn(heads, n, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    k = (torch.randn(heads, n + 2, d, generator=g, dtype=torch.float64) * scale).to(dtype)
+    phi = make_feature_map(name, d, heads=heads).to(dtype)
+    with torch.no_grad():
+        for p in phi.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(dtype) * 0.3)
+    return phi, q, k
+
+
+@pytest.mark.parametrize("name", [n for n, cls in FEATURE_MAPS.items() if cls.has_similarity])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_direct_similarity_equals_the_features_product(name, dtype, seed):
+    """``similarity`` (no wide features) equals ``phi(q) @ phi(k)^T`` up to float rounding.
+
+    Both sides sum products whose magnitudes are bounded by ``a = |u||w|`` (Cauchy-Schwarz;
+    u, w the vectors the quadratic part squares: x for Taylor, the normed y for ReBased):
+    the similarity is ``1 + s + s^2/2`` or ``s^2`` with ``|s| <= a``, and the features'
+    product sums r terms, so both are within ``(r + 4) eps (1 + a + a^2/2)`` (Taylor) or
+    ``(r + 4) eps a^2`` (ReBased) of the exact value.
+    """
+    phi, q, k = _bound_pair(name, dtype, seed)
+    with torch.no_grad():
+        direct = phi.similarity(q, k)
+        features = phi(q) @ phi(k).transpose(-1, -2)
+        u, w = (phi._normed(q), phi._normed(k)) if name == "rebased" else (q, k)
+    a = u.double().norm(dim=-1)[..., :, None] * w.double().norm(dim=-1)[..., None, :]
+    magnitude = a.square() if name == "rebased" else 1 + a + a.square() / 2
+    tol = (phi.out_dim() + 4) * torch.finfo(dtype).eps * magnitude
+    assert direct.shape == features.shape and direct.dtype == dtype
+    err = (direct.double() - features.double()).abs()
+    assert (err <= 2 * tol).all(), float((err / tol).max())
+
+
+@pytest.mark.parametrize("name", [n for n, cls in FEATURE_MAPS.items() if cls.has_similarity])
+def test_direct_similarity_is_closer_to_float64_than_the_features(name):
+    """In float32 the direct form errs by ``O(d eps a^2)``, not ``O(d^2 eps a^2)``: ReBased's
+    ``(q~.k~)^2`` is never negative, where the features' float32 sum can round below zero."""
+    phi, q, k = _bound_pair(name, torch.float64, 5, n=40, d=32)
+    with torch.no_grad():
+        exact = phi.similarity(q, k)
+        phi32 = phi.float()
+        direct = phi32.similarity(q.float(), k.float()).double()
+        u, w = (phi._normed(q), phi._normed(k)) if name == "rebased" else (q, k)
+    a = u.norm(dim=-1)[..., :, None] * w.norm(dim=-1)[..., None, :]
+    magnitude = a.square() if name == "rebased" else 1 + a + a.square() / 2
+    # inputs rounded to float32 move a product of 4 of them by 4 eps each, plus d + 4 roundings
+    tol = (32 + 8) * torch.finfo(torch.float32).eps * magnitude
+    assert ((direct - exact).abs() <= tol).all()
+    assert (direct >= 0).all()

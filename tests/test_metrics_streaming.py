@@ -306,3 +306,55 @@ def test_topk_recall_on_integer_keys_equals_the_plain_rows_with_signed_zeros(dty
     acc.update(p, q)
     want = topk_recall_rows(p, q, k=k).double().mean()  # per row in p's dtype
     assert acc.compute()["topk_recall_mean"] == pytest.approx(float(want), rel=4 * torch.finfo(dtype).eps)
+
+
+# ------------------------------------------------- long rows: two-stage top-k, tie subsets
+
+
+@pytest.mark.parametrize("n", [192, 256, 263, 1000])
+@pytest.mark.parametrize("kk", [1, 4, 6])
+def test_two_stage_topk_picks_the_values_of_torch_topk(n, kk):
+    """Issue 12: rows of many chunks take the top-k of the best chunks; fresh random keys with
+    heavy ties (a few distinct values), a tail past the last whole chunk, rows whose top
+    values sit in one chunk, and masked (-inf) keys."""
+    from hla_analysis.metrics.streaming import _nonnegative_key, _topk_index
+
+    g = torch.Generator().manual_seed(n + kk)
+    for levels in (3, 50, 10**6):
+        x = torch.randint(0, levels, (5, 7, n), generator=g).float() / levels
+        x[0, 0, 8:16] = 2.0  # every top value in one chunk
+        x[1, :, n // 2 :] = float("-inf")  # masked keys
+        keys = _nonnegative_key(x)
+        index = _topk_index(keys, kk)
+        want = torch.topk(keys, kk, dim=-1).values
+        assert torch.equal(keys.gather(-1, index), want)
+        assert (index.sort(-1).values.diff(dim=-1) > 0).all()  # distinct keys picked
+
+
+@pytest.mark.parametrize("causal,pad", [(False, False), (True, True)])
+def test_long_rows_with_ties_match_numpy(causal, pad):
+    """Rows long enough for the two-stage top-k (N = 300), weights with ties in a few rows
+    (Spearman's tie ranks on those rows only, in the scores' order): per-metric agreement
+    with the NumPy/SciPy reference, and failure counts with every kind of bad entry."""
+    from hla_analysis.metrics import topk_recall_rows
+
+    n = 300
+    p, q, allowed, scores, v, _ = make_head(60 + causal, n, causal=causal, pad=pad)
+    q = q.clone()
+    q[::7, 100:140] = q[::7, 100:140].mean(-1, keepdim=True)  # ties in every 7th row
+    q[::5, 7:14] = q[::5, 7:14].amax(-1, keepdim=True) * 20  # 7 tied at the top: across the top-5 cut
+    q = q * allowed / (q * allowed).sum(-1, keepdim=True)
+    got = head_metrics(p, q, allowed=allowed, v=v, scores=scores, k=5)
+    want = numpy_reference(p, q, allowed, v, scores, np.ones(n, bool), 5, KL_EPS)
+    # NumPy's argsort breaks ties at the cut arbitrarily; the plain per-row function averages them
+    want["topk_recall_mean"] = float(topk_recall_rows(p, q, allowed=allowed, k=5).mean())
+    for key, value in want.items():
+        assert got[key] == pytest.approx(value, rel=1e-10, abs=1e-12), key
+
+    broken = q.clone()
+    last = n - 1  # an allowed key of the last row in every setting
+    bad = {3: float("nan"), 8: -float("nan"), 12: float("inf"), 20: -float("inf"), 33: -1e-3}
+    for row, value in bad.items():
+        broken[row + (n // 2 if causal else 0), last if not pad else 0] = value
+    got = head_metrics(p, broken, allowed=allowed, v=v, scores=scores, k=5)
+    assert (got["nonfinite_rows"], got["negative_rows"], got["failed_rows"]) == (4, 1, 5)

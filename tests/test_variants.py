@@ -177,3 +177,74 @@ def test_make_variant_returns_the_family_class():
     qw[:, 0] *= 2
     kw[:, 0] *= 2
     torch.testing.assert_close(w, 1 + qw @ kw.T)
+
+
+def _random_qk(dtype, seed, heads=3, n=9, d=8):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, n, d, generator=g, dtype=torch.float64).to(dtype)
+    k = torch.randn(2, heads, n + 3, d, generator=g, dtype=torch.float64).to(dtype)
+    return q, k
+
+
+TIED = [s for s in list_variants() if s != "softmax"] + ["hla:m=3,phi=relu", "hla:m=2,phi=affine,shift=1"]
+
+
+@pytest.mark.parametrize("spec", TIED + ["hla:m=2,phi=affine,tied=0", "hla:m=2,phi=taylor", "hla:m=3,phi=rebased"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_weights_match_hla_weights_of_the_features(spec, causal):
+    """``Variant.weights`` (one matmul for tied factors, direct Taylor/ReBased similarity) equals
+    ``hla_weights`` on the variant's features: bit for bit through the features, and within
+    float rounding where a direct similarity replaces them (bound: eps times the sum of the
+    absolute terms, |s|^M-sized, times the number of roundings)."""
+    from hla_analysis.feature_maps import FEATURE_MAPS
+    from hla_analysis.ops import hla_weights
+
+    for dtype in (torch.float32, torch.float64):
+        for seed in (0, 1):
+            q, k = _random_qk(dtype, seed)
+            var = make_variant(spec).bind(8, heads=3).to(dtype)
+            with torch.no_grad():
+                for p in var.parameters():  # away from the initial values
+                    p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(seed), dtype=dtype) * 0.1)
+                kw = dict(scale=0.4, causal=causal, query_offset=3)
+                w, den = var.weights(q[..., 3:, :], k, **kw)
+                qs, ks = var.features(q[..., 3:, :], k, scale=0.4, query_offset=3)
+                w0, den0 = hla_weights(qs, ks, causal=causal, query_offset=3)
+            direct = var.phi is not None and FEATURE_MAPS[var.phi].has_similarity
+            if not direct:
+                assert torch.equal(w, w0) and torch.equal(den, den0), spec
+                continue
+            # |terms| of one factor's product are bounded by the product of the features' norms
+            a = qs[0].double().norm(dim=-1)[..., :, None] * ks[0].double().norm(dim=-1)[..., None, :]
+            m = var.factors
+            tol = m * (qs[0].shape[-1] + 4) * torch.finfo(dtype).eps * a ** m
+            assert ((w.double() - w0.double()).abs() <= tol).all(), spec
+            row_tol = tol.sum(-1, keepdim=True) * (1 + k.shape[-2] * torch.finfo(dtype).eps)
+            assert ((den.double() - den0.double()).abs() <= row_tol).all(), spec
+
+
+@pytest.mark.parametrize("spec", ["linear:phi=rebased", "hla:m=2,phi=affine,proj=1", "power:p=3"])
+def test_weights_gradients_match_the_features_path(spec):
+    """The fits differentiate ``weights``: its gradients equal those through the features (float64)."""
+    from hla_analysis.ops import hla_weights
+
+    q, k = _random_qk(torch.float64, 3)
+    q.requires_grad_(True)
+    grads = []
+    for through_features in (False, True):
+        var = make_variant(spec).bind(8, heads=3).double()
+        if through_features:
+            qs, ks = var.features(q, k, scale=0.4)
+            w, den = hla_weights(qs, ks, causal=True)
+        else:
+            w, den = var.weights(q, k, scale=0.4, causal=True)
+        loss = (w / den).square().sum() + den.log().sum()
+        params = [q, *var.parameters()]
+        grads.append(torch.autograd.grad(loss, params))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_only_softmax_is_the_reference():
+    """The comparison scores the reference family by the family's own flag, not its name."""
+    assert [s for s in list_variants() if make_variant(s).is_reference] == ["softmax"]

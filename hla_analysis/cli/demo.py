@@ -62,14 +62,19 @@ def run(args: argparse.Namespace) -> int:
     cap_dir = capture(args.model, out=out / "capture", num_inputs=args.num_inputs,
                       max_tokens=args.max_tokens, device=args.device, progress=progress)
     results_path = out / "results.parquet"
+    step = time.perf_counter()
+    print(f"      {step - started:.0f} s")
     print(f"[2/3] comparing variants -> {results_path}")
     table = run_comparison(cap_dir, out=results_path, variants=args.variants, train_inputs=args.train_inputs,
                            fit=fit_config(args), row_stride=args.row_stride, device=args.device,
                            progress=progress)
     figures = Path(args.figures) if args.figures else out / "figures"
+    print(f"      {time.perf_counter() - step:.0f} s")
+    step = time.perf_counter()
     print(f"[3/3] figures -> {figures}")
     for path in comparison_figures(table, results_path, figures):  # figure tables beside the results (issue 17)
         print(f"      {path} (+ .csv)")
+    print(f"      {time.perf_counter() - step:.0f} s")
     summary = summarize(table)
     summary.to_csv(out / "summary.csv")
     summary.to_csv(figures / "compare_summary.csv")

@@ -257,27 +257,37 @@ def average_ranks(x: Tensor, *, allowed: Tensor | None = None) -> Tensor:
 
 
 def _ranks(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Average ranks in ``dtype`` (float32 holds the half-integer ranks exactly up to 2**23 keys).
+    """Average ranks in ``dtype`` (float32 holds the half-integer ranks exactly up to 2**23 keys)."""
+    return _ranks_and_order(x, mask, dtype)[0]
+
+
+def _ranks_and_order(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Average ranks (as :func:`_ranks`) and the sorting permutation of each row (masked entries last).
 
     A tie group occupies sorted positions ``first..last``; its average rank is
-    ``(first + last) / 2``, found with a running max/min instead of scattered sums.
+    ``(first + last) / 2``, found with a running max/min instead of scattered sums, on the
+    rows that have a tie only (the other rows' ranks are their sorted positions).
     """
     n = x.shape[-1]
     if mask is not None:  # masked entries sort last (allowed values are finite)
         x = torch.where(mask, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
     sorted_vals, order = torch.sort(order_key(x), dim=-1)
-    position = torch.arange(n, device=x.device).expand(sorted_vals.shape)
-    starts = torch.ones(sorted_vals.shape, dtype=torch.bool, device=x.device)
-    starts[..., 1:] = sorted_vals[..., 1:] != sorted_vals[..., :-1]
-    if bool(starts.all()):  # no ties anywhere in the block: the ranks are the positions
-        mean_rank = position.to(dtype)
-    else:
+    position = torch.arange(n, device=x.device, dtype=dtype).expand(sorted_vals.shape)
+    same = (sorted_vals[..., 1:] == sorted_vals[..., :-1]).reshape(-1, max(n - 1, 1))  # rows flattened
+    tied = same.any(-1)
+    if n > 1 and bool(tied.any()):
+        rows = tied.nonzero().squeeze(-1)
+        starts = torch.ones((len(rows), n), dtype=torch.bool, device=x.device)
+        starts[:, 1:] = ~same[rows]
         ends = torch.ones_like(starts)
-        ends[..., :-1] = starts[..., 1:]
-        first = torch.where(starts, position, 0).cummax(-1).values
-        last = torch.where(ends, position, n - 1).flip(-1).cummin(-1).values.flip(-1)
-        mean_rank = (first + last).to(dtype) / 2
-    return torch.empty_like(mean_rank).scatter_(-1, order, mean_rank)
+        ends[:, :-1] = starts[:, 1:]
+        index = torch.arange(n, device=x.device).expand(starts.shape)
+        first = torch.where(starts, index, 0).cummax(-1).values
+        last = torch.where(ends, index, n - 1).flip(-1).cummin(-1).values.flip(-1)
+        position = position.reshape(-1, n).clone()
+        position[rows] = (first + last).to(dtype) / 2
+        position = position.reshape(sorted_vals.shape)
+    return torch.empty(sorted_vals.shape, dtype=dtype, device=x.device).scatter_(-1, order, position), order
 
 
 def order_key(x: Tensor) -> Tensor:
@@ -308,7 +318,11 @@ _INT_OF = {torch.float32: torch.int32, torch.float64: torch.int64}
 
 def _centred_ranks(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Ranks minus their row mean (0 outside ``mask``) and their float64 sum of squares."""
-    ranks = _ranks(x, mask, dtype)
+    return _centre(_ranks(x, mask, dtype), x, mask, dtype)
+
+
+def _centre(ranks: Tensor, x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`_centred_ranks` of ``x`` from its ranks, already computed."""
     if mask is None:
         dev = ranks - (x.shape[-1] - 1) / 2  # average ranks of 0..n-1 keep their sum
     else:
