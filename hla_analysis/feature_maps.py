@@ -240,8 +240,11 @@ class Hedgehog(FeatureMap):
         return 2 * self.dim
 
     def forward(self, x, **_):
-        z = x @ self.weight.to(x.dtype).transpose(-1, -2)
-        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], dim=-1)
+        # half-precision inputs: the projection and softmax run in float32 (a softmax's backward
+        # is a difference of nearly equal terms), and only the features are stored at x's dtype
+        work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        z = work @ self.weight.to(work.dtype).transpose(-1, -2)
+        return torch.cat([torch.softmax(z, -1), torch.softmax(-z, -1)], dim=-1).to(x.dtype)
 
 
 class ReBased(FeatureMap):

@@ -250,3 +250,16 @@ def test_direct_similarity_is_closer_to_float64_than_the_features(name):
     tol = (32 + 8) * torch.finfo(torch.float32).eps * magnitude
     assert ((direct - exact).abs() <= tol).all()
     assert (direct >= 0).all()
+
+
+def test_hedgehog_half_precision_inputs_use_float32_arithmetic():
+    """bf16 inputs give the float32 map's features rounded once to bf16 (not bf16 arithmetic)."""
+    torch.manual_seed(11)
+    phi = make_feature_map("hedgehog", 16)
+    with torch.no_grad():
+        phi.weight.normal_(0, 1.0)
+    x = torch.randn(5, 16).to(torch.bfloat16)
+    expected = phi(x.float()).to(torch.bfloat16)
+    got = phi(x)
+    assert got.dtype == torch.bfloat16
+    assert torch.equal(got, expected)
