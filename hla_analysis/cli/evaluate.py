@@ -37,6 +37,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-max-rows", type=int, default=None, metavar="R",
                    help="training query rows per input and head of the fits evaluate runs itself "
                         "(default: the compare's)")
+    p.add_argument("--joint-fits", action="store_true",
+                   help="fit all layers of a variant and objective in one optimisation (their heads side by side); "
+                        "far less overhead than one fit per layer when the fits are small")
     p.add_argument("--plain", action="store_true",
                    help="reference path: plain full forwards, full logits (no block reuse, no blocked LM head); "
                         "slower, same numbers")
@@ -55,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     table = run_model_evaluation(args.model, capture=args.capture, results=args.results, out=args.out,
                                  variants=variants, objectives=tuple(args.objectives),
                                  max_heldout=args.max_heldout, max_tokens=args.max_tokens, fits=args.fits,
-                                 fit_overrides=overrides, plain=args.plain, progress=not args.quiet)
+                                 fit_overrides=overrides, joint_fits=args.joint_fits, plain=args.plain,
+                                 progress=not args.quiet)
     print(f"wrote {len(table):,} rows to {args.out}")
     return 0
