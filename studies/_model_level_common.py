@@ -100,7 +100,8 @@ def run_study(name: str, *, run: str, num_inputs: int, max_tokens: int, max_held
         timing["demo_seconds"] = round(time.perf_counter() - started, 1)
         timing["demo_cpu_seconds"] = round(_cpu() - cpu, 1)
     out = folder / "model_level.parquet"
-    if args.fresh or not out.is_file():
+    evaluated = args.fresh or not out.is_file()
+    if evaluated:
         extra = ["--fits", args.fits] if args.fits and args.fits != "none" else []
         for flag, value in (("--max-tokens", args.eval_tokens), ("--fit-max-rows", args.fit_max_rows),
                             ("--fit-steps", args.fit_steps)):
@@ -131,6 +132,11 @@ def run_study(name: str, *, run: str, num_inputs: int, max_tokens: int, max_held
                   evaluate_seconds=settings.get("seconds"), evaluate_cpu_seconds=settings.get("cpu_seconds"),
                   # this process from start to end (evaluate + figures, + demo if it ran); CPU of all threads
                   study_seconds=round(time.perf_counter() - wall0, 1), study_cpu_seconds=round(_cpu() - cpu0, 1))
+    if not evaluated and (figures / "run.json").is_file():  # figures redrawn only: keep the run's own timings
+        before = json.loads((figures / "run.json").read_text())
+        keep = ("argv", "load_average_start", "load_average_end", "study_seconds", "study_cpu_seconds",
+                "demo_seconds", "demo_cpu_seconds")
+        timing.update({k: before[k] for k in keep if k in before})
     atomic_write_json(figures / "run.json", timing)
     print(f"{name}: map KL vs model error Spearman {estimate:.2f} (95% CI {low:.2f}..{high:.2f}); "
           f"figures in {figures}")
