@@ -9,8 +9,8 @@ q and k are captured after RoPE, keys/values expanded to the 9 query heads; ever
 
 Measured (issue 14) with --row-stride 4: 2,151 CPU s (user + sys), 49.5 min of wall on 2 cores
 under load average 4..6 from other jobs; the CPU seconds put it at 18 min or more on 2 idle
-cores. Most of it is the per-layer map-KL fits of the five learnable default variants. The
-full row set (no --row-stride) costs more and was not re-timed.
+cores (the split between its per-layer fits of the five learnable variants and its metrics was
+not measured). The full row set (no --row-stride) was not re-timed.
 """
 
 import sys
