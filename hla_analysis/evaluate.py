@@ -61,12 +61,36 @@ def _load(model: str, causal: bool):
     return load_model(model).model
 
 
+def _train_batch(cap, layers, train_inputs: int) -> dict:
+    """q, k, v of the training inputs, ``[I, len(layers) * H, N, d]``: the layers' heads side by side."""
+    data = [[cap.get(layer, i) for i in range(train_inputs)] for layer in layers]
+    batch = {n: torch.cat([torch.stack([d[n] for d in per_layer]) for per_layer in data], dim=1)
+             for n in ("q", "k", "v")}
+    batch.update(scale=data[0][0]["scale"], causal=data[0][0]["causal"])
+    return batch
+
+
+def _split_state(state: dict, layers: list[int], heads: int) -> dict[int, dict] | None:
+    """A jointly fitted state (leading dim ``len(layers) * heads``) as one state per layer; None if not per head."""
+    if not all(t.dim() and t.shape[0] == len(layers) * heads for t in state.values()):
+        return None
+    return {layer: {n: t[j * heads:(j + 1) * heads].clone() for n, t in state.items()}
+            for j, layer in enumerate(layers)}
+
+
 def fit_parameters(cap, specs, *, train_inputs: int, fit: dict | FitConfig, objectives=OBJECTIVES, have=None,
-                   progress=False) -> tuple[dict, list]:
+                   joint: bool = False, progress=False) -> tuple[dict, list]:
     """Fit every learnable spec per layer on the training inputs, once per objective.
 
     ``have`` (a fits dict, e.g. the ``.fits.safetensors`` that ``compare`` writes) supplies
     parameters already fitted: a layer/spec/objective it holds is taken as is, not refitted.
+    ``joint``: the layers a spec/objective still needs are fitted in one optimisation, their
+    heads side by side (``bind(d, heads=layers * H)``; every parameter is per head, so the
+    heads stay independent). The loss is then the mean over all those layers' rows instead
+    of each layer's own mean: each head's gradient is scaled by a constant, to which Adam is
+    invariant except through its ``eps``; one optimisation of 30 layers' heads costs one
+    thirtieth of the per-op overhead of 30 small ones. Falls back to per-layer fits when a
+    parameter is not per head or the layers' scales differ.
     Returns ``(params, log)``; ``params`` holds the given and the new parameters.
     """
     have = dict(have or {})
@@ -75,16 +99,33 @@ def fit_parameters(cap, specs, *, train_inputs: int, fit: dict | FitConfig, obje
     learnable = [s for s in specs if is_learnable(make_variant(s))]
     jobs = [(layer, s, o) for layer in range(cap.num_layers) for s in learnable for o in objectives]
     todo = [j for j in jobs if not any(k.startswith(fit_key(j[0], make_variant(j[1]).spec, j[2])) for k in have)]
-    for layer, spec, objective in tqdm(todo, desc="fit", disable=not progress):
-        data = [cap.get(layer, i) for i in range(train_inputs)]
-        batch = {n: torch.stack([d[n] for d in data]) for n in ("q", "k", "v")}
-        batch.update(scale=data[0]["scale"], causal=data[0]["causal"])
-        variant = make_variant(spec).bind(cap.head_dim, heads=cap.num_heads)
+    groups: dict[tuple, list[int]] = {}
+    for layer, spec, objective in todo:
+        groups.setdefault((spec, objective), []).append(layer)
+    units = ([(layers, spec, objective) for (spec, objective), layers in groups.items()] if joint
+             else [([layer], spec, objective) for layer, spec, objective in todo])
+    scales = {float(cap.get(layer, 0, verify=False)["scale"]) for layer in range(cap.num_layers)} if joint else set()
+    for layers, spec, objective in tqdm(units, desc="fit", disable=not progress):
         config = FitConfig(**{**fit, "objective": objective})
-        result = fit_variant(variant, [batch], config=config)
-        params.update({fit_key(layer, variant.spec, objective) + n: t for n, t in variant.state_dict().items()})
-        log.append({"layer": layer, "variant": spec, "objective": objective, "loss_initial": result.initial_loss,
-                    "loss_final": result.final_loss})
+        states = None
+        if len(layers) > 1 and len(scales) == 1:
+            variant = make_variant(spec).bind(cap.head_dim, heads=cap.num_heads * len(layers))
+            result = fit_variant(variant, [_train_batch(cap, layers, train_inputs)], config=config)
+            states = _split_state(variant.state_dict(), layers, cap.num_heads)
+            entries = [{"layer": layer, "variant": spec, "objective": objective, "loss_initial": result.initial_loss,
+                        "loss_final": result.final_loss, "joint_layers": len(layers)} for layer in layers]
+        if states is None:
+            states, entries = {}, []
+            for layer in layers:
+                variant = make_variant(spec).bind(cap.head_dim, heads=cap.num_heads)
+                result = fit_variant(variant, [_train_batch(cap, [layer], train_inputs)], config=config)
+                states[layer] = variant.state_dict()
+                entries.append({"layer": layer, "variant": spec, "objective": objective,
+                                "loss_initial": result.initial_loss, "loss_final": result.final_loss})
+        spec_name = make_variant(spec).spec
+        for layer, state in states.items():
+            params.update({fit_key(layer, spec_name, objective) + n: t for n, t in state.items()})
+        log += entries
     for layer, spec, objective in jobs:
         if (layer, spec, objective) not in todo:
             log.append({"layer": layer, "variant": spec, "objective": objective, "loss_initial": None,
@@ -92,22 +133,115 @@ def fit_parameters(cap, specs, *, train_inputs: int, fit: dict | FitConfig, obje
     return params, log
 
 
-def _forward(net, ids: torch.Tensor, causal: bool) -> torch.Tensor:
+def _forward(net, ids: torch.Tensor, causal: bool, blocked: bool = False) -> torch.Tensor:
+    """Mean-pooled embeddings (encoders), logits or, with ``blocked``, last hidden states (causal LMs)."""
     with torch.no_grad():
+        if causal and blocked:
+            return net.base_model(input_ids=ids, use_cache=False).last_hidden_state
         out = net(input_ids=ids, use_cache=False) if causal else net(input_ids=ids)
     return out.logits if causal else out.last_hidden_state.mean(1)
 
 
-def _metrics(ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, causal: bool) -> list[tuple]:
-    """``(input position, metric, value)``; input position None for set-level metrics."""
+class NextTokenMeasure:
+    """Per-input NLL and next-token KL of a causal LM from its last hidden states, blocked over tokens.
+
+    The plain measure materialises ``[inputs, tokens, vocab]`` logits twice (original and
+    swapped) and their log-softmax; at SmolLM2's 49,152-token vocabulary that is hundreds of MB
+    per swap and most of a short run's time. Here the LM head runs on ``chunk`` token positions
+    at a time: each chunk's logits and log-softmax are float32 (as in the plain measure), the
+    per-input sums accumulate in float64. The original model's log-probabilities are computed
+    once and kept while they take at most ``keep_elements`` floats, otherwise recomputed per
+    chunk. The result equals the plain measure up to float32 rounding of the logits
+    (``tests/test_evaluate.py::test_next_token_measure_blocked_equals_plain``).
+
+    Parameters
+    ----------
+    head : torch.nn.Module
+        The model's output embedding (``net.get_output_embeddings()``): hidden -> logits.
+    ref_hidden : Tensor
+        ``[B, N, h]`` last hidden states of the original model.
+    ids : Tensor
+        ``[B, N]`` token ids; position ``t`` predicts token ``t + 1``.
+    """
+
+    def __init__(self, head, ref_hidden: torch.Tensor, ids: torch.Tensor, *, chunk: int = 256,
+                 keep_elements: int = 2**26):
+        batch, n = ids.shape
+        if n < 2:
+            raise ValueError("next-token metrics need inputs of at least 2 tokens")
+        self.head, self.batch, self.predicted = head, batch, n - 1
+        self.targets = ids[:, 1:].reshape(-1, 1)
+        self.owner = torch.arange(batch).repeat_interleave(n - 1)
+        total = batch * (n - 1)
+        self.chunks = [slice(s, min(s + chunk, total)) for s in range(0, total, chunk)]
+        self.ref = self._flat(ref_hidden)
+        vocab = self._logp(self.ref[:1]).shape[-1]
+        self.kept = [self._logp(self.ref[c]) for c in self.chunks] if total * vocab <= keep_elements else None
+        self.nll_ref = self._sums(None)[0]
+
+    def _flat(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden[:, :-1].reshape(-1, hidden.shape[-1])
+
+    def _logp(self, hidden: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.log_softmax(self.head(hidden).float(), -1)
+
+    def _sums(self, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        nll = torch.zeros(self.batch, dtype=torch.float64)
+        kl = torch.zeros(self.batch, dtype=torch.float64)
+        flat = None if hidden is None else self._flat(hidden)
+        for i, c in enumerate(self.chunks):
+            logp_ref = self.kept[i] if self.kept is not None else self._logp(self.ref[c])
+            logp = logp_ref if flat is None else self._logp(flat[c])
+            nll.index_add_(0, self.owner[c], -logp.gather(-1, self.targets[c]).squeeze(-1).double())
+            if flat is not None:
+                kl.index_add_(0, self.owner[c], (logp_ref.exp() * (logp_ref - logp)).sum(-1).double())
+        return nll / self.predicted, kl / self.predicted
+
+    def __call__(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(nll, nll_original, kl)``, each ``[B]`` float64: means over the predicted positions."""
+        nll, kl = self._sums(hidden)
+        return nll, self.nll_ref, kl
+
+
+def blocked_head(net, ids: torch.Tensor):
+    """The LM head if ``head(base_model(ids))`` gives the model's logits, else None.
+
+    Models that change logits after the head (soft-capping, logit scales) fail the check and
+    keep the plain measure. Tolerance: float32 eps times the logits' magnitude and the width
+    of the head's dot products.
+    """
+    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    if head is None or getattr(net, "base_model", net) is net:
+        return None
+    probe = ids[:1, : min(8, ids.shape[1])]
+    with torch.no_grad():
+        full = net(input_ids=probe, use_cache=False).logits
+        hidden = net.base_model(input_ids=probe, use_cache=False).last_hidden_state
+        mine = head(hidden)
+    if mine.shape != full.shape:
+        return None
+    tol = 8 * torch.finfo(full.dtype).eps * hidden.shape[-1] * float(full.abs().max().clamp_min(1))
+    return head if float((mine - full).abs().max()) <= tol else None
+
+
+def _metrics(ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, causal: bool, measure=None) -> list[tuple]:
+    """``(input position, metric, value)``; input position None for set-level metrics.
+
+    Causal LMs: with ``measure`` (a :class:`NextTokenMeasure`) ``out`` is the last hidden
+    state and the metrics are blocked; without it ``ref`` and ``out`` are full logits.
+    """
     rows = []
     if causal:
-        logp_ref = torch.log_softmax(ref[:, :-1].float(), -1)
-        logp = torch.log_softmax(out[:, :-1].float(), -1)
-        target = ids[:, 1:, None]
-        nll = -logp.gather(-1, target).squeeze(-1).mean(-1)
-        nll_ref = -logp_ref.gather(-1, target).squeeze(-1).mean(-1)
-        kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean(-1)
+        if measure is not None:
+            nll, nll_ref, kl = measure(out)
+        else:
+            logp_ref = torch.log_softmax(ref[:, :-1].float(), -1)
+            logp = torch.log_softmax(out[:, :-1].float(), -1)
+            target = ids[:, 1:, None]
+            nll = -logp.gather(-1, target).squeeze(-1).mean(-1)
+            nll_ref = -logp_ref.gather(-1, target).squeeze(-1).mean(-1)
+            kl = (logp_ref.exp() * (logp_ref - logp)).sum(-1).mean(-1)
         for i in range(len(ids)):
             rows += [(i, "nll", float(nll[i])), (i, "next_token_kl", float(kl[i]))]
         rows += [(None, "perplexity", float(nll.mean().exp())),
@@ -202,12 +336,14 @@ def _blocks_match(blocks, order: dict[int, int]) -> bool:
 
 
 def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layers, modes, *, cache=None,
-                 order=None) -> list[tuple]:
+                 order=None, measure=None) -> list[tuple]:
     """Rows of one variant: every layer swapped alone and as the prefix ``0..l``.
 
     A swapped set that both modes share (layer 0 alone = layers 0..0) runs once. With
     ``cache`` (a :class:`BlockCache` entered on ``net``) and ``order`` (:func:`layer_order`),
-    blocks whose output an earlier run already computed are reused.
+    blocks whose output an earlier run already computed are reused. With ``measure`` (a
+    :class:`NextTokenMeasure`; ``ref`` is then the original's last hidden state) a causal LM's
+    metrics are computed blocked over tokens.
     """
     rows, done = [], {}
     for mode in modes:
@@ -220,12 +356,12 @@ def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layer
                 with swap_attention(net, spec, layers=chosen, fits=fits, objective=objective) as session:
                     if order:
                         session._ids.update(order)
-                    out = _forward(net, ids, causal)
+                    out = _forward(net, ids, causal, blocked=measure is not None)
                 if cache is not None:
                     cache.set()
                 failed = session.failed_fraction
                 status = "ok" if failed == 0 else "normaliser_failed"
-                values = _metrics(ref, out, ids, causal)
+                values = _metrics(ref, out, ids, causal, measure)
                 # the model's output, not a metric (pairwise Spearman of 2 inputs is NaN by definition)
                 if not bool(torch.isfinite(out).all()):
                     status, values = "nonfinite_output", [(i, m, float("nan")) for i, m, _ in values]
@@ -236,10 +372,38 @@ def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layer
     return rows
 
 
+def resolve_fits(fits, results: Path) -> Path | None:
+    """``"auto"``: the ``.fits.safetensors`` that ``compare`` wrote beside ``results`` (None if absent)."""
+    if fits is None:
+        return None
+    if str(fits) == "auto":
+        path = results.with_name(results.stem + ".fits.safetensors")
+        return path if path.is_file() else None
+    return Path(fits)
+
+
+class _Clock:
+    """Wall and CPU seconds (every thread of this process) of named stages."""
+
+    def __init__(self):
+        self.stages: dict[str, dict] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            stage = self.stages.setdefault(name, {"seconds": 0.0, "cpu_seconds": 0.0})
+            stage["seconds"] = round(stage["seconds"] + time.perf_counter() - wall, 2)
+            stage["cpu_seconds"] = round(stage["cpu_seconds"] + time.process_time() - cpu, 2)
+
+
 def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path, out: str | Path,
                          variants="default", objectives=OBJECTIVES, max_heldout: int | None = None,
-                         fits: str | Path | None = None, reuse_blocks: bool = True,
-                         progress: bool = True) -> pd.DataFrame:
+                         max_tokens: int | None = None, fits: str | Path | None = None,
+                         fit_overrides: dict | None = None, joint_fits: bool = False, plain: bool = False,
+                         reuse_blocks: bool = True, progress: bool = True) -> pd.DataFrame:
     """Swap every variant into ``model`` layer by layer and write the tidy model-level table.
 
     Parameters
@@ -259,13 +423,27 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         Fitting objectives of learnable variants (``map_kl``, ``output_mse``).
     max_heldout : int, optional
         Evaluate only the first held-out inputs (cost grows with their number).
-    fits : path, optional
+    max_tokens : int, optional
+        Evaluate only the first tokens of each held-out input (a causal LM's prefix is
+        exactly what the model computes on it; an encoder sees a truncated input).
+    fits : path or "auto", optional
         A ``.fits.safetensors`` file (the one ``compare`` writes beside its table, or an
         earlier ``evaluate``'s): the layers/variants/objectives it holds are used as fitted
-        there, not refitted; only what it lacks is fitted.
+        there, not refitted; only what it lacks is fitted. ``"auto"``: compare's file beside
+        ``results`` if there is one.
+    fit_overrides : dict, optional
+        FitConfig fields (e.g. ``{"max_rows": 64}``) that replace the comparison's for the
+        fits this call runs itself (given fits keep their own settings). Recorded in the
+        table (``fit_steps``, ``fit_max_rows`` per objective) and the settings.
+    joint_fits : bool
+        Fit all layers of a spec/objective in one optimisation (see :func:`fit_parameters`).
+    plain : bool
+        The reference path: every swap a plain full forward (no :class:`BlockCache`) and
+        causal metrics on full logits (no :class:`NextTokenMeasure`). Slower, same numbers.
     reuse_blocks : bool
-        Reuse transformer-block outputs shared between swaps (:class:`BlockCache`); False
-        runs every swap as a plain full forward (the reference the cache is tested against).
+        Reuse transformer-block outputs shared between swaps (ignored with ``plain``).
+
+    Stage timings (wall and CPU seconds) go to ``<out stem>.settings.json`` under ``stages``.
     """
     from hla_analysis.compare import resolve_variants
 
@@ -275,8 +453,13 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
         raise ValueError(f"unknown objectives {bad}; choose from {', '.join(OBJECTIVES)}")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+    fits = resolve_fits(fits, results)
     given = load_fits(fits) if fits is not None else None
     settings = _compare_settings(results)
+    own_fit = {**settings["fit"], **(fit_overrides or {})}
+    FitConfig(**own_fit)  # bad overrides fail here, before any work
     specs = resolve_variants(settings["variants"] if variants == "default" else variants)
     cap = load_capture(capture)
     train = int(settings["train_inputs"])
@@ -288,7 +471,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     causal = bool(cap.manifest["causal"])
     fits_digest = hashlib.sha256(Path(fits).read_bytes()).hexdigest()[:16] if fits is not None else None
     key = hashlib.sha256(json.dumps([str(capture.resolve()), specs, list(objectives), heldout, settings["fit"],
-                                     fits_digest]).encode()).hexdigest()[:16]
+                                     fits_digest, own_fit, max_tokens, joint_fits]).encode()).hexdigest()[:16]
     parts = out.with_name(out.name + ".parts")
     parts.mkdir(parents=True, exist_ok=True)
     marker = parts / "settings.json"
@@ -296,33 +479,47 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         raise ValueError(f"{parts} holds partial results of a run with other settings; "
                          "delete it or choose another --out")
     atomic_write_json(marker, {"key": key})
+    clock = _Clock()
     started, cpu_started = time.perf_counter(), time.process_time()
 
     fits_path = out.with_name(out.stem + ".fits.safetensors")
     if not (parts / "fits.safetensors").is_file():
-        params, log = fit_parameters(cap, specs, train_inputs=train, fit=settings["fit"], objectives=objectives,
-                                     have=given, progress=progress)
+        with clock("fit"):
+            params, log = fit_parameters(cap, specs, train_inputs=train, fit=own_fit, objectives=objectives,
+                                         have=given, joint=joint_fits, progress=progress)
         atomic_write_json(parts / "fits_log.json", log)
         save_fits(parts / "fits.safetensors", params,
-                  settings={"fit": settings["fit"], "train_inputs": train, "given_fits": str(fits) if fits else None})
+                  settings={"fit": own_fit, "train_inputs": train, "given_fits": str(fits) if fits else None})
     fitted = load_fits(parts / "fits.safetensors")
+    log = json.loads((parts / "fits_log.json").read_text()) if (parts / "fits_log.json").is_file() else []
+    # the settings each objective's fits ran with: given fits keep compare's, own fits the overrides
+    fit_used = {}
+    for objective in objectives:
+        own = any(r["objective"] == objective and r.get("source") != "given fits" for r in log)
+        fit_used[objective] = {**own_fit, "joint_layers": joint_fits} if own else settings["fit"]
 
-    net = _load(model, causal)
-    ids = torch.stack([cap.get(0, i, verify=False)["input_ids"] for i in heldout])
-    order = layer_order(net, ids, causal)
-    blocks = BlockCache.find(net, cap.num_layers) if reuse_blocks else None
+    with clock("load_model"):
+        net = _load(model, causal)
+        ids = torch.stack([cap.get(0, i, verify=False)["input_ids"] for i in heldout])[:, :max_tokens]
+        order = layer_order(net, ids, causal)
+        head = blocked_head(net, ids) if causal and not plain else None
+    blocks = BlockCache.find(net, cap.num_layers) if reuse_blocks and not plain else None
     cache = BlockCache(blocks) if blocks is not None and _blocks_match(blocks, order) else None
     layers = list(range(cap.num_layers))
     jobs = [(s, o if is_learnable(make_variant(s)) else "none") for s in specs for o in objectives]
     jobs = list(dict.fromkeys(jobs))
     tables = []
     with cache if cache is not None else contextlib.nullcontext():
-        ref = _forward(net, ids, causal)
+        with clock("reference"):
+            ref = _forward(net, ids, causal, blocked=head is not None)
+            measure = NextTokenMeasure(head, ref, ids) if head is not None else None
         for spec, objective in tqdm(jobs, desc=f"evaluate {model}", unit="variant", disable=not progress):
             part = parts / f"{hashlib.sha256(f'{spec}|{objective}'.encode()).hexdigest()[:12]}.parquet"
             if not part.exists():
-                rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fitted, ids, ref,
-                                    causal, cap.num_layers, layers, SWAP_MODES, cache=cache, order=order)
+                with clock("swaps"):
+                    rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fitted, ids,
+                                        ref, causal, cap.num_layers, layers, SWAP_MODES, cache=cache, order=order,
+                                        measure=measure)
                 table = pd.DataFrame(rows, columns=COLUMNS[1:])
                 table["objective"] = objective
                 table["input"] = table["input"].map(lambda i: heldout[int(i)] if i is not None and i == i else -1)
@@ -331,15 +528,19 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     table = pd.concat(tables, ignore_index=True)
     table.insert(0, "model", cap.manifest.get("model"))
     table["train_inputs"] = train
-    table["fit_steps"] = settings["fit"]["steps"]
+    table["tokens"] = int(ids.shape[1])
+    table["fit_steps"] = table.objective.map(lambda o: fit_used.get(o, {}).get("steps", 0))
+    table["fit_max_rows"] = table.objective.map(lambda o: fit_used.get(o, {}).get("max_rows", 0))
     atomic_write_table(out, table)
     shutil.copyfile(parts / "fits.safetensors", fits_path)
-    log = json.loads((parts / "fits_log.json").read_text()) if (parts / "fits_log.json").is_file() else []
     atomic_write_json(out.with_name(out.stem + ".settings.json"),
                       {"capture": str(capture.resolve()), "results": str(results.resolve()), "variants": list(specs),
-                       "objectives": list(objectives), "heldout": heldout, "given_fits": str(fits) if fits else None,
-                       "fit_log": log,
+                       "objectives": list(objectives), "heldout": heldout, "tokens": int(ids.shape[1]),
+                       "given_fits": str(fits) if fits else None, "fit_settings": fit_used, "fit_log": log,
+                       "plain": plain, "block_cache": cache is not None, "blocked_lm_head": measure is not None,
+                       "torch_threads": torch.get_num_threads(),
                        # this process only: a resumed run counts the work done after the restart
+                       "stages": clock.stages,
                        "seconds": round(time.perf_counter() - started, 1),
                        "cpu_seconds": round(time.process_time() - cpu_started, 1)})
     shutil.rmtree(parts)

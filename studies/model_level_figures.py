@@ -53,7 +53,7 @@ def make_figures(evaluation: Path, results: Path, folder: Path, *, error: str, b
         ax.set_title(f"{mode} swap")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(f"model error: {label} (held-out mean)")
-    axes[1].legend(fontsize=6, loc="lower right")
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     atomic_save_figure(fig, folder / "damage_vs_layers.png", dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -84,7 +84,7 @@ def make_figures(evaluation: Path, results: Path, folder: Path, *, error: str, b
     ax.set_xlabel("per-layer map KL(softmax || variant), held-out mean over heads and inputs")
     ax.set_ylabel(f"model error when that layer alone is swapped: {label}")
     ax.set_title(f"Spearman {estimate:.2f} (95% bootstrap over {len(inputs)} inputs: {low:.2f}..{high:.2f})")
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     ax.grid(alpha=0.3)
     atomic_save_figure(fig, folder / "mapkl_vs_model.png", dpi=120, bbox_inches="tight")
     plt.close(fig)

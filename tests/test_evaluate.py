@@ -102,8 +102,8 @@ def test_block_cache_equals_plain_forward(arch, monkeypatch):
     net = _llama() if causal else _bert()
     net.set_attn_implementation("eager")
     # the metrics of a random tiny model sit at 1 - 1e-7; compare the raw outputs instead
-    monkeypatch.setattr(ev, "_metrics", lambda ref, out, ids, causal: [(None, f"out{j}", float(x))
-                                                                       for j, x in enumerate(out.flatten()[::7])])
+    monkeypatch.setattr(ev, "_metrics", lambda ref, out, ids, causal, measure=None: [
+        (None, f"out{j}", float(x)) for j, x in enumerate(out.flatten()[::7])])
     ids = _ids(3, 12, seed=5)
     layers = list(range(net.config.num_hidden_layers))
     order = ev.layer_order(net, ids, causal)
@@ -174,3 +174,196 @@ def test_evaluate_uses_given_fits(tiny, monkeypatch, tmp_path):
     cos = lambda t: t[(t.metric == "embedding_cosine") & (t.input < 0) & (t.layer == 0)
                       & (t.swap_mode == "single")].value.iloc[0]
     assert cos(table) != cos(table2)
+
+
+def _next_token_tolerance(head, hidden, logits, kl_terms):
+    """Bound on blocked-vs-plain differences from float32 arithmetic.
+
+    Logits of a chunk may round differently from the full product: at most ``h * eps`` times
+    ``sum_i |h_i| |W_vi|`` (the standard dot-product bound); log-softmax moves by at most twice
+    that, the KL's terms by four times, and each vocabulary sum adds ``V * eps`` times the sum
+    of its absolute terms.
+    """
+    import torch
+
+    eps = torch.finfo(torch.float32).eps
+    width, vocab = hidden.shape[-1], logits.shape[-1]
+    dots = float((hidden.abs() @ head.weight.abs().T).max().detach())
+    if head.bias is not None:
+        dots += float(head.bias.abs().max().detach())
+    return 4 * width * eps * dots + vocab * eps * float(kl_terms.max()) + 8 * eps * float(logits.abs().max())
+
+
+@pytest.mark.parametrize("keep", [2**26, 0])
+def test_next_token_measure_blocked_equals_plain(keep):
+    """The blocked LM-head measure gives the plain full-logits NLL, perplexity and KL (kept or recomputed ref)."""
+    import torch
+
+    from hla_analysis.evaluate import NextTokenMeasure, _metrics
+
+    g = torch.Generator().manual_seed(3)
+    head = torch.nn.Linear(24, 301, bias=True)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(301, 24, generator=g))
+        head.bias.copy_(torch.randn(301, generator=g))
+    ids = torch.randint(0, 301, (3, 17), generator=g)
+    ref_h = torch.randn(3, 17, 24, generator=g)
+    out_h = ref_h + 0.3 * torch.randn(3, 17, 24, generator=g)
+    with torch.no_grad():
+        ref_logits, out_logits = head(ref_h), head(out_h)
+    plain = _metrics(ref_logits, out_logits, ids, True)
+    measure = NextTokenMeasure(head, ref_h, ids, chunk=7, keep_elements=keep)  # 48 positions: 7 chunks
+    assert (measure.kept is None) == (keep == 0) and len(measure.chunks) == 7
+    blocked = _metrics(ref_h, out_h, ids, True, measure)
+    lp_ref = torch.log_softmax(ref_logits[:, :-1], -1)
+    terms = (lp_ref.exp() * (lp_ref - torch.log_softmax(out_logits[:, :-1], -1))).abs().sum(-1)
+    tol = _next_token_tolerance(head, torch.cat([ref_h, out_h]), torch.cat([ref_logits, out_logits]), terms)
+    assert [r[:2] for r in plain] == [r[:2] for r in blocked]
+    for (i, metric, a), (_, _, b) in zip(plain, blocked):
+        scale = a if metric.startswith("perplexity") else 1.0  # exp(mean nll): relative error
+        assert abs(a - b) <= tol * max(scale, 1.0), (metric, i, a, b, tol)
+    kl = {m: v for i, m, v in blocked if i is None}["next_token_kl"]
+    assert kl > 1e3 * tol  # the swapped states really differ: the comparison above could fail
+
+
+def test_resolve_fits_auto(tmp_path):
+    from hla_analysis.evaluate import resolve_fits
+
+    results = tmp_path / "results.parquet"
+    assert resolve_fits("auto", results) is None  # compare wrote no fits (no learnable variant)
+    (tmp_path / "results.fits.safetensors").write_bytes(b"x")
+    assert resolve_fits("auto", results) == tmp_path / "results.fits.safetensors"
+    assert resolve_fits(None, results) is None and resolve_fits("f.safetensors", results).name == "f.safetensors"
+
+
+def test_fast_path_equals_plain_llama():
+    """Block reuse + blocked LM head give the plain path's perplexity and next-token KL on a small Llama."""
+    import torch
+
+    import hla_analysis.evaluate as ev
+    from tests.test_swap import _ids, _llama
+
+    net = _llama()
+    with torch.no_grad():  # at the default init attention barely moves the logits; make it matter
+        for name, p in net.named_parameters():
+            if "self_attn" in name:
+                p.mul_(25)
+    ids = _ids(3, 12, seed=5)
+    layers = list(range(net.config.num_hidden_layers))
+    order = ev.layer_order(net, ids, True)
+    head = ev.blocked_head(net, ids)
+    assert head is net.lm_head
+    ref_logits = ev._forward(net, ids, True)
+    specs = ("hla:m=2,phi=affine", "linear:phi=elu1")
+    plain = {s: ev._run_variant(net, s, "map_kl", None, ids, ref_logits, True, len(layers), layers, ev.SWAP_MODES)
+             for s in specs}
+    blocks = ev.BlockCache.find(net, len(layers))
+    with ev.BlockCache(blocks) as cache:
+        cache.set()
+        ref = ev._forward(net, ids, True, blocked=True)
+        measure = ev.NextTokenMeasure(head, ref, ids, chunk=5)
+        fast = {s: ev._run_variant(net, s, "map_kl", None, ids, ref, True, len(layers), layers, ev.SWAP_MODES,
+                                   cache=cache, order=order, measure=measure) for s in specs}
+        assert cache.hits > 0
+    hidden = ev._forward(net, ids, True, blocked=True)
+    tol = _next_token_tolerance(head, hidden, ref_logits, torch.ones(1))
+    for s in specs:
+        assert [r[:-2] for r in plain[s]] == [r[:-2] for r in fast[s]]
+        assert [r[-1] for r in plain[s]] == [r[-1] for r in fast[s]]
+        for a, b in zip(plain[s], fast[s]):
+            # perplexity = exp(mean NLL): its error is relative
+            scale = a[-2] if a[-3] in ("perplexity", "perplexity_original") else 1.0
+            assert abs(a[-2] - b[-2]) <= tol * max(scale, 1.0), (a, b, tol)
+    kls = [r[-2] for r in fast[specs[0]] if r[-3] == "next_token_kl"]
+    assert max(kls) > 100 * tol  # the variant moves the model by far more than the tolerance
+
+
+@pytest.mark.slow
+def test_evaluate_plain_equals_fast(tiny, tmp_path):
+    """run_model_evaluation: --plain (no reuse) and the fast path write the same table; fits auto + overrides."""
+    import json
+
+    import numpy as np
+
+    root, cap = tiny
+    kwargs = dict(capture=cap, results=root / "r.parquet", variants="softmax;linear:phi=hedgehog;hla:m=2,phi=affine",
+                  fits="auto", fit_overrides={"steps": 2, "max_rows": 8}, max_heldout=3, max_tokens=12,
+                  progress=False)
+    fast = run_model_evaluation("minilm", out=tmp_path / "fast.parquet", **kwargs)
+    plain = run_model_evaluation("minilm", out=tmp_path / "plain.parquet", plain=True, **kwargs)
+    s_fast = json.loads((tmp_path / "fast.settings.json").read_text())
+    s_plain = json.loads((tmp_path / "plain.settings.json").read_text())
+    assert s_fast["block_cache"] and not s_plain["block_cache"] and s_fast["tokens"] == 12
+    assert {"fit", "load_model", "reference", "swaps"} <= set(s_fast["stages"])
+    # map KL fits came from compare (3 steps), output MSE fits ran here with the overrides
+    assert s_fast["fit_settings"]["map_kl"]["steps"] == 3 and s_fast["fit_settings"]["output_mse"]["steps"] == 2
+    assert all(r.get("source") == "given fits" for r in s_fast["fit_log"] if r["objective"] == "map_kl")
+    hh = fast[fast.variant == "linear:phi=hedgehog"]
+    assert set(zip(hh.objective, hh.fit_steps, hh.fit_max_rows)) == {("map_kl", 3, 512), ("output_mse", 2, 8)}
+    keys = ["variant", "objective", "layer", "swap_mode", "input", "metric"]
+    a, b = fast.sort_values(keys).reset_index(drop=True), plain.sort_values(keys).reset_index(drop=True)
+    assert a[keys + ["status"]].equals(b[keys + ["status"]])
+    # cosines and Spearman of the same float32 operations on the same tensors: a few ulps
+    assert np.allclose(a.value, b.value, rtol=0, atol=16 * np.finfo(np.float32).eps, equal_nan=True)
+    moved = a[(a.metric == "embedding_cosine") & (a.variant != "softmax")].value
+    assert (1 - moved).max() > 1e3 * np.finfo(np.float32).eps  # the variants change the embeddings
+
+
+class _FakeCapture:
+    """Random q, k, v of 3 layers x 2 heads, 3 inputs of 24 tokens (what fit_parameters reads)."""
+
+    num_layers, num_heads, head_dim = 3, 2, 8
+
+    def __init__(self, causal):
+        import torch
+
+        g = torch.Generator().manual_seed(11)
+        self.causal = causal
+        self.data = {(layer, i): {n: torch.randn(2, 24, 8, generator=g) * (1.5 if n != "v" else 1.0)
+                                  for n in ("q", "k", "v")} for layer in range(3) for i in range(3)}
+
+    def get(self, layer, i, verify=True):
+        return {**self.data[layer, i], "scale": 8 ** -0.5, "causal": self.causal}
+
+
+@pytest.mark.parametrize("objective", ["map_kl", "output_mse"])
+def test_joint_fits_match_per_layer_fits(objective):
+    """All layers in one optimisation fit each layer as well as its own optimisation does.
+
+    The joint loss scales each layer's gradient by a constant (its share of the rows); Adam's
+    update m / (sqrt(v) + eps) is invariant to that except through eps = 1e-8 (entries whose
+    gradient is near eps) and through rows of other layers whose validity changes between
+    steps (the shared count). On these weak random fits (the fit gains ~3% of the loss, so
+    gradients are small) that moves each layer's training loss by up to ~7% of its gain;
+    a wrong split (one layer's parameters on another layer) moves it by far more.
+    """
+    import torch
+
+    from hla_analysis.evaluate import _train_batch, fit_parameters
+    from hla_analysis.fit import FitConfig, fit_variant
+    from hla_analysis.swap import fit_key
+    from hla_analysis.variants import make_variant
+
+    cap = _FakeCapture(causal=objective == "output_mse")
+    spec = make_variant("hla:m=2,phi=affine,proj=1").spec
+    fit = {"steps": 8, "lr": 0.01, "seed": 0, "row_stride": 1, "max_rows": 16}
+    kwargs = dict(train_inputs=2, fit=fit, objectives=(objective,))
+    joint, log_joint = fit_parameters(cap, [spec], joint=True, **kwargs)
+    alone, log_alone = fit_parameters(cap, [spec], joint=False, **kwargs)
+    assert sorted(joint) == sorted(alone) and len(joint) == 3
+    assert all(r["joint_layers"] == 3 for r in log_joint) and all("joint_layers" not in r for r in log_alone)
+
+    def loss(state, layer):
+        variant = make_variant(spec).bind(8, heads=2)
+        if state is not None:
+            variant.load_state_dict(state)
+        config = FitConfig(**{**fit, "steps": 0, "objective": objective})
+        return fit_variant(variant, [_train_batch(cap, [layer], 2)], config=config).final_loss
+
+    for layer in range(3):
+        key = fit_key(layer, spec, objective) + "proj.0"
+        start, own, shared = loss(None, layer), loss({"proj.0": alone[key]}, layer), loss({"proj.0": joint[key]}, layer)
+        assert start - own > 1e-4 * start  # the fit gained something
+        assert abs(shared - own) <= 0.15 * (start - own), (layer, start, own, shared)
+    # different layers got different parameters (the split is by layer)
+    assert not torch.equal(joint[fit_key(0, spec, objective) + "proj.0"], joint[fit_key(1, spec, objective) + "proj.0"])

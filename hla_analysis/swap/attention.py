@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from hla_analysis._checks import check_batch
 from hla_analysis.capture.recorder import allowed_from_mask
 
 
@@ -92,7 +93,9 @@ def variant_attention(variant, query: Tensor, key: Tensor, value: Tensor, attent
     causal, padding, real = mask_pattern(attention_mask, batch, nq, key.shape[2])
     dtype = query.dtype
     q, k, v = query.float(), key.float(), value.float()
-    weights, den = variant.weights(q, k, scale=scale, causal=causal, key_padding_mask=padding)
+    # the variant's input checks as one batch: a reduction per tensor instead of elementwise isfinite
+    with check_batch():
+        weights, den = variant.weights(q, k, scale=scale, causal=causal, key_padding_mask=padding)
     failed = ~(den > 0) | ~torch.isfinite(den) | ~torch.isfinite(weights).all(-1, keepdim=True)
     probs = torch.where(failed, torch.zeros_like(weights), weights / torch.where(failed, torch.ones_like(den), den))
     if counts is not None:
