@@ -22,7 +22,7 @@ import torch
 IMPLEMENTATION_NAME = "hla_capture"
 
 _active: contextvars.ContextVar = contextvars.ContextVar("hla_capture_recorder", default=None)
-_registered = False
+_REGISTERED: set[str] = set()  # implementation names registered with transformers
 
 
 class CaptureError(ValueError):
@@ -133,17 +133,25 @@ def _attention_configs(model) -> list:
     return list(configs.values())
 
 
-def _register() -> None:
-    global _registered
-    if _registered:
+def register_implementation(name: str, attention: Callable) -> None:
+    """Register ``attention`` as transformers attention implementation ``name`` (once per name).
+
+    Its masks are built exactly as for eager attention, the function every implementation here
+    wraps: without a registered mask function transformers builds no mask at all for an unknown
+    implementation, and causal models would silently attend to the future.
+    """
+    if name in _REGISTERED:
         return
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, eager_mask
 
-    AttentionInterface.register(IMPLEMENTATION_NAME, _capture_attention)
-    # Masks must be built exactly as for eager attention, the function we wrap.
-    AttentionMaskInterface.register(IMPLEMENTATION_NAME, eager_mask)
-    _registered = True
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, eager_mask)
+    _REGISTERED.add(name)
+
+
+def _register() -> None:
+    register_implementation(IMPLEMENTATION_NAME, _capture_attention)
 
 
 class AttentionRecorder:

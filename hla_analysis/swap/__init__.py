@@ -18,13 +18,13 @@ from typing import Iterator
 
 from torch import Tensor
 
+from hla_analysis.capture.recorder import register_implementation
 from hla_analysis.swap.attention import SwapCounts, mask_pattern, variant_attention
 from hla_analysis.swap.fits import OBJECTIVES, fit_key, layer_state, load_fits, save_fits
 
 IMPLEMENTATION_NAME = "hla_swap"
 
 _active: contextvars.ContextVar = contextvars.ContextVar("hla_swap_session", default=None)
-_registered = False
 
 __all__ = ["swap_attention", "SwapSession", "SwapCounts", "mask_pattern", "variant_attention",
            "OBJECTIVES", "fit_key", "layer_state", "load_fits", "save_fits", "IMPLEMENTATION_NAME"]
@@ -49,17 +49,7 @@ def _swap_dispatch(module, query, key, value, attention_mask, scaling=None, drop
 
 
 def _register() -> None:
-    global _registered
-    if _registered:
-        return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, eager_mask
-
-    AttentionInterface.register(IMPLEMENTATION_NAME, _swap_dispatch)
-    # Without a registered mask function transformers builds no mask at all for an unknown
-    # implementation, and causal models would silently attend to the future.
-    AttentionMaskInterface.register(IMPLEMENTATION_NAME, eager_mask)
-    _registered = True
+    register_implementation(IMPLEMENTATION_NAME, _swap_dispatch)
 
 
 def _parse_layers(layers, num_layers: int | None) -> frozenset[int]:
