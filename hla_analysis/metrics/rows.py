@@ -403,19 +403,23 @@ def kl_divergence_rows(
 
 
 def _pair_rows_doc(func):
-    """Fill in the Parameters/Returns block that the plain two-map row functions share."""
-    func.__doc__ = func.__doc__.replace("    {pair_rows}\n", _PAIR_ROWS_DOC)
+    """Fill in the parameter lines (and the Parameters/Returns block) that the two-map row
+    functions share: ``{pair_params}`` inside a Parameters section, or the whole ``{pair_rows}``."""
+    func.__doc__ = (func.__doc__.replace("    {pair_rows}\n", _PAIR_ROWS_DOC)
+                    .replace("    {pair_params}\n", _PAIR_PARAMS))
     return func
 
 
-_PAIR_ROWS_DOC = """\
-    Parameters
-    ----------
+_PAIR_PARAMS = """\
     p, p_hat : Tensor
         Reference and approximate rows ``[..., R, N]``.
     allowed : Tensor, optional
         Bool mask broadcastable to ``p``.
-
+"""
+_PAIR_ROWS_DOC = f"""\
+    Parameters
+    ----------
+{_PAIR_PARAMS}
     Returns
     -------
     Tensor
@@ -496,6 +500,7 @@ def entropy_rows(p: Tensor, *, allowed: Tensor | None = None) -> Tensor:
     return _entropy(torch.where(mask, p, torch.zeros((), dtype=p.dtype, device=p.device)))
 
 
+@_pair_rows_doc
 def topk_recall_rows(p: Tensor, p_hat: Tensor, *, allowed: Tensor | None = None, k: int = 5) -> Tensor:
     """Row-wise fraction of the reference's ``k`` largest weights found in ``p_hat``'s top ``k``.
 
@@ -506,10 +511,7 @@ def topk_recall_rows(p: Tensor, p_hat: Tensor, *, allowed: Tensor | None = None,
 
     Parameters
     ----------
-    p, p_hat : Tensor
-        Reference and approximate rows ``[..., R, N]``.
-    allowed : Tensor, optional
-        Bool mask broadcastable to ``p``.
+    {pair_params}
     k : int
         Number of largest weights compared (default 5).
 
