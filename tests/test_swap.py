@@ -17,12 +17,19 @@ def _bert():
     return transformers.BertModel(config, add_pooling_layer=False).eval()
 
 
-def _llama():
+def _llama(attention_scale: float = 1.0):
+    """A small random Llama with GQA. ``attention_scale`` multiplies the attention weights: at the
+    default init attention barely moves the logits, and a test of a swap must let it matter."""
     config = transformers.LlamaConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32)
     config._attn_implementation = "eager"
     torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config).eval()
+    net = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in net.named_parameters():
+            if "self_attn" in name:
+                p.mul_(attention_scale)
+    return net
 
 
 def _ids(batch=2, n=10, seed=1):
@@ -144,11 +151,7 @@ def test_softmax_swap_reproduces_llama_perplexity():
     """Perplexity of the small Llama through the swap path within 1e-4 relative (issue 14's target)."""
     from hla_analysis.evaluate import _metrics
 
-    net = _llama()
-    with torch.no_grad():  # at the default init attention barely moves the logits; make it matter
-        for name, p in net.named_parameters():
-            if "self_attn" in name:
-                p.mul_(25)
+    net = _llama(attention_scale=25)
     ids = _ids(3, 16, seed=4)
     with torch.no_grad():
         before = net(input_ids=ids).logits
