@@ -624,10 +624,8 @@ def test_fused_checks_cost_one_host_read(monkeypatch):
     for signs in (False, True):
         q = [qs[0], qs[0]] if not signs else qs
         k = [ks[0], ks[0]] if not signs else ks
-        hla(q, k, v, backend="triton")
-    assert len(reads) == 2  # one host read per call, whatever path the dispatcher took
-    if not torch.cuda.is_available():
-        # under the interpreter both calls take the untied fused kernel: one flag vector (key
-        # signs in its tail), one amin, one value read. On CUDA, tied factors take the tied
-        # kernels, whose torch reductions share that one read (measured: 3 and 7 values).
-        assert reads == [1, 1]
+        # form="contract" pins the state path: on CUDA the cost model picks the quadratic
+        # kernel at this small N, whose torch reductions (normalisers, output, signs) share the
+        # one read as 3 and 7 values (session 6, H200)
+        hla(q, k, v, backend="triton", form="contract")
+    assert reads == [1, 1]  # one flag vector (key signs in its tail), one amin, one value read
