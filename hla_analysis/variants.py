@@ -43,7 +43,6 @@ import torch
 from torch import Tensor, nn
 
 from hla_analysis._checks import (
-    allowed_keys,
     check_batch,
     check_factor_lists,
     check_mask_leading_dims,
@@ -52,6 +51,7 @@ from hla_analysis._checks import (
 )
 from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
 from hla_analysis.ops import hla, hla_attention_map, hla_weights, softmax_attention_map, softmax_attention_output
+from hla_analysis.ops.reference import masked_row_sums
 from hla_analysis.spec import FAMILIES, VariantSpec, normalize_spec, parse_spec  # noqa: F401  (re-exported)
 
 # The variants a comparison runs by default (issue 5); every one is a valid spec.
@@ -358,15 +358,12 @@ def _tied_weights(sim: Tensor, m: int, q: Tensor, k: Tensor, *, causal: bool, ke
     bits as M separate matmuls; in place when no gradient is needed.
     """
     check_mask_leading_dims(key_padding_mask, q, k)
-    allowed = allowed_keys(q.shape[-2], k.shape[-2], causal=causal, key_padding_mask=key_padding_mask,
-                           query_offset=query_offset, device=q.device)
     in_place = not (torch.is_grad_enabled() and sim.requires_grad)
     weights = sim if m == 1 else sim * sim
     for _ in range(m - 2):
         weights = weights.mul_(sim) if in_place else weights * sim
-    if allowed is not None:
-        weights = weights.masked_fill_(~allowed, 0.0) if in_place else weights.masked_fill(~allowed, 0.0)
-    return weights, weights.sum(-1, keepdim=True)
+    return masked_row_sums(weights, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset,
+                           in_place=in_place)
 
 
 _FAMILY_CLASSES: dict[str, type[Variant]] = {

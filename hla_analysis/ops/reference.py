@@ -136,15 +136,23 @@ def hla_weights(qs: Tensor | Sequence[Tensor], ks: Tensor | Sequence[Tensor], *,
     qs, ks = as_factors(qs, "qs"), as_factors(ks, "ks")
     check_factor_lists(qs, ks)
     check_mask_leading_dims(key_padding_mask, *qs, *ks)
-    allowed = allowed_keys(
-        qs[0].shape[-2], ks[0].shape[-2], causal=causal, key_padding_mask=key_padding_mask,
-        query_offset=query_offset, device=qs[0].device,
-    )
     weights = qs[0] @ ks[0].transpose(-1, -2)
     for fq, fk in zip(qs[1:], ks[1:]):
         weights = weights * (fq @ fk.transpose(-1, -2))
+    return masked_row_sums(weights, causal=causal, key_padding_mask=key_padding_mask, query_offset=query_offset)
+
+
+def masked_row_sums(weights: Tensor, *, causal: bool, key_padding_mask: Tensor | None, query_offset: int,
+                    in_place: bool = False) -> tuple[Tensor, Tensor]:
+    """Zero the entries of unnormalised weights ``[..., Nq, Nk]`` that a query may not attend to
+    (causal, padding) and return ``(weights, row sums [..., Nq, 1])``; the tail of :func:`hla_weights`.
+
+    ``in_place`` masks ``weights`` itself (callers that own it and need no gradient).
+    """
+    allowed = allowed_keys(weights.shape[-2], weights.shape[-1], causal=causal, key_padding_mask=key_padding_mask,
+                           query_offset=query_offset, device=weights.device)
     if allowed is not None:
-        weights = weights.masked_fill(~allowed, 0.0)
+        weights = weights.masked_fill_(~allowed, 0.0) if in_place else weights.masked_fill(~allowed, 0.0)
     return weights, weights.sum(-1, keepdim=True)
 
 
