@@ -358,3 +358,61 @@ def test_long_rows_with_ties_match_numpy(causal, pad):
         broken[row + (n // 2 if causal else 0), last if not pad else 0] = value
     got = head_metrics(p, broken, allowed=allowed, v=v, scores=scores, k=5)
     assert (got["nonfinite_rows"], got["negative_rows"], got["failed_rows"]) == (4, 1, 5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_one_slab_gives_the_slabs_values(monkeypatch, causal):
+    """The divergence terms run in cache-sized row slabs on the CPU and in one pass on a GPU
+    (slabs there only multiply kernel launches). Both give the same values, on a block large
+    enough to be cut into slabs, with ties inside rows and across the top-5 cut."""
+    from hla_analysis.metrics import streaming
+
+    n, heads = 300, 3
+    parts = [make_head(80 + h + 5 * causal, n, causal=causal, pad=False, dtype=torch.float32) for h in range(heads)]
+    p, q, allowed, scores, v = (torch.stack([part[i] for part in parts]) for i in range(5))
+    q = q.clone()
+    q[:, ::7, 100:140] = q[:, ::7, 100:140].mean(-1, keepdim=True)
+    q[:, ::5, 7:14] = q[:, ::5, 7:14].amax(-1, keepdim=True) * 20
+    q = q * allowed / (q * allowed).sum(-1, keepdim=True)
+    assert p[..., :1, :].numel() * n > streaming._SLAB_ELEMENTS  # the CPU form cuts slabs
+
+    def run():
+        acc = StreamingAttentionMetrics(k=5, batch_dims=1, rank_stride=2)
+        acc.update(p, q, allowed=allowed, v=v, scores=scores)
+        return acc.compute()
+
+    slabs = run()
+    monkeypatch.setattr(streaming, "_SLAB_ELEMENTS", 2**40)
+    one = run()
+    assert slabs.keys() == one.keys()
+    for key in slabs:
+        # per-row float32 sums over n keys, summed in float64: at most n eps32 apart
+        torch.testing.assert_close(one[key], slabs[key], rtol=n * torch.finfo(torch.float32).eps, atol=1e-12,
+                                   equal_nan=True, msg=key)
+
+
+def test_fused_divergence_form_equals_the_slab_form():
+    """The plain-expression divergence terms (what torch.compile fuses on a GPU) give the
+    values of the in-place slab form, on rows with zeros in p and q (support, floor, 0 log 0)."""
+    import dataclasses
+
+    from hla_analysis.metrics import streaming
+
+    g = torch.Generator().manual_seed(5)
+    p = torch.rand(4, 33, 70, generator=g)
+    q = torch.rand(4, 33, 70, generator=g)
+    p[..., ::3] = 0.0
+    q[..., ::6] = 0.0  # where p is 0 too: only the row below is floored
+    q[0, 0, 2] = 0.0  # p > 0 there: below KL_EPS, a floored row
+    p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
+    log_p = torch.log(torch.where(p > 0, p, torch.ones(())))
+    eps = KL_EPS
+    log_eps = float(torch.log(torch.tensor(eps, dtype=q.dtype)))
+    want = streaming._divergence_slab(p, log_p, p > 0, q.clone(), eps)
+    got = streaming.divergence_rows(p, log_p, q, eps, log_eps)
+    for field, value in zip(dataclasses.fields(want), got):
+        expected = getattr(want, field.name)
+        assert value.dtype == expected.dtype, field.name
+        # per-row float32 sums of 70 terms, in another order of operations: 70 eps32 relative
+        torch.testing.assert_close(value, expected, rtol=70 * torch.finfo(torch.float32).eps, atol=1e-6, msg=field.name)
+    assert got[1].sum() == 1 and bool(got[1][0, 0])

@@ -32,17 +32,18 @@ from hla_analysis.fit import FitConfig
 class SyntheticCapture:
     """Random q, k, v shaped like one layer of a video DiT, with the Capture interface compare reads."""
 
-    def __init__(self, *, tokens: int, heads: int, head_dim: int, inputs: int = 2, seed: int = 0):
+    def __init__(self, *, tokens: int, heads: int, head_dim: int, inputs: int = 2, seed: int = 0,
+                 causal: bool = False):
         self.num_layers, self.num_inputs, self.num_heads, self.head_dim = 1, inputs, heads, head_dim
         self.lengths = [tokens] * inputs
         self.manifest = {"model": f"synthetic-{heads}x{tokens}x{head_dim}"}
-        self.seed = seed
+        self.seed, self.causal = seed, causal
 
     def get(self, layer: int, input_index: int) -> dict:
         g = torch.Generator().manual_seed(self.seed * 1000 + input_index)
         shape = (self.num_heads, self.lengths[input_index], self.head_dim)
         q, k, v = (torch.randn(shape, generator=g) for _ in range(3))
-        return {"q": q, "k": k, "v": v, "scale": self.head_dim ** -0.5, "causal": False, "attention_mask": None}
+        return {"q": q, "k": k, "v": v, "scale": self.head_dim ** -0.5, "causal": self.causal, "attention_mask": None}
 
 
 def _sync(device: str) -> None:

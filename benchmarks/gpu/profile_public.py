@@ -51,8 +51,9 @@ def main():
                 prof.disable()
                 s = io.StringIO()
                 pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
-                print(f"===== {name}, {label}: cProfile, 30 calls, by tottime")
-                print("\n".join(s.getvalue().splitlines()[:40]))
+                pstats.Stats(prof, stream=s).sort_stats("cumulative").print_stats(40)
+                print(f"===== {name}, {label}: cProfile, 30 calls, by tottime, then by cumulative time")
+                print("\n".join(line for line in s.getvalue().splitlines() if line.strip()))
                 from torch.profiler import ProfilerActivity, profile
 
                 with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as p:

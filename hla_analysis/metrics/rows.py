@@ -273,7 +273,14 @@ def _ranks_and_order(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> tupl
         x = torch.where(mask, x, torch.full((), float("inf"), dtype=x.dtype, device=x.device))
     sorted_vals, order = torch.sort(order_key(x), dim=-1)
     position = torch.arange(n, device=x.device, dtype=dtype).expand(sorted_vals.shape)
-    same = (sorted_vals[..., 1:] == sorted_vals[..., :-1]).reshape(-1, max(n - 1, 1))  # rows flattened
+    same = sorted_vals[..., 1:] == sorted_vals[..., :-1]
+    if mask is not None:
+        # the masked entries (sorted last, all +inf) tie with each other, but their ranks carry
+        # no meaning: only ties among allowed entries send a row down the tie path (a causal
+        # block would otherwise take it on every row)
+        allowed_count = mask.expand(x.shape).sum(-1, keepdim=True)
+        same &= torch.arange(1, n, device=x.device) < allowed_count
+    same = same.reshape(-1, max(n - 1, 1))  # rows flattened
     tied = same.any(-1)
     if n > 1 and bool(tied.any()):
         rows = tied.nonzero().squeeze(-1)
