@@ -87,7 +87,7 @@ def main():
     for spec in specs:
         variant = make_variant(spec).bind(d, heads=heads).to(device)
         if is_learnable(variant):
-            seconds, _ = _timed(lambda: fit_variant(variant, train, config=fit), device)
+            seconds, _ = _timed(lambda v=variant, t=train: fit_variant(v, t, config=fit), device)
             result["fits"][spec] = round(seconds, 3)
             print(f"fit {spec}: {seconds:.2f} s", flush=True)
         variants[spec] = variant
