@@ -20,6 +20,7 @@ if [ "$MODE" = part1 ]; then
   timeout ${DEVICES_S:-150} python3 benchmarks/gpu/check_compare_devices.py --capture .gpu_p1/minilm_cap \
     --out "$OUT/compare_devices_h200.json" > "$OUT/compare_devices.log" 2>&1; echo "compare devices rc=$?"
   tail -5 "$OUT/compare_devices.log"
+  [ "${SKIP_SYNTH:-0}" = 1 ] && { echo "synthetic skipped (SKIP_SYNTH=1)"; exit 0; }
   timeout ${SYNTH_S:-330} python3 benchmarks/gpu/bench_compare.py --device cuda --only synthetic \
     --out "$OUT/compare_synthetic_h200.json" > "$OUT/compare_synthetic.log" 2>&1; echo "synthetic rc=$?"
   tail -c 1500 "$OUT/compare_synthetic.log"
