@@ -326,6 +326,8 @@ def main(argv=None):
     parser.add_argument("--skip", nargs="*", default=[], choices=CATEGORIES)
     parser.add_argument("--only", nargs="*", default=None, choices=CATEGORIES)
     parser.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes (a script check)")
+    parser.add_argument("--hla-calls", nargs="+", default=None, metavar="M:r[:causal]",
+                        help="only these hla() rows, e.g. 1:64:causal 2:64:causal (default: all of HLA_CALLS)")
     args = parser.parse_args(argv)
     import triton
 
@@ -335,11 +337,17 @@ def main(argv=None):
         DEVICE, DTYPE, BACKEND, WIDTH, H = "cpu", torch.float32, "triton", 16, 2
         args.ns = [40]
     todo = [c for c in (args.only or CATEGORIES) if c not in args.skip]
+    hla_calls = HLA_CALLS
+    if args.hla_calls:
+        try:
+            hla_calls = [(int(c.split(":")[0]), int(c.split(":")[1]), c.endswith(":causal")) for c in args.hla_calls]
+        except (ValueError, IndexError):
+            parser.error(f"--hla-calls takes M:r or M:r:causal, got {args.hla_calls}")
     HEADER.update(device=torch.cuda.get_device_name() if _cuda() else "cpu (smoke, TRITON_INTERPRET=1)",
                   torch=torch.__version__, triton=triton.__version__,
                   python=platform.python_version(), B=B, H=H, dtype=str(DTYPE).replace("torch.", ""),
                   timing="CUDA events, 2 warm-ups, median of >= 5 reps (3 above 100 ms)",
-                  categories=todo)
+                  categories=todo, hla_calls=[list(c) for c in hla_calls])
     HEADER["matmul_peak_tflops"] = matmul_peak_tflops()
     print("bf16 matmul peak", HEADER["matmul_peak_tflops"], flush=True)
     rows: list = []
@@ -358,7 +366,7 @@ def main(argv=None):
                         meta, fwd, leaves = sdpa_case(n, d, causal)
                         run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)
             elif category == "hla":
-                for m, r, causal in HLA_CALLS:
+                for m, r, causal in hla_calls:
                     meta, fwd, leaves = hla_case(m, r, n, causal)
                     run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)
             elif category == "variants":
