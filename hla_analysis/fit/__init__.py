@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from hla_analysis._checks import check_batch
+from hla_analysis.fit.adam import CosineAdam
 from hla_analysis.ops import softmax_attention_map
 from hla_analysis.variants import Variant
 
@@ -286,18 +287,17 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
             result.losses.append(float(loss_and_backward(False)))
         return result
     torch.manual_seed(config.seed)
-    optimiser = torch.optim.Adam(params, lr=config.lr)
-    # cosine decay: late steps refine instead of oscillating around the minimum
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, T_max=max(config.steps, 1))
+    # Adam with cosine decay (late steps refine instead of oscillating around the minimum);
+    # torch.optim's arithmetic without its one-time torch._dynamo import (see fit/adam.py)
+    optimiser = CosineAdam(params, lr=config.lr, steps=config.steps)
     for _ in range(config.steps):
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.zero_grad()
         loss = loss_and_backward(True)
         if not torch.isfinite(loss):
             raise ValueError(
                 f"fitting {variant.spec} diverged (loss {loss.item()}); lower the learning rate (lr={config.lr})."
             )
         optimiser.step()
-        schedule.step()
         result.losses.append(float(loss))
     with torch.no_grad():
         result.losses.append(float(loss_and_backward(False)))
