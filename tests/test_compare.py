@@ -343,3 +343,51 @@ def test_cuda_table_matches_cpu_table(small_capture, tmp_path):
     gpu = run_comparison(small_capture, out=tmp_path / "gpu.parquet", variants=variants, fit=FAST_FIT,
                          device="cuda", progress=False)
     pd.testing.assert_frame_equal(cpu, gpu, rtol=1e-4, atol=1e-6)
+
+
+def test_pipelined_fits_give_the_sequential_tables(small_capture, tmp_path, monkeypatch):
+    """On the CPU the next layer's fits run in a worker thread beside this layer's scoring,
+    each with half the threads. The table and the fitted tensors are those of the plain
+    one-layer-at-a-time loop, bit for bit."""
+    from hla_analysis.swap.fits import load_fits
+
+    variants = "softmax;hla:m=2,phi=affine;hla:m=2,phi=affine,proj=1;linear:phi=hedgehog"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        piped = run_comparison(small_capture, out=tmp_path / "piped.parquet", variants=variants, fit=FAST_FIT,
+                               progress=False)
+        assert torch.get_num_threads() == 2  # the pipeline gives the threads back
+        monkeypatch.setattr(compare_module, "_PIPELINE_DEVICES", ())
+        plain = run_comparison(small_capture, out=tmp_path / "plain.parquet", variants=variants, fit=FAST_FIT,
+                               progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    pd.testing.assert_frame_equal(piped, plain, check_exact=True)
+    a = load_fits(compare_module.fits_path(tmp_path / "piped.parquet"))
+    b = load_fits(compare_module.fits_path(tmp_path / "plain.parquet"))
+    assert a.keys() == b.keys() and len(a) > 0 and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_pipelined_fit_error_is_raised_at_its_layer(small_capture, tmp_path, monkeypatch):
+    """A fit that fails in the worker thread stops the run at its own layer, with its own
+    error; the layers before it are kept for resume."""
+    real = compare_module._fit_layer
+
+    def failing(cap, layer, *args, **kwargs):
+        if layer == 2:
+            raise ValueError("fitting broke on purpose")
+        return real(cap, layer, *args, **kwargs)
+
+    monkeypatch.setattr(compare_module, "_fit_layer", failing)
+    out = tmp_path / "r.parquet"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(ValueError, match="on purpose"):
+            run_comparison(small_capture, out=out, variants="softmax;hla:m=2,phi=affine,proj=1", fit=FAST_FIT,
+                           progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    done = sorted(p.name for p in out.with_name("r.parquet.parts").glob("layer_*"))
+    assert done == ["layer_000.parquet", "layer_001.parquet"]
