@@ -583,12 +583,34 @@ def _odd_pairs(qs: Sequence[Tensor], ks: Sequence[Tensor]) -> list[tuple[Tensor,
     return [pairs[key] for key, count in counts.items() if count % 2]
 
 
+@contextmanager
+def nonnegative_by_construction() -> Iterator[None]:
+    """The caller vouches that every weight is >= 0 whatever the features' signs.
+
+    For variants whose kernel is positive by construction from sign-indefinite features:
+    Taylor's ``1 + s + s^2/2`` and ReBased's ``(q~.k~)^2`` have feature vectors with negative
+    entries, so the feature-sign certificate (:func:`check_hla_signs`) would refuse them.
+    Inside this block that certificate is skipped; normalisers and outputs are still checked.
+    """
+    before = getattr(_state, "certified", False)
+    _state.certified = True
+    try:
+        yield
+    finally:
+        _state.certified = before
+
+
+def signs_certified() -> bool:
+    """Whether a :func:`nonnegative_by_construction` block is active in this thread."""
+    return getattr(_state, "certified", False)
+
+
 def check_hla_signs(qs: Sequence[Tensor], ks: Sequence[Tensor], *, allow_signed: bool) -> None:
     """Refuse factors whose weights may be negative unless ``allow_signed`` (O(N) forms).
 
     In a batch: one ``amin`` per feature tensor of an odd pair, read with the batch's sync.
     """
-    if allow_signed:
+    if allow_signed or signs_certified():
         return
     batch, skip = _active_or_none()
     if skip:
@@ -611,8 +633,9 @@ def _diagnose_signs(qs: Sequence[Tensor], ks: Sequence[Tensor]) -> None:
     flag = nonnegative_weights_flag(qs, ks)
     if flag is not None and not bool(flag):
         raise ValueError(
-            "these factor features can give negative attention weights (an odd number of "
-            "sign-indefinite factors, e.g. identity features or phi=affine with odd m), and the "
+            "these factor features can give negative attention weights (sign-indefinite factors "
+            "that do not pair up into squares: identity or phi=affine features with odd m, or "
+            "untied factors), and the "
             "O(N) form cannot check each weight without building the N x N map. Use a positive "
             "feature map or an even number of tied factors, check the map with "
             "hla_attention_map / Variant.attention_map, or pass allow_signed=True to accept "

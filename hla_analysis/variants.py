@@ -37,6 +37,7 @@ True
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -48,6 +49,7 @@ from hla_analysis._checks import (
     check_mask_leading_dims,
     check_pair,
     check_scale,
+    nonnegative_by_construction,
 )
 from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
 from hla_analysis.ops import hla, hla_attention_map, hla_weights, softmax_attention_map, softmax_attention_output
@@ -286,7 +288,10 @@ class _FactorVariant(Variant):
 
     def forward(self, q, k, v, *, scale=None, causal=False, key_padding_mask=None, allow_signed=False,
                 form="auto", backend="auto"):
-        with check_batch():  # the input flags and hla's join one host sync
+        # positive by construction (Taylor, ReBased: sign-indefinite features, weights >= 0):
+        # no feature-sign certificate; normalisers and outputs are still checked
+        certified = nonnegative_by_construction() if self.positive else contextlib.nullcontext()
+        with check_batch(), certified:  # the input flags and hla's join one host sync
             qs, ks = self.features(q, k, scale=scale)
             return hla(
                 qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,

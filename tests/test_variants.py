@@ -248,3 +248,33 @@ def test_weights_gradients_match_the_features_path(spec):
 def test_only_softmax_is_the_reference():
     """The comparison scores the reference family by the family's own flag, not its name."""
     assert [s for s in list_variants() if make_variant(s).is_reference] == ["softmax"]
+
+
+def test_every_positive_variant_runs_its_forward_on_signed_inputs():
+    """A variant that is positive by construction takes its forward on any q, k: Taylor's
+    and ReBased's features have negative entries but their weights cannot be negative, so
+    the feature-sign certificate must not refuse them. The output equals the map times v
+    (float32 sums over N keys: a few eps32 times N relative). Variants that are not positive
+    still get the refusal, named for what it is."""
+    g = torch.Generator().manual_seed(11)
+    q, k = torch.randn(2, 3, 24, 8, generator=g), torch.randn(2, 3, 24, 8, generator=g)
+    v = torch.randn(2, 3, 24, 5, generator=g)
+    checked = 0
+    for spec in list_variants():
+        variant = make_variant(spec)
+        if variant.is_reference or not variant.positive:
+            continue
+        with torch.no_grad():
+            out = variant.forward(q, k, v)
+            # weights() forms ReBased's (q~.k~)^2 directly: its float32 features cancel and can
+            # sum to a tiny negative weight, which attention_map would refuse
+            weights, den = variant.weights(q, k)
+            want = (weights / den) @ v
+        tol = 8 * 24 * torch.finfo(torch.float32).eps
+        torch.testing.assert_close(out, want, rtol=tol, atol=tol * float(v.abs().max()), msg=spec)
+        checked += 1
+    assert checked >= 10
+    for spec in ("linear:phi=taylor", "linear:phi=rebased"):
+        assert make_variant(spec).positive
+    with pytest.raises(ValueError, match="untied factors"):
+        make_variant("hla:m=2,phi=affine,tied=0").forward(q, k, v)

@@ -37,6 +37,7 @@ from hla_analysis._checks import (
     check_padding_mask,
     check_stacked_against_values,
     check_values,
+    signs_certified,
 )
 from hla_analysis.ops.tied import is_tied, symmetric_power_features
 
@@ -369,7 +370,8 @@ def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow
         # the kernels flag normalisers, outputs and (signs) the features' signs per row; the
         # flags join this call's batch: one amin, read with the call's one sync
         return triton_backend.run(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
-                                  allow_signed=allow_signed, signs=verdict.signs and not allow_signed)
+                                  allow_signed=allow_signed,
+                                  signs=verdict.signs and not allow_signed and not signs_certified())
 
     tied = form in ("auto", "tied") and is_tied(qs, ks)
     form = _resolve_form(form, causal=causal, tied=tied, num_factors=len(qs))
