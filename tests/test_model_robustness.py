@@ -290,3 +290,14 @@ def test_evaluate_refuses_tensor_capture(tmp_path):
     with pytest.raises(ValueError, match="needs a text capture"):
         run_model_evaluation("minilm", capture=cap, results=tmp_path / "r.parquet", out=tmp_path / "e.csv",
                              variants=["softmax"], progress=False)
+
+
+def test_swap_with_cache_is_not_mistaken_for_cross_attention():
+    """A decode step (1 query, 9 keys) is self-attention: it is numbered, and refused for its cache."""
+    gpt2 = _gpt2()
+    ids = _ids(n=9, vocab=300)
+    with torch.no_grad():
+        cache = gpt2(input_ids=ids[:, :8], use_cache=True).past_key_values
+        with pytest.raises(ValueError, match=r"\(got 1 queries, 9 keys: a cache.*use_cache=False"):
+            with swap_attention(gpt2, "softmax"):
+                gpt2(input_ids=ids[:, 8:], cache=cache, use_cache=True)

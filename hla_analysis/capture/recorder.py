@@ -115,16 +115,21 @@ def changing_arguments(kwargs: dict, num_keys: int, *, dropout: float = 0.0, tra
     return found
 
 
-def cross_attention(module, name: str, num_queries: int, num_keys: int, kwargs: dict) -> bool:
-    """Whether one attention call is cross-attention (keys from another sequence than the queries).
+def cross_attention(module, name: str, kwargs: dict) -> bool:
+    """Whether an attention module is recognisably cross-attention (keys from another sequence).
 
-    Read from the shapes, the module (``is_cross_attention``, BERT-style), the arguments
+    Read from the module (``is_cross_attention``, BERT-style), the arguments
     (``encoder_hidden_states``) and the module's name (``encoder_attn``, ``crossattention``,
-    ``cross_attn``, ``EncDecAttention``): equal lengths alone do not tell, e.g. Whisper with
-    as many decoder tokens as encoder frames.
+    ``cross_attn``, ``EncDecAttention``): lengths do not tell, e.g. Whisper with as many
+    decoder tokens as encoder frames, or a self-attention reading a cache.
+
+    Examples
+    --------
+    >>> cross_attention(None, "decoder.layers.0.encoder_attn", {}), cross_attention(None, "layers.0.self_attn", {})
+    (True, False)
     """
-    return bool(num_queries != num_keys or getattr(module, "is_cross_attention", False)
-                or kwargs.get("encoder_hidden_states") is not None or _CROSS_NAME.search(name))
+    return bool(getattr(module, "is_cross_attention", False) or kwargs.get("encoder_hidden_states") is not None
+                or _CROSS_NAME.search(name))
 
 
 def _eager_for(module) -> Callable:
@@ -300,7 +305,7 @@ class AttentionRecorder:
                 "self-attention only: skip it with modules= (--modules REGEX) matching only self-attention "
                 "modules, e.g. 'self_attn|attention\\.self'"
             )
-        if cross_attention(module, name, nq, nk, kwargs):
+        if cross_attention(module, name, kwargs):
             raise CaptureError(
                 f"{name} is cross-attention (queries from the decoder, keys from the encoder); captures hold "
                 "self-attention only: capture the encoder (model.get_encoder(), --submodule encoder) or skip it "

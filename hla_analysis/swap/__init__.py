@@ -42,7 +42,7 @@ def _model_eager(module):
 
 def _swap_dispatch(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     session = _active.get()
-    layer = None if session is None else session._layer_of(module, query.shape[2], key.shape[2], kwargs)
+    layer = None if session is None else session._layer_of(module, kwargs)
     if layer is None or layer not in session.layers:
         return _model_eager(module)(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                     **kwargs)
@@ -145,11 +145,11 @@ class SwapSession:
             raise ValueError(f"layers {bad} are out of range: {type(module).__name__} made {self._calls} "
                              f"self-attention calls (layers 0..{self._calls - 1})")
 
-    def _layer_of(self, module, num_queries: int, num_keys: int, kwargs: dict) -> int | None:
+    def _layer_of(self, module, kwargs: dict) -> int | None:
         from hla_analysis.capture.recorder import cross_attention
 
         name = self._name(module)
-        if cross_attention(module, name, num_queries, num_keys, kwargs):
+        if cross_attention(module, name, kwargs):
             if self.all_layers:
                 raise ValueError(
                     f"{name} is cross-attention (queries from the decoder, keys from the encoder), which is not "
