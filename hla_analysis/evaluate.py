@@ -322,11 +322,71 @@ class BlockCache:
         return run
 
 
-def layer_order(net, ids: torch.Tensor, causal: bool) -> dict[int, int]:
-    """``{id(attention module): layer}`` in call order, read from one short softmax-swapped run."""
+def attention_calls(net, ids: torch.Tensor, causal: bool) -> list[tuple[int, str]]:
+    """``(id(module), module name)`` of each self-attention call, in call order, from one short run."""
     with swap_attention(net, "softmax") as session:
         _forward(net, ids[:1, : min(4, ids.shape[1])], causal)
-    return dict(session._ids)
+    return list(zip(session.module_ids, session.modules))
+
+
+def layer_order(net, ids: torch.Tensor, causal: bool) -> dict[int, int] | None:
+    """``{id(attention module): layer}`` in call order; None when a module is called more than once.
+
+    A shared module (ALBERT) has one number per call, which a map by module cannot hold.
+    """
+    calls = attention_calls(net, ids, causal)
+    order = {module: layer for layer, (module, _) in enumerate(calls)}
+    return order if len(order) == len(calls) else None
+
+
+def capture_layer_calls(capture_names: list[str], call_names: list[str]) -> list[int]:
+    """The model's attention call that each capture layer recorded, matched by module name.
+
+    A capture names modules relative to the model it ran (``layers.1.self_attn`` for a bare
+    backbone); the evaluated model may hold that backbone under a prefix
+    (``model.layers.1.self_attn``), so a name matches itself or a dotted suffix. The j-th
+    capture layer of a name is the j-th call of that module (a shared module is called once
+    per layer).
+
+    Examples
+    --------
+    >>> capture_layer_calls(["layers.1.attn"], ["model.layers.0.attn", "model.layers.1.attn"])
+    [1]
+    """
+    def same(a: str, b: str) -> bool:
+        return a == b or a.endswith("." + b) or b.endswith("." + a)
+
+    result, seen = [], {}
+    for layer, name in enumerate(capture_names):
+        calls = [i for i, called in enumerate(call_names) if same(called, name)]
+        modules = sorted({call_names[i] for i in calls})
+        if len(modules) != 1:
+            found = "matches none" if not modules else f"matches several ({', '.join(modules[:3])})"
+            raise ValueError(
+                f"capture layer {layer} ({name}) {found} of the model's {len(call_names)} attention calls "
+                f"({', '.join(call_names[:3])}{', ...' if len(call_names) > 3 else ''}); evaluate the model the "
+                "capture was made from"
+            )
+        j = seen.get(name, 0)
+        if j >= len(calls):
+            raise ValueError(f"capture layer {layer} ({name}) is call {j + 1} of that module, but the model calls "
+                             f"it {len(calls)} times; evaluate the model the capture was made from")
+        seen[name] = j + 1
+        result.append(calls[j])
+    return result
+
+
+def _fits_for_calls(fits: dict | None, to_call: list[int] | None) -> dict | None:
+    """Fits keyed by capture layer, re-keyed by the model's attention call (what swap_attention reads)."""
+    if fits is None or to_call is None:
+        return fits
+    renamed = {}
+    for name, tensor in fits.items():
+        head, _, rest = name.partition(".")
+        layer, _, tail = rest.partition(".")
+        if head == "layer" and layer.isdigit() and int(layer) < len(to_call):
+            renamed[f"layer.{to_call[int(layer)]}.{tail}"] = tensor
+    return renamed
 
 
 def _blocks_match(blocks, order: dict[int, int]) -> bool:
@@ -336,26 +396,30 @@ def _blocks_match(blocks, order: dict[int, int]) -> bool:
 
 
 def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layers, modes, *, cache=None,
-                 order=None, measure=None) -> list[tuple]:
+                 order=None, measure=None, to_call=None) -> list[tuple]:
     """Rows of one variant: every layer swapped alone and as the prefix ``0..l``.
 
     A swapped set that both modes share (layer 0 alone = layers 0..0) runs once. With
     ``cache`` (a :class:`BlockCache` entered on ``net``) and ``order`` (:func:`layer_order`),
     blocks whose output an earlier run already computed are reused. With ``measure`` (a
     :class:`NextTokenMeasure`; ``ref`` is then the original's last hidden state) a causal LM's
-    metrics are computed blocked over tokens.
+    metrics are computed blocked over tokens. ``to_call`` (:func:`capture_layer_calls`) maps
+    the capture's layers, which ``layers`` and ``fits`` number, to the model's attention calls
+    that are swapped; default: the same numbers.
     """
     rows, done = [], {}
+    fits = _fits_for_calls(fits, to_call)
     for mode in modes:
         for layer in layers:
             chosen = [layer] if mode == "single" else list(range(layer + 1))
             key = frozenset(chosen)
             if key not in done:
+                swapped = chosen if to_call is None else [to_call[c] for c in chosen]
                 if cache is not None:
-                    cache.set(chosen, (spec, objective))
-                with swap_attention(net, spec, layers=chosen, fits=fits, objective=objective) as session:
+                    cache.set(swapped, (spec, objective))
+                with swap_attention(net, spec, layers=swapped, fits=fits, objective=objective) as session:
                     if order:
-                        session._ids.update(order)
+                        session._order = order
                     out = _forward(net, ids, causal, blocked=measure is not None)
                 if cache is not None:
                     cache.set()
@@ -462,6 +526,9 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     FitConfig(**own_fit)  # bad overrides fail here, before any work
     specs = resolve_variants(settings["variants"] if variants == "default" else variants)
     cap = load_capture(capture)
+    if cap.manifest.get("input_kind") != "text":
+        raise ValueError(f"{capture} is a capture of {cap.manifest.get('input_kind')} inputs; model-level "
+                         "evaluation runs held-out token ids through the model, so it needs a text capture")
     train = int(settings["train_inputs"])
     heldout = list(range(train, cap.num_inputs))[:max_heldout]
     if not heldout:
@@ -500,10 +567,13 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
 
     with clock("load_model"):
         net = _load(model, causal)
-        ids = torch.stack([cap.get(0, i, verify=False)["input_ids"] for i in heldout])[:, :max_tokens]
-        order = layer_order(net, ids, causal)
+        ids = torch.stack([cap.get(0, i)["input_ids"] for i in heldout])[:, :max_tokens]
+        calls = attention_calls(net, ids, causal)
+        to_call = capture_layer_calls([layer["name"] for layer in cap.manifest["layers"]], [n for _, n in calls])
+        order = {module: layer for layer, (module, _) in enumerate(calls)}
+        order = order if len(order) == len(calls) else None  # a shared module has no single number
         head = blocked_head(net, ids) if causal and not plain else None
-    blocks = BlockCache.find(net, cap.num_layers) if reuse_blocks and not plain else None
+    blocks = BlockCache.find(net, len(calls)) if reuse_blocks and not plain and order else None
     cache = BlockCache(blocks) if blocks is not None and _blocks_match(blocks, order) else None
     layers = list(range(cap.num_layers))
     jobs = [(s, o if is_learnable(make_variant(s)) else "none") for s in specs for o in objectives]
@@ -519,7 +589,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
                 with clock("swaps"):
                     rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fitted, ids,
                                         ref, causal, cap.num_layers, layers, SWAP_MODES, cache=cache, order=order,
-                                        measure=measure)
+                                        measure=measure, to_call=to_call)
                 table = pd.DataFrame(rows, columns=COLUMNS[1:])
                 table["objective"] = objective
                 table["input"] = table["input"].map(lambda i: heldout[int(i)] if i is not None and i == i else -1)
@@ -527,6 +597,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
             tables.append(pd.read_parquet(part))
     table = pd.concat(tables, ignore_index=True)
     table.insert(0, "model", cap.manifest.get("model"))
+    table["module"] = table["layer"].map(lambda l: cap.manifest["layers"][int(l)]["name"])
     table["train_inputs"] = train
     table["tokens"] = int(ids.shape[1])
     table["fit_steps"] = table.objective.map(lambda o: fit_used.get(o, {}).get("steps", 0))

@@ -50,6 +50,7 @@ class AttentionCall:
     scale: float
     allowed: torch.Tensor
     probs: torch.Tensor
+    arguments: tuple[str, ...] = ()
 
 
 def generic_eager_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -70,6 +71,65 @@ def generic_eager_attention(module, query, key, value, attention_mask, scaling=N
             logits = logits + attention_mask
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32).to(query.dtype)
     return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+# Keyword arguments transformers passes to attention functions that do not change what eager
+# attention computes from q, k, v, the mask and the scale (the mask already carries causality).
+NEUTRAL_ARGUMENTS = frozenset({
+    "position_ids", "cache_position", "use_cache", "output_attentions", "is_causal", "past_key_value",
+    "past_key_values", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "encoder_hidden_states",
+    "layer_idx",
+})
+_CROSS_NAME = re.compile(r"(?i)(?:^|\.)[a-z_]*(?:cross_?att|encoder_attn|encdecatt)[a-z_]*(?:\.|$)")
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f" (a {list(value.shape)} tensor)"
+    return f"={value!r}"
+
+
+def changing_arguments(kwargs: dict, num_keys: int, *, dropout: float = 0.0, training: bool = False) -> list[str]:
+    """The keyword arguments of one attention call that can make it differ from plain softmax.
+
+    Everything outside :data:`NEUTRAL_ARGUMENTS` that is set (not None or False) counts, e.g.
+    ``softcap`` (Gemma2), ``position_bias`` (T5), ``s_aux`` (attention sinks), a
+    ``sliding_window`` shorter than the ``num_keys`` keys, or dropout in training mode.
+
+    Examples
+    --------
+    >>> changing_arguments({"softcap": 5.0, "position_ids": None, "sliding_window": 4096}, 16)
+    ['softcap=5.0']
+    >>> changing_arguments({"sliding_window": 8}, 16, dropout=0.1, training=True)
+    ['sliding_window=8', 'dropout=0.1 in training mode']
+    """
+    found = []
+    for name, value in kwargs.items():
+        if name in NEUTRAL_ARGUMENTS or value is None or value is False:
+            continue
+        if name == "sliding_window" and isinstance(value, int) and value >= num_keys:
+            continue  # a window at least as long as the sequence cuts nothing
+        found.append(f"{name}{_describe(value)}")
+    if dropout and training:
+        found.append(f"dropout={dropout!r} in training mode")
+    return found
+
+
+def cross_attention(module, name: str, kwargs: dict) -> bool:
+    """Whether an attention module is recognisably cross-attention (keys from another sequence).
+
+    Read from the module (``is_cross_attention``, BERT-style), the arguments
+    (``encoder_hidden_states``) and the module's name (``encoder_attn``, ``crossattention``,
+    ``cross_attn``, ``EncDecAttention``): lengths do not tell, e.g. Whisper with as many
+    decoder tokens as encoder frames, or a self-attention reading a cache.
+
+    Examples
+    --------
+    >>> cross_attention(None, "decoder.layers.0.encoder_attn", {}), cross_attention(None, "layers.0.self_attn", {})
+    (True, False)
+    """
+    return bool(getattr(module, "is_cross_attention", False) or kwargs.get("encoder_hidden_states") is not None
+                or _CROSS_NAME.search(name))
 
 
 def _eager_for(module) -> Callable:
@@ -115,7 +175,7 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     eager = recorder.eager if recorder is not None and recorder.eager is not None else _eager_for(module)
     output, probs = eager(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if recorder is not None:
-        recorder._record(module, query, key, value, attention_mask, scaling, probs)
+        recorder._record(module, query, key, value, attention_mask, scaling, probs, kwargs)
     return output, probs
 
 
@@ -227,7 +287,7 @@ class AttentionRecorder:
             config._attn_implementation_internal = previous
         return False
 
-    def _record(self, module, query, key, value, attention_mask, scaling, probs):
+    def _record(self, module, query, key, value, attention_mask, scaling, probs, kwargs=None):
         name = self._names.get(id(module), type(module).__name__)
         self.calls_seen += 1
         self.names_seen.append(name)
@@ -238,14 +298,23 @@ class AttentionRecorder:
                                "it must return (output, probs)")
         batch, heads_q, nq, _ = query.shape
         heads_kv, nk = key.shape[1], key.shape[2]
+        kwargs = kwargs or {}
         if nq != nk:
             raise CaptureError(
                 f"{name} is cross-attention or uses a cache ({nq} queries, {nk} keys); captures hold "
                 "self-attention only: skip it with modules= (--modules REGEX) matching only self-attention "
                 "modules, e.g. 'self_attn|attention\\.self'"
             )
+        if cross_attention(module, name, kwargs):
+            raise CaptureError(
+                f"{name} is cross-attention (queries from the decoder, keys from the encoder); captures hold "
+                "self-attention only: capture the encoder (model.get_encoder(), --submodule encoder) or skip it "
+                "with modules= (--modules REGEX) matching only self-attention modules, e.g. 'self_attn'"
+            )
         if heads_q % heads_kv:
             raise CaptureError(f"{name}: {heads_q} query heads are not a multiple of {heads_kv} key/value heads")
         scale = float(query.shape[-1] ** -0.5 if scaling is None else scaling)
         allowed = allowed_from_mask(attention_mask, batch, nq, nk)
-        self.on_call(AttentionCall(name, query.detach(), key.detach(), value.detach(), scale, allowed, probs.detach()))
+        arguments = tuple(changing_arguments(kwargs, nk))
+        self.on_call(AttentionCall(name, query.detach(), key.detach(), value.detach(), scale, allowed, probs.detach(),
+                                   arguments))

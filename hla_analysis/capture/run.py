@@ -85,6 +85,8 @@ def recomputed_softmax(q: torch.Tensor, k: torch.Tensor, scale: float, allowed: 
 def _max_prob_errors(q, k, scale, allowed, probs, n) -> torch.Tensor:
     """Largest |recomputed - model| per batch row over the first ``n`` (real) tokens.
 
+    Query rows with no allowed key are skipped; a NaN anywhere else counts as an infinite error.
+
     ``q, k: [B, H, N, d]`` (keys expanded to every query head), ``allowed: [B, n, n]``,
     ``probs: [B, H, N, N]``. Works on blocks of rows and heads so that the temporary maps
     stay near ``_BATCH_MAP_ENTRIES`` entries even at 8,192 tokens.
@@ -100,8 +102,13 @@ def _max_prob_errors(q, k, scale, allowed, probs, n) -> torch.Tensor:
         for h in range(0, heads, head_step):
             ref = probs[b:b + rows, h:h + head_step, :n]
             diff = recomputed_softmax(q[b:b + rows, h:h + head_step, :n], k[b:b + rows, h:h + head_step, :n],
-                                      scale, mask)
-            err = diff.sub_(ref[..., :n].float()).abs_().amax(dim=(1, 2, 3))
+                                      scale, mask).sub_(ref[..., :n].float()).abs_()
+            if mask is not None:
+                # a query row with no allowed key (left padding) has no softmax to compare; the
+                # model's values there are whatever its mask arithmetic gives
+                diff.masked_fill_(~mask.any(-1, keepdim=True), 0.0)
+            # NaN in a compared row is a failure, not a pass (NaN > tolerance is False)
+            err = diff.nan_to_num_(nan=float("inf")).amax(dim=(1, 2, 3))
             if ref.shape[-1] > n:
                 # mass the model put on padding keys is attention our unpadded copy cannot see
                 err = torch.maximum(err, ref[..., n:].float().abs().amax(dim=(1, 2, 3)))
@@ -186,11 +193,14 @@ class _BatchCollector:
             allowed, probs = call.allowed[rows][:, :n, :n], call.probs[idx]
             k_full = k.repeat_interleave(groups, dim=1)
             exact = _max_prob_errors(q, k_full, scale, allowed, probs, n)
-            if float(exact.max()) > self.tolerance:
+            if not float(exact.max()) <= self.tolerance:
+                cause = (f"it passes {', '.join(call.arguments)} to its attention function, which captures do "
+                         "not store" if call.arguments else
+                         "the model changes its logits in a way captures do not store (e.g. soft-capping, a "
+                         "position bias or attention sinks)")
                 raise CaptureError(
                     f"{call.name}: softmax recomputed from the recorded q, k and scale differs from the model's "
-                    f"own probabilities by {float(exact.max()):.2e} (> tolerance {self.tolerance:.0e}); the model "
-                    "changes its logits in a way captures do not store (e.g. soft-capping or attention sinks); "
+                    f"own probabilities by {float(exact.max()):.2e} (> tolerance {self.tolerance:.0e}); {cause}; "
                     "restrict modules= or pass attention_function="
                 )
             q = q[:, :, :n].to("cpu", self.dtype)

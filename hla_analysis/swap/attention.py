@@ -58,8 +58,9 @@ def mask_pattern(attention_mask: Tensor | None, batch: int, nq: int, nk: int) ->
         allowed = allowed.to(attention_mask.device)
     if nq != nk:
         raise ValueError(
-            f"swap_attention handles self-attention without a cache (got {nq} queries, {nk} keys); "
-            "run the model on whole sequences with use_cache=False"
+            f"swap_attention handles self-attention without a cache (got {nq} queries, {nk} keys: a cache, or "
+            "cross-attention it did not recognise); run the model on whole sequences with use_cache=False, or "
+            "swap its encoder alone (model.get_encoder())"
         )
     real = allowed.any(dim=1)  # a padding key is blocked for every query
     tril = torch.ones(nq, nk, dtype=torch.bool, device=allowed.device).tril()
