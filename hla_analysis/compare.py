@@ -175,26 +175,29 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {**batch, **{name: batch[name].to(device) for name in ("q", "k", "v")}}
 
 
-def _fit_layer(cap, layer: int, config: CompareConfig, *, device: torch.device, status=None) -> tuple:
-    """Bind every variant of one layer and fit the learnable ones on the training inputs.
-
-    Returns ``(variants, params, fits, states)``: the bound variants by spec, parameters per
-    head, the fit records and the fitted tensors (on the host) under their fit keys.
-    ``status(text)`` is told which fit runs. Variants are bound and fitted in the order of
-    ``config.variants``, whichever thread runs this.
-    """
+def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool,
+                device: torch.device = torch.device("cpu")) -> tuple[pd.DataFrame, list[dict], dict]:
     all_inputs = list(range(cap.num_inputs))
     train = [_to_device(batch, device)
              for _, batch in _stacks(cap, layer, all_inputs[: config.train_inputs], config.train_inputs)]
+    # stack as many inputs as keep one [I, H, block, N] map near _MAP_ELEMENTS (long inputs: one)
+    longest = max(cap.lengths)
+    per_input = cap.num_heads * min(config.block_rows, longest) * longest
+    stack = max(1, min(_EVAL_STACK, _MAP_ELEMENTS // per_input) if device.type != "cuda"
+                else min(_EVAL_STACK_GPU, _gpu_map_elements(device) // per_input))
     heads, dim = cap.num_heads, cap.head_dim
+    # fits first (in the order of the variants, as before), then every variant in one pass
     variants, params, fits, states = {}, {}, [], {}
+    # one bar per layer: the fits first (named in the postfix), then the query rows scored
+    # with rows/s and an ETA (the clock restarts when scoring starts)
+    total_rows = sum(cap.lengths)
+    bar = tqdm(total=total_rows, desc=f"layer {layer}", unit="row", leave=False, disable=not progress)
     learnable = [spec for spec in config.variants if is_learnable(make_variant(spec))]
     for spec in config.variants:
         variant = make_variant(spec).bind(dim, heads=heads).to(device)
         params[spec] = 0
         if is_learnable(variant):
-            if status is not None:
-                status(f"fitting {learnable.index(spec) + 1}/{len(learnable)} {spec}")
+            bar.set_postfix_str(f"fitting {learnable.index(spec) + 1}/{len(learnable)} {spec}")
             result = fit_variant(variant, train, config=config.fit)
             params[spec] = result.params_per_head
             fits.append({"layer": layer, "variant": spec, "params_per_head": result.params_per_head,
@@ -203,30 +206,7 @@ def _fit_layer(cap, layer: int, config: CompareConfig, *, device: torch.device, 
             prefix = fit_key(layer, spec, config.fit.objective)
             states.update({prefix + name: t.detach().cpu() for name, t in variant.state_dict().items()})
         variants[spec] = variant
-    return variants, params, fits, states
-
-
-def _layer_rows(cap, layer: int, config: CompareConfig, *, progress: bool,
-                device: torch.device = torch.device("cpu"), fitted=None) -> tuple[pd.DataFrame, list[dict], dict]:
-    """One layer's table rows, fit records and fitted tensors: fits first, then every variant
-    in one pass. ``fitted``: a future of :func:`_fit_layer` for this layer, already running
-    (the pipelined loop of :func:`_run_locked`), instead of fitting here."""
-    all_inputs = list(range(cap.num_inputs))
-    # stack as many inputs as keep one [I, H, block, N] map near _MAP_ELEMENTS (long inputs: one)
-    longest = max(cap.lengths)
-    per_input = cap.num_heads * min(config.block_rows, longest) * longest
-    stack = max(1, min(_EVAL_STACK, _MAP_ELEMENTS // per_input) if device.type != "cuda"
-                else min(_EVAL_STACK_GPU, _gpu_map_elements(device) // per_input))
-    # one bar per layer: the fits first (named in the postfix), then the query rows scored
-    # with rows/s and an ETA (the clock restarts when scoring starts)
-    total_rows = sum(cap.lengths)
-    bar = tqdm(total=total_rows, desc=f"layer {layer}", unit="row", leave=False, disable=not progress)
-    if fitted is None:
-        variants, params, fits, states = _fit_layer(cap, layer, config, device=device, status=bar.set_postfix_str)
-    else:
-        if not fitted.done():
-            bar.set_postfix_str("waiting for this layer's fits")
-        variants, params, fits, states = fitted.result()
+    del train
     bar.set_postfix_str(f"scoring {len(variants)} variants")
     bar.reset(total=total_rows)
     rows = []
@@ -468,28 +448,22 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
 
     started = time.perf_counter()
     tables, fits, states = [], [], {}
-
-    def layer_files(layer: int) -> tuple[Path, Path, Path]:
-        return (parts / f"layer_{layer:03d}.parquet", parts / f"fits_{layer:03d}.json",
-                parts / f"fits_{layer:03d}.safetensors")
-
-    todo = [layer for layer in range(cap.num_layers) if not all(p.exists() for p in layer_files(layer))]
-    with _FitPipeline(cap, config, device=device, layers=todo) as pipeline:
-        for layer in tqdm(range(cap.num_layers), desc="compare", unit="layer", disable=not progress):
-            part, fit_part, state_part = layer_files(layer)
-            if layer not in todo:
-                tables.append(pd.read_parquet(part))
-                fits.extend(json.loads(fit_part.read_text()))
-                states.update(load_fits(state_part))
-                continue
-            table, layer_fits, layer_states = _layer_rows(cap, layer, config, progress=progress, device=device,
-                                                          fitted=pipeline.fits_of(layer))
-            save_fits(state_part, layer_states)
-            atomic_write_json(fit_part, layer_fits)
-            atomic_write_table(part, table)  # written last: its presence marks the layer done
-            tables.append(table)
-            fits.extend(layer_fits)
-            states.update(layer_states)
+    for layer in tqdm(range(cap.num_layers), desc="compare", unit="layer", disable=not progress):
+        part = parts / f"layer_{layer:03d}.parquet"
+        fit_part = parts / f"fits_{layer:03d}.json"
+        state_part = parts / f"fits_{layer:03d}.safetensors"
+        if part.exists() and fit_part.exists() and state_part.exists():
+            tables.append(pd.read_parquet(part))
+            fits.extend(json.loads(fit_part.read_text()))
+            states.update(load_fits(state_part))
+            continue
+        table, layer_fits, layer_states = _layer_rows(cap, layer, config, progress=progress, device=device)
+        save_fits(state_part, layer_states)
+        atomic_write_json(fit_part, layer_fits)
+        atomic_write_table(part, table)  # written last: its presence marks the layer done
+        tables.append(table)
+        fits.extend(layer_fits)
+        states.update(layer_states)
 
     result = pd.concat(tables, ignore_index=True)
     result["model"] = cap.manifest.get("model")
@@ -513,59 +487,6 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
                       {**settings, "seconds": round(time.perf_counter() - started, 2)})
     shutil.rmtree(parts)
     return result
-
-
-class _FitPipeline:
-    """Fits of the next layer in a worker thread while this layer is scored (CPU only).
-
-    A comparison alternates fits (many small autograd steps) and scoring (large elementwise
-    passes). With ``T`` intra-op threads, both get ``T // 2`` and run at once, the next layer's
-    fits beside this layer's scoring: small ops scale poorly over threads, so two streams of
-    half the threads finish sooner than one stream of all of them. The results do not change:
-    each layer's variants are bound and fitted in the same order by one thread, scoring draws
-    no random numbers, and the tables do not depend on the thread count. With fewer than two
-    threads, one layer to do, or a GPU (not measured there yet), :meth:`fits_of` gives None
-    and each layer fits itself. An error in a fit is raised when its layer is reached.
-    """
-
-    def __init__(self, cap, config: CompareConfig, *, device: torch.device, layers: list[int]):
-        self.cap, self.config, self.device, self.layers = cap, config, device, layers
-        self.threads = torch.get_num_threads()
-        self.enabled = device.type in _PIPELINE_DEVICES and self.threads >= 2 and len(layers) > 1
-        self.executor = None
-        self.futures: dict = {}
-
-    def __enter__(self):
-        if self.enabled:
-            from concurrent.futures import ThreadPoolExecutor
-
-            torch.set_num_threads(self.threads // 2)  # the worker thread reads it on its first op
-            self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hla-fits")
-            self._submit(self.layers[0])
-        return self
-
-    def _submit(self, layer: int) -> None:
-        self.futures[layer] = self.executor.submit(_fit_layer, self.cap, layer, self.config, device=self.device)
-
-    def fits_of(self, layer: int):
-        """The running fits of ``layer`` (and the next layer's fits started), or None."""
-        if not self.enabled:
-            return None
-        position = self.layers.index(layer)
-        if position + 1 < len(self.layers):
-            self._submit(self.layers[position + 1])  # queued behind this layer's own fits
-        return self.futures.pop(layer)
-
-    def __exit__(self, *exc):
-        if self.executor is not None:
-            # an interrupted run returns at once; a fit already running finishes in the background
-            self.executor.shutdown(wait=exc[0] is None, cancel_futures=True)
-            torch.set_num_threads(self.threads)
-        return False
-
-
-# devices whose comparisons overlap the next layer's fits with this layer's scoring
-_PIPELINE_DEVICES = ("cpu",)
 
 
 def load_results(path: str | Path) -> pd.DataFrame:
