@@ -417,8 +417,9 @@ def _check_outputs(out: Path, *, overwrite: bool) -> None:
     existing = [p for p in _outputs(out) if p.exists()]
     if existing and not overwrite and not _written_by_us(_outputs(out)[2]):
         names = ", ".join(str(p) for p in existing)
-        raise ValueError(f"{names} already exist(s) and hla-analysis did not write them; "
-                         "choose another --out, or pass --overwrite (overwrite=True) to replace them.")
+        verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+        raise ValueError(f"{names} already {verb} and hla-analysis did not write {them}; choose another --out, "
+                         f"or pass --overwrite (overwrite=True in Python) to replace {them}.")
 
 
 def capture_identity(capture_dir: str | Path) -> str:
