@@ -56,18 +56,25 @@ def bench_smollm2(args, work: Path) -> dict:
         kw = dict(num_inputs=2, max_tokens=32, modules=r"layers\.(0|1)\.")
     else:
         kw = dict(num_inputs=8, max_tokens=8192)
+    settings = {"settings": {**{k: v for k, v in kw.items()}, "variants": args.variants, "row_stride": 1},
+                "stage": args.stage, "target_s": 600}
     started = time.perf_counter()
-    cap = capture("smollm2", out=work / "cap", device=args.device, progress=not args.quiet, **kw)
-    _sync(args.device)
+    if args.stage == "compare":  # the capture an earlier `--stage capture` left in --work
+        cap = work / "cap"
+    else:
+        cap = capture("smollm2", out=work / "cap", device=args.device, progress=not args.quiet, **kw)
+        _sync(args.device)
     captured = time.perf_counter()
+    if args.stage == "capture":
+        return {**settings, "capture_s": round(captured - started, 2)}
     table = compare.run_comparison(cap, out=work / "results.parquet", variants=args.variants, device=args.device,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, overwrite=True)
     _sync(args.device)
     done = time.perf_counter()
-    return {"settings": {**{k: v for k, v in kw.items()}, "variants": args.variants, "row_stride": 1},
-            "capture_s": round(captured - started, 2), "compare_s": round(done - captured, 2),
-            "total_s": round(done - started, 2), "table_rows": len(table),
-            "target_s": 600}
+    out = {**settings, "compare_s": round(done - captured, 2), "table_rows": len(table)}
+    if args.stage == "all":
+        out.update(capture_s=round(captured - started, 2), total_s=round(done - started, 2))
+    return out
 
 
 def bench_synthetic(args) -> dict:
@@ -99,13 +106,22 @@ def main() -> None:
     p.add_argument("--fit-row-stride", type=int, default=64, help="query-row stride of the synthetic case's fits")
     p.add_argument("--smoke", action="store_true", help="tiny shapes: checks the script in seconds, on CPU")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--stage", choices=("all", "capture", "compare"), default="all",
+                   help="smollm2: both stages in one process, or one of them (capture into --work, then "
+                        "compare from it: a run longer than one device call, timed as two)")
+    p.add_argument("--work", help="folder for the smollm2 capture and table (default: a temporary one); "
+                                  "needed by --stage capture / compare")
     args = p.parse_args()
+    if args.stage != "all" and not args.work:
+        p.error("--stage capture/compare needs --work DIR (the capture passes through it)")
     result = {"device": (torch.cuda.get_device_name() if args.device.startswith("cuda")
                          else platform.processor() or "cpu"),
               "torch": torch.__version__, "smoke": args.smoke, "threads": torch.get_num_threads()}
     with tempfile.TemporaryDirectory() as tmp:
         if args.only in (None, "smollm2"):
-            result["smollm2"] = bench_smollm2(args, Path(tmp))
+            work = Path(args.work) if args.work else Path(tmp)
+            work.mkdir(parents=True, exist_ok=True)
+            result["smollm2"] = bench_smollm2(args, work)
             print(json.dumps(result["smollm2"]), flush=True)
         if args.only in (None, "synthetic"):
             result["synthetic"] = bench_synthetic(args)
