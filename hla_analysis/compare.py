@@ -313,11 +313,13 @@ def run_comparison(
         train_inputs = min(max(1, cap.num_inputs // 4), 4, cap.num_inputs - 1)
     if not 1 <= train_inputs < cap.num_inputs:
         raise ValueError(
-            f"train_inputs must be between 1 and {cap.num_inputs - 1} (one input at least must be held out), "
+            f"train_inputs (--train-inputs) must be between 1 and {cap.num_inputs - 1} (one input at least must be "
+            "held out), "
             f"got {train_inputs}."
         )
     if block_rows < 1 or row_stride < 1:
-        raise ValueError(f"block_rows and row_stride must be >= 1, got {block_rows} and {row_stride}.")
+        raise ValueError(f"block_rows (--block-rows) and row_stride (--row-stride) must be >= 1, "
+                         f"got {block_rows} and {row_stride}.")
     config = CompareConfig(
         variants=resolve_variants(variants), train_inputs=train_inputs, fit=fit, block_rows=block_rows,
         row_stride=row_stride,

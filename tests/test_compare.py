@@ -155,7 +155,7 @@ def test_bad_input(small_capture, tmp_path):
         resolve_variants(" ; ")
     with pytest.raises(ValueError, match=".parquet or .csv"):
         run_comparison(small_capture, out=tmp_path / "r.json", progress=False)
-    with pytest.raises(ValueError, match="train_inputs must be between 1 and 2"):
+    with pytest.raises(ValueError, match=r"train_inputs \(--train-inputs\) must be between 1 and 2"):
         run_comparison(small_capture, out=tmp_path / "r.csv", train_inputs=3, progress=False)
     with pytest.raises(FileNotFoundError, match="run `hla-analysis compare` first"):
         load_results(tmp_path / "missing.parquet")

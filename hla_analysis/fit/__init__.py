@@ -48,13 +48,14 @@ class FitConfig:
         if self.objective not in _OBJECTIVES:
             raise ValueError(f"objective must be one of {', '.join(_OBJECTIVES)}, got {self.objective!r}.")
         if self.steps < 0:
-            raise ValueError(f"steps must be >= 0, got {self.steps}.")
+            raise ValueError(f"steps (--fit-steps) must be >= 0, got {self.steps}.")
         if self.row_stride < 1:
-            raise ValueError(f"row_stride must be >= 1, got {self.row_stride}.")
+            raise ValueError(f"the fits' row_stride must be >= 1, got {self.row_stride}.")
         if self.max_rows < _RUNS:
-            raise ValueError(f"max_rows must be >= {_RUNS} (training rows per input and head), got {self.max_rows}.")
+            raise ValueError(f"max_rows (--fit-max-rows) must be >= {_RUNS} (training rows per input and head), "
+                             f"got {self.max_rows}.")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}.")
+            raise ValueError(f"lr (--fit-lr) must be > 0, got {self.lr}.")
 
     def as_dict(self) -> dict:
         out = asdict(self)
