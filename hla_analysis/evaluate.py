@@ -58,7 +58,26 @@ def _load(model: str, causal: bool):
         return _load_causal_lm(model)
     from hla_analysis.capture.models import load_model
 
-    return load_model(model).model
+    return load_model(model, tokenizer=False).model
+
+
+def check_model_identity(net, model: str, cap, causal: bool) -> None:
+    """Refuse a model whose weights differ from the ones the capture recorded (``weights_sha256``).
+
+    The capture hashes the bare backbone (``AutoModel``); a causal LM is compared through its
+    ``base_model``, which holds the same tensors under the same names.
+    """
+    from hla_analysis.capture.run import weights_sha256
+
+    expected = cap.manifest.get("weights_sha256")
+    body = net.base_model if causal and getattr(net, "base_model", None) is not None else net
+    actual = weights_sha256(body)
+    if expected and actual != expected:
+        raise ValueError(
+            f"--model {model!r} (weights sha256 {actual[:12]}) is not the model the capture {cap.path} was made "
+            f"from ({cap.manifest.get('model')!r}, weights sha256 {expected[:12]}); pass that model as --model, "
+            "or evaluate a capture of this model"
+        )
 
 
 def _train_batch(cap, layers, train_inputs: int) -> dict:
@@ -540,79 +559,89 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     key = hashlib.sha256(json.dumps([str(capture.resolve()), specs, list(objectives), heldout, settings["fit"],
                                      fits_digest, own_fit, max_tokens, joint_fits]).encode()).hexdigest()[:16]
     parts = out.with_name(out.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
-    marker = parts / "settings.json"
-    if marker.exists() and json.loads(marker.read_text()).get("key") != key:
-        raise ValueError(f"{parts} holds partial results of a run with other settings; "
-                         "delete it or choose another --out")
-    atomic_write_json(marker, {"key": key})
     clock = _Clock()
     started, cpu_started = time.perf_counter(), time.process_time()
-
-    fits_path = out.with_name(out.stem + ".fits.safetensors")
-    if not (parts / "fits.safetensors").is_file():
-        with clock("fit"):
-            params, log = fit_parameters(cap, specs, train_inputs=train, fit=own_fit, objectives=objectives,
-                                         have=given, joint=joint_fits, progress=progress)
-        atomic_write_json(parts / "fits_log.json", log)
-        save_fits(parts / "fits.safetensors", params,
-                  settings={"fit": own_fit, "train_inputs": train, "given_fits": str(fits) if fits else None})
-    fitted = load_fits(parts / "fits.safetensors")
-    log = json.loads((parts / "fits_log.json").read_text()) if (parts / "fits_log.json").is_file() else []
-    # the settings each objective's fits ran with: given fits keep compare's, own fits the overrides
-    fit_used = {}
-    for objective in objectives:
-        own = any(r["objective"] == objective and r.get("source") != "given fits" for r in log)
-        fit_used[objective] = {**own_fit, "joint_layers": joint_fits} if own else settings["fit"]
-
+    # the model is loaded and checked before anything is written: a wrong --model leaves nothing behind
     with clock("load_model"):
         net = _load(model, causal)
+        check_model_identity(net, model, cap, causal)
         ids = torch.stack([cap.get(0, i)["input_ids"] for i in heldout])[:, :max_tokens]
         calls = attention_calls(net, ids, causal)
         to_call = capture_layer_calls([layer["name"] for layer in cap.manifest["layers"]], [n for _, n in calls])
         order = {module: layer for layer, (module, _) in enumerate(calls)}
         order = order if len(order) == len(calls) else None  # a shared module has no single number
         head = blocked_head(net, ids) if causal and not plain else None
-    blocks = BlockCache.find(net, len(calls)) if reuse_blocks and not plain and order else None
-    cache = BlockCache(blocks) if blocks is not None and _blocks_match(blocks, order) else None
-    layers = list(range(cap.num_layers))
-    jobs = [(s, o if is_learnable(make_variant(s)) else "none") for s in specs for o in objectives]
-    jobs = list(dict.fromkeys(jobs))
-    tables = []
-    with cache if cache is not None else contextlib.nullcontext():
-        with clock("reference"):
-            ref = _forward(net, ids, causal, blocked=head is not None)
-            measure = NextTokenMeasure(head, ref, ids) if head is not None else None
-        for spec, objective in tqdm(jobs, desc=f"evaluate {model}", unit="variant", disable=not progress):
-            part = parts / f"{hashlib.sha256(f'{spec}|{objective}'.encode()).hexdigest()[:12]}.parquet"
-            if not part.exists():
-                with clock("swaps"):
-                    rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fitted, ids,
-                                        ref, causal, cap.num_layers, layers, SWAP_MODES, cache=cache, order=order,
-                                        measure=measure, to_call=to_call)
-                table = pd.DataFrame(rows, columns=COLUMNS[1:])
-                table["objective"] = objective
-                table["input"] = table["input"].map(lambda i: heldout[int(i)] if i is not None and i == i else -1)
-                atomic_write_table(part, table)
-            tables.append(pd.read_parquet(part))
-    table = pd.concat(tables, ignore_index=True)
-    table.insert(0, "model", cap.manifest.get("model"))
-    table["module"] = table["layer"].map(lambda l: cap.manifest["layers"][int(l)]["name"])
-    table["train_inputs"] = train
-    table["tokens"] = int(ids.shape[1])
-    table["fit_steps"] = table.objective.map(lambda o: fit_used.get(o, {}).get("steps", 0))
-    table["fit_max_rows"] = table.objective.map(lambda o: fit_used.get(o, {}).get("max_rows", 0))
-    atomic_write_table(out, table)
-    shutil.copyfile(parts / "fits.safetensors", fits_path)
-    atomic_write_json(out.with_name(out.stem + ".settings.json"),
-                      {"capture": str(capture.resolve()), "results": str(results.resolve()), "variants": list(specs),
-                       "objectives": list(objectives), "heldout": heldout, "tokens": int(ids.shape[1]),
-                       "given_fits": str(fits) if fits else None, "fit_settings": fit_used, "fit_log": log,
-                       "plain": plain, "block_cache": cache is not None, "blocked_lm_head": measure is not None,
-                       "torch_threads": torch.get_num_threads(),
-                       # this process only: a resumed run counts the work done after the restart
-                       "stages": clock.stages,
-                       "seconds": round(time.perf_counter() - started, 1),
-                       "cpu_seconds": round(time.process_time() - cpu_started, 1)})
-    shutil.rmtree(parts)
-    return table
+
+    created = not parts.exists()
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+        marker = parts / "settings.json"
+        if marker.exists() and json.loads(marker.read_text()).get("key") != key:
+            raise ValueError(f"{parts} holds partial results of a run with other settings; "
+                             "delete it or choose another --out")
+        atomic_write_json(marker, {"key": key})
+        fits_path = out.with_name(out.stem + ".fits.safetensors")
+        if not (parts / "fits.safetensors").is_file():
+            with clock("fit"):
+                params, log = fit_parameters(cap, specs, train_inputs=train, fit=own_fit, objectives=objectives,
+                                             have=given, joint=joint_fits, progress=progress)
+            atomic_write_json(parts / "fits_log.json", log)
+            save_fits(parts / "fits.safetensors", params,
+                      settings={"fit": own_fit, "train_inputs": train, "given_fits": str(fits) if fits else None})
+        fitted = load_fits(parts / "fits.safetensors")
+        log = json.loads((parts / "fits_log.json").read_text()) if (parts / "fits_log.json").is_file() else []
+        # the settings each objective's fits ran with: given fits keep compare's, own fits the overrides
+        fit_used = {}
+        for objective in objectives:
+            own = any(r["objective"] == objective and r.get("source") != "given fits" for r in log)
+            fit_used[objective] = {**own_fit, "joint_layers": joint_fits} if own else settings["fit"]
+
+        blocks = BlockCache.find(net, len(calls)) if reuse_blocks and not plain and order else None
+        cache = BlockCache(blocks) if blocks is not None and _blocks_match(blocks, order) else None
+        layers = list(range(cap.num_layers))
+        jobs = [(s, o if is_learnable(make_variant(s)) else "none") for s in specs for o in objectives]
+        jobs = list(dict.fromkeys(jobs))
+        tables = []
+        with cache if cache is not None else contextlib.nullcontext():
+            with clock("reference"):
+                ref = _forward(net, ids, causal, blocked=head is not None)
+                measure = NextTokenMeasure(head, ref, ids) if head is not None else None
+            for spec, objective in tqdm(jobs, desc=f"evaluate {model}", unit="variant", disable=not progress):
+                part = parts / f"{hashlib.sha256(f'{spec}|{objective}'.encode()).hexdigest()[:12]}.parquet"
+                if not part.exists():
+                    with clock("swaps"):
+                        rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fitted, ids,
+                                            ref, causal, cap.num_layers, layers, SWAP_MODES, cache=cache, order=order,
+                                            measure=measure, to_call=to_call)
+                    table = pd.DataFrame(rows, columns=COLUMNS[1:])
+                    table["objective"] = objective
+                    table["input"] = table["input"].map(lambda i: heldout[int(i)] if i is not None and i == i else -1)
+                    atomic_write_table(part, table)
+                tables.append(pd.read_parquet(part))
+        table = pd.concat(tables, ignore_index=True)
+        table.insert(0, "model", cap.manifest.get("model"))
+        table["module"] = table["layer"].map(lambda l: cap.manifest["layers"][int(l)]["name"])
+        table["train_inputs"] = train
+        table["tokens"] = int(ids.shape[1])
+        table["fit_steps"] = table.objective.map(lambda o: fit_used.get(o, {}).get("steps", 0))
+        table["fit_max_rows"] = table.objective.map(lambda o: fit_used.get(o, {}).get("max_rows", 0))
+        atomic_write_table(out, table)
+        shutil.copyfile(parts / "fits.safetensors", fits_path)
+        atomic_write_json(out.with_name(out.stem + ".settings.json"),
+                          {"capture": str(capture.resolve()), "results": str(results.resolve()),
+                           "variants": list(specs),
+                           "objectives": list(objectives), "heldout": heldout, "tokens": int(ids.shape[1]),
+                           "given_fits": str(fits) if fits else None, "fit_settings": fit_used, "fit_log": log,
+                           "plain": plain, "block_cache": cache is not None, "blocked_lm_head": measure is not None,
+                           "torch_threads": torch.get_num_threads(),
+                           # this process only: a resumed run counts the work done after the restart
+                           "stages": clock.stages,
+                           "seconds": round(time.perf_counter() - started, 1),
+                           "cpu_seconds": round(time.process_time() - cpu_started, 1)})
+        shutil.rmtree(parts)
+        return table
+    except BaseException:
+        # a run that failed before finishing any work removes the parts folder it created
+        if created and parts.is_dir() and {p.name for p in parts.iterdir()} <= {"settings.json"}:
+            shutil.rmtree(parts, ignore_errors=True)
+        raise

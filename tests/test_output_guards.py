@@ -1,0 +1,57 @@
+"""Guards on inputs and outputs: wrong model or results for a capture, files the tool did not write."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from hla_analysis.capture import capture  # noqa: E402
+from hla_analysis.cli import main  # noqa: E402
+from hla_analysis.compare import run_comparison  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 3-input MiniLM capture and its softmax-only comparison (no fits: fast)."""
+    root = tmp_path_factory.mktemp("guards")
+    cap = capture("minilm", out=root / "cap", num_inputs=3, max_tokens=12, progress=False)
+    run_comparison(cap, out=root / "r.parquet", variants="softmax", train_inputs=1, progress=False)
+    return root, cap
+
+
+@pytest.fixture(scope="module")
+def random_bert(tmp_path_factory):
+    """A small random BERT saved as a model folder: a model the MiniLM capture was not made from."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("bert")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def _evaluate_args(root, cap, out, *extra):
+    return ["evaluate", "--model", "minilm", "--capture", str(cap), "--results", str(root / "r.parquet"),
+            "--variants", "softmax", "--out", str(out), "--quiet", *extra]
+
+
+def test_evaluate_refuses_other_model(tiny, random_bert, tmp_path, capsys):
+    root, cap = tiny
+    out = tmp_path / "m.csv"
+    args = _evaluate_args(root, cap, out)
+    args[args.index("minilm")] = str(random_bert)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "is not the model the capture" in err and str(random_bert) in err and "'minilm'" in err
+    # nothing was written, not even the parts folder (item 11)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_bad_model_leaves_no_parts(tiny, tmp_path, capsys):
+    root, cap = tiny
+    args = _evaluate_args(root, cap, tmp_path / "m.csv")
+    args[args.index("minilm")] = str(tmp_path / "no_such_model")
+    assert main(args) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
