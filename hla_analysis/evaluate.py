@@ -41,7 +41,25 @@ def _compare_settings(results: Path) -> dict:
     path = results.with_name(results.stem + ".settings.json")
     if not path.is_file():
         raise FileNotFoundError(f"no {path.name} beside {results}; pass the table `hla-analysis compare` wrote")
-    return json.loads(path.read_text())
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path} ({exc}); rerun `hla-analysis compare`") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is not the settings file `hla-analysis compare` writes; pass the table it wrote")
+    return settings
+
+
+def _check_results_capture(settings: dict, results: Path, capture: Path) -> None:
+    """Refuse a results table of another capture (compare records the capture manifest's SHA-256)."""
+    from hla_analysis.compare import capture_identity
+
+    recorded = settings.get("capture_sha256")
+    if recorded and recorded != capture_identity(capture):
+        raise ValueError(
+            f"--results {results} was computed on another capture ({settings.get('capture')}), not on --capture "
+            f"{capture}; pass the results of this capture, or the capture those results came from"
+        )
 
 
 def _load_causal_lm(model: str):
@@ -545,6 +563,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     FitConfig(**own_fit)  # bad overrides fail here, before any work
     specs = resolve_variants(settings["variants"] if variants == "default" else variants)
     cap = load_capture(capture)
+    _check_results_capture(settings, results, capture)
     if cap.manifest.get("input_kind") != "text":
         raise ValueError(f"{capture} is a capture of {cap.manifest.get('input_kind')} inputs; model-level "
                          "evaluation runs held-out token ids through the model, so it needs a text capture")

@@ -7,6 +7,7 @@ pytest.importorskip("transformers")
 from hla_analysis.capture import capture  # noqa: E402
 from hla_analysis.cli import main  # noqa: E402
 from hla_analysis.compare import run_comparison  # noqa: E402
+from hla_analysis.evaluate import run_model_evaluation  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -55,3 +56,13 @@ def test_evaluate_bad_model_leaves_no_parts(tiny, tmp_path, capsys):
     assert main(args) == 1
     assert "Traceback" not in capsys.readouterr().err
     assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_results_of_another_capture(tiny, tmp_path):
+    root, cap = tiny
+    other = capture("minilm", out=tmp_path / "cap2", num_inputs=3, max_tokens=10, progress=False)
+    with pytest.raises(ValueError, match="was computed on another capture") as info:
+        run_model_evaluation("minilm", capture=other, results=root / "r.parquet", out=tmp_path / "m.csv",
+                             variants="softmax", progress=False)
+    assert str(root / "cap") in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "m.csv.parts").exists()
