@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from hla_analysis._io import atomic_write_json, atomic_write_table
+from hla_analysis._io import atomic_write_bytes, atomic_write_json, atomic_write_table
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
 from hla_analysis.swap import OBJECTIVES, fit_key, load_fits, save_fits, swap_attention
@@ -473,6 +473,36 @@ def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layer
     return rows
 
 
+_TOOL = "hla-analysis evaluate"
+
+
+def _outputs(out: Path) -> list[Path]:
+    """Every file a run writes beside ``out``; the settings file (which marks them as ours) is [2]."""
+    return [out, out.with_name(out.stem + ".fits.safetensors"), out.with_name(out.stem + ".settings.json")]
+
+
+def _check_outputs(out: Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, outputs that cannot be written or that evaluate did not write."""
+    parts = out.with_name(out.name + ".parts")
+    if parts.exists() and not parts.is_dir():
+        raise ValueError(f"{parts} exists and is not a folder; choose another --out")
+    folders = [p for p in _outputs(out) if p.is_dir()]
+    if folders:
+        raise ValueError(f"{folders[0]} exists and is a folder; choose another --out")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"{out.parent} is not a folder; choose another --out")
+    existing = [p for p in _outputs(out) if p.exists()]
+    if existing and not overwrite:
+        try:
+            marker = json.loads(_outputs(out)[2].read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            marker = None
+        if not (isinstance(marker, dict) and marker.get("tool") == _TOOL):
+            names = ", ".join(str(p) for p in existing)
+            raise ValueError(f"{names} already exist(s) and `hla-analysis evaluate` did not write them; "
+                             "choose another --out, or pass --overwrite (overwrite=True) to replace them")
+
+
 def resolve_fits(fits, results: Path) -> Path | None:
     """``"auto"``: the ``.fits.safetensors`` that ``compare`` wrote beside ``results`` (None if absent)."""
     if fits is None:
@@ -504,7 +534,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
                          variants="default", objectives=OBJECTIVES, max_heldout: int | None = None,
                          max_tokens: int | None = None, fits: str | Path | None = None,
                          fit_overrides: dict | None = None, joint_fits: bool = False, plain: bool = False,
-                         reuse_blocks: bool = True, progress: bool = True) -> pd.DataFrame:
+                         reuse_blocks: bool = True, overwrite: bool = False, progress: bool = True) -> pd.DataFrame:
     """Swap every variant into ``model`` layer by layer and write the tidy model-level table.
 
     Parameters
@@ -543,6 +573,9 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         causal metrics on full logits (no :class:`NextTokenMeasure`). Slower, same numbers.
     reuse_blocks : bool
         Reuse transformer-block outputs shared between swaps (ignored with ``plain``).
+    overwrite : bool
+        Replace an existing ``out`` (and its ``.fits.safetensors`` / ``.settings.json``) that
+        evaluate did not write. Its own earlier results are replaced without asking.
 
     Stage timings (wall and CPU seconds) go to ``<out stem>.settings.json`` under ``stages``.
     """
@@ -551,6 +584,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     capture, results, out = Path(capture), Path(results), Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out must end in .parquet or .csv, got {out.name!r}")
+    _check_outputs(out, overwrite=overwrite)
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
         raise ValueError(f"unknown objectives {bad}; choose from {', '.join(OBJECTIVES)}")
@@ -645,9 +679,9 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         table["fit_steps"] = table.objective.map(lambda o: fit_used.get(o, {}).get("steps", 0))
         table["fit_max_rows"] = table.objective.map(lambda o: fit_used.get(o, {}).get("max_rows", 0))
         atomic_write_table(out, table)
-        shutil.copyfile(parts / "fits.safetensors", fits_path)
+        atomic_write_bytes(fits_path, (parts / "fits.safetensors").read_bytes())
         atomic_write_json(out.with_name(out.stem + ".settings.json"),
-                          {"capture": str(capture.resolve()), "results": str(results.resolve()),
+                          {"tool": _TOOL, "capture": str(capture.resolve()), "results": str(results.resolve()),
                            "variants": list(specs),
                            "objectives": list(objectives), "heldout": heldout, "tokens": int(ids.shape[1]),
                            "given_fits": str(fits) if fits else None, "fit_settings": fit_used, "fit_log": log,

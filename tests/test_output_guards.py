@@ -66,3 +66,20 @@ def test_evaluate_refuses_results_of_another_capture(tiny, tmp_path):
                              variants="softmax", progress=False)
     assert str(root / "cap") in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "m.csv.parts").exists()
+
+
+@pytest.mark.parametrize("suffix", ["", ".fits.safetensors", ".settings.json"])
+def test_evaluate_refuses_user_files(tiny, tmp_path, capsys, suffix):
+    root, cap = tiny
+    out = tmp_path / "m.csv"
+    user = out if not suffix else tmp_path / f"m{suffix}"
+    user.write_text("mine")
+    assert main(_evaluate_args(root, cap, out)) == 1
+    err = capsys.readouterr().err
+    assert "did not write them" in err and "--overwrite" in err and "Traceback" not in err
+    assert user.read_text() == "mine" and not (tmp_path / "m.csv.parts").exists()
+    if suffix == ".settings.json":
+        # --overwrite replaces them; the run's own files are then replaced without asking
+        assert main(_evaluate_args(root, cap, out, "--overwrite")) == 0
+        assert user.read_text() != "mine" and out.is_file()
+        assert main(_evaluate_args(root, cap, out)) == 0
