@@ -83,3 +83,15 @@ def test_evaluate_refuses_user_files(tiny, tmp_path, capsys, suffix):
         assert main(_evaluate_args(root, cap, out, "--overwrite")) == 0
         assert user.read_text() != "mine" and out.is_file()
         assert main(_evaluate_args(root, cap, out)) == 0
+
+
+def test_summary_csv_refuses_existing_file(tiny, tmp_path, capsys):
+    root, _ = tiny
+    user = tmp_path / "s.csv"
+    user.write_text("mine")
+    assert main(["summary", str(root / "r.parquet"), "--csv", str(user)]) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and user.read_text() == "mine"
+    assert main(["summary", str(root / "r.parquet"), "--csv", str(user), "--overwrite"]) == 0
+    assert user.read_text().startswith("variant,")
+    assert [p.name for p in tmp_path.iterdir()] == ["s.csv"]  # no temporary file left beside it
