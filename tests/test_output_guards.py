@@ -95,3 +95,46 @@ def test_summary_csv_refuses_existing_file(tiny, tmp_path, capsys):
     assert main(["summary", str(root / "r.parquet"), "--csv", str(user), "--overwrite"]) == 0
     assert user.read_text().startswith("variant,")
     assert [p.name for p in tmp_path.iterdir()] == ["s.csv"]  # no temporary file left beside it
+
+
+def _demo(out, *extra):
+    return ["demo", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12", "--variants", "softmax",
+            "--quiet", *extra]
+
+
+def test_demo_refuses_user_files_before_capturing(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.csv").write_text("mine")
+    assert main(_demo(out)) == 1
+    err = capsys.readouterr().err
+    assert "summary.csv already exist(s) and hla-analysis did not write them" in err and "--overwrite" in err
+    assert not (out / "capture").exists() and (out / "summary.csv").read_text() == "mine"
+    figures = tmp_path / "figs"
+    figures.mkdir()
+    (figures / "kl_heatmaps.png").write_text("mine")
+    assert main(_demo(tmp_path / "run2", "--figures", str(figures))) == 1
+    assert "kl_heatmaps.png already exist(s)" in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "capture").exists()
+
+
+def test_demo_out_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(_demo(tmp_path / "f")) == 1
+    err = capsys.readouterr().err
+    assert "is a file; pass a directory" in err and "Errno" not in err
+
+
+def test_demo_softmax_only_skips_figures_and_reruns(tmp_path, capsys):
+    """--variants softmax: the HLA figures are skipped with a note, the summary still printed; a rerun
+    replaces demo's own files without --overwrite, and --overwrite replaces a user's."""
+    out = tmp_path / "run"
+    assert main(_demo(out)) == 0
+    printed = capsys.readouterr().out
+    assert "kl_heatmaps: skipped" in printed and "KL mean" in printed
+    assert (out / "summary.csv").is_file() and (out / "figures" / "compare_summary.csv").is_file()
+    assert main(_demo(out)) == 0  # its own files: replaced without asking
+    (out / "figures" / "hla-analysis-demo.json").unlink()  # now they are nobody's
+    assert main(_demo(out)) == 1
+    assert "compare_summary.csv" in capsys.readouterr().err
+    assert main(_demo(out, "--overwrite")) == 0
