@@ -138,3 +138,30 @@ def test_demo_softmax_only_skips_figures_and_reruns(tmp_path, capsys):
     assert main(_demo(out)) == 1
     assert "compare_summary.csv" in capsys.readouterr().err
     assert main(_demo(out, "--overwrite")) == 0
+
+
+def test_capture_refuses_a_users_file_named_like_an_input(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "cap"
+    out.mkdir()
+    save_file({"x": __import__("torch").zeros(2)}, str(out / "input_00000.safetensors"))
+    before = (out / "input_00000.safetensors").read_bytes()
+    code = main(["capture", "--model", "minilm", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "not part of a capture (input_00000.safetensors)" in err
+    assert (out / "input_00000.safetensors").read_bytes() == before
+
+
+def test_failed_capture_removes_the_folder_it_created(tmp_path, capsys):
+    out = tmp_path / "cap"
+    code = main(["capture", "--model", "minilm", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12",
+                 "--modules", "no_such_module", "--quiet"])
+    assert code == 1 and "Traceback" not in capsys.readouterr().err
+    assert not out.exists()
+    # a folder the user made is left in place
+    out.mkdir()
+    assert main(["capture", "--model", "minilm", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12",
+                 "--modules", "no_such_module", "--quiet"]) == 1
+    assert out.is_dir()
