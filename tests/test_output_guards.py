@@ -165,3 +165,29 @@ def test_failed_capture_removes_the_folder_it_created(tmp_path, capsys):
     assert main(["capture", "--model", "minilm", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12",
                  "--modules", "no_such_module", "--quiet"]) == 1
     assert out.is_dir()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(num_heads=11, kv_head_for_query_head=list(range(11))), "num_kv_heads=12 exceeds num_heads=11"),
+    (lambda m: m.update(kv_head_for_query_head=[0] * 11 + [12]), "kv_head_for_query_head must list"),
+    (lambda m: m.update(head_dim=16), "layer 0 has head_dim=32 but the manifest says head_dim=16"),
+    (lambda m: m["layers"][0].update(scale=0.0), "layer 0 scale must be a finite number > 0"),
+    (lambda m: m["layers"][0].update(heads=11, q_factor=[1.0] * 11), "layer 0 has heads=11"),
+])
+def test_resealed_manifest_with_inconsistent_fields_is_refused(tiny, tmp_path, capsys, edit, message):
+    import json
+    import shutil
+
+    from hla_analysis.capture.manifest import sealed
+
+    _, cap = tiny
+    copy = tmp_path / "cap"
+    shutil.copytree(cap, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(sealed({k: v for k, v in manifest.items()
+                                                           if k != "manifest_sha256"})))
+    code = main(["compare", "--capture", str(copy), "--variants", "softmax", "--out", str(tmp_path / "r.csv"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "RuntimeError" not in err and len(err.strip().splitlines()) == 1
