@@ -191,3 +191,12 @@ def test_resealed_manifest_with_inconsistent_fields_is_refused(tiny, tmp_path, c
                  "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and message in err and "RuntimeError" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["./nonexistent_folder", "runs/models/nope", "nope_org/nope_model"])
+def test_capture_missing_model_folder_is_named(tmp_path, capsys, name):
+    code = main(["capture", "--model", name, "--out", str(tmp_path / "cap"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "repo id" not in err.lower()
+    assert "does not exist" in err or "neither a local folder" in err
+    assert name in err and not (tmp_path / "cap").exists()
