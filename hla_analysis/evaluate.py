@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from hla_analysis._io import atomic_write_json, atomic_write_table
+from hla_analysis._io import atomic_write_bytes, atomic_write_json, atomic_write_table
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
 from hla_analysis.swap import OBJECTIVES, fit_key, load_fits, save_fits, swap_attention
@@ -41,7 +41,25 @@ def _compare_settings(results: Path) -> dict:
     path = results.with_name(results.stem + ".settings.json")
     if not path.is_file():
         raise FileNotFoundError(f"no {path.name} beside {results}; pass the table `hla-analysis compare` wrote")
-    return json.loads(path.read_text())
+    try:
+        settings = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read {path} ({exc}); rerun `hla-analysis compare`") from None
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} is not the settings file `hla-analysis compare` writes; pass the table it wrote")
+    return settings
+
+
+def _check_results_capture(settings: dict, results: Path, capture: Path) -> None:
+    """Refuse a results table of another capture (compare records the capture manifest's SHA-256)."""
+    from hla_analysis.compare import capture_identity
+
+    recorded = settings.get("capture_sha256")
+    if recorded and recorded != capture_identity(capture):
+        raise ValueError(
+            f"--results {results} was computed on another capture ({settings.get('capture')}), not on --capture "
+            f"{capture}; pass the results of this capture, or the capture those results came from"
+        )
 
 
 def _load_causal_lm(model: str):
@@ -58,7 +76,26 @@ def _load(model: str, causal: bool):
         return _load_causal_lm(model)
     from hla_analysis.capture.models import load_model
 
-    return load_model(model).model
+    return load_model(model, tokenizer=False).model
+
+
+def check_model_identity(net, model: str, cap, causal: bool) -> None:
+    """Refuse a model whose weights differ from the ones the capture recorded (``weights_sha256``).
+
+    The capture hashes the bare backbone (``AutoModel``); a causal LM is compared through its
+    ``base_model``, which holds the same tensors under the same names.
+    """
+    from hla_analysis.capture.run import weights_sha256
+
+    expected = cap.manifest.get("weights_sha256")
+    body = net.base_model if causal and getattr(net, "base_model", None) is not None else net
+    actual = weights_sha256(body)
+    if expected and actual != expected:
+        raise ValueError(
+            f"--model {model!r} (weights sha256 {actual[:12]}) is not the model the capture {cap.path} was made "
+            f"from ({cap.manifest.get('model')!r}, weights sha256 {expected[:12]}); pass that model as --model, "
+            "or evaluate a capture of this model"
+        )
 
 
 def _train_batch(cap, layers, train_inputs: int) -> dict:
@@ -436,6 +473,36 @@ def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layer
     return rows
 
 
+_TOOL = "hla-analysis evaluate"
+
+
+def _outputs(out: Path) -> list[Path]:
+    """Every file a run writes beside ``out``; the settings file (which marks them as ours) is [2]."""
+    return [out, out.with_name(out.stem + ".fits.safetensors"), out.with_name(out.stem + ".settings.json")]
+
+
+def _check_outputs(out: Path, *, overwrite: bool) -> None:
+    """Refuse, before any work, outputs that cannot be written or that evaluate did not write."""
+    parts = out.with_name(out.name + ".parts")
+    if parts.exists() and not parts.is_dir():
+        raise ValueError(f"{parts} exists and is not a folder; choose another --out")
+    folders = [p for p in _outputs(out) if p.is_dir()]
+    if folders:
+        raise ValueError(f"{folders[0]} exists and is a folder; choose another --out")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"{out.parent} is not a folder; choose another --out")
+    existing = [p for p in _outputs(out) if p.exists()]
+    if existing and not overwrite:
+        try:
+            marker = json.loads(_outputs(out)[2].read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            marker = None
+        if not (isinstance(marker, dict) and marker.get("tool") == _TOOL):
+            names = ", ".join(str(p) for p in existing)
+            raise ValueError(f"{names} already exist(s) and `hla-analysis evaluate` did not write them; "
+                             "choose another --out, or pass --overwrite (overwrite=True) to replace them")
+
+
 def resolve_fits(fits, results: Path) -> Path | None:
     """``"auto"``: the ``.fits.safetensors`` that ``compare`` wrote beside ``results`` (None if absent)."""
     if fits is None:
@@ -467,7 +534,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
                          variants="default", objectives=OBJECTIVES, max_heldout: int | None = None,
                          max_tokens: int | None = None, fits: str | Path | None = None,
                          fit_overrides: dict | None = None, joint_fits: bool = False, plain: bool = False,
-                         reuse_blocks: bool = True, progress: bool = True) -> pd.DataFrame:
+                         reuse_blocks: bool = True, overwrite: bool = False, progress: bool = True) -> pd.DataFrame:
     """Swap every variant into ``model`` layer by layer and write the tidy model-level table.
 
     Parameters
@@ -506,6 +573,9 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         causal metrics on full logits (no :class:`NextTokenMeasure`). Slower, same numbers.
     reuse_blocks : bool
         Reuse transformer-block outputs shared between swaps (ignored with ``plain``).
+    overwrite : bool
+        Replace an existing ``out`` (and its ``.fits.safetensors`` / ``.settings.json``) that
+        evaluate did not write. Its own earlier results are replaced without asking.
 
     Stage timings (wall and CPU seconds) go to ``<out stem>.settings.json`` under ``stages``.
     """
@@ -514,6 +584,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     capture, results, out = Path(capture), Path(results), Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out must end in .parquet or .csv, got {out.name!r}")
+    _check_outputs(out, overwrite=overwrite)
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:
         raise ValueError(f"unknown objectives {bad}; choose from {', '.join(OBJECTIVES)}")
@@ -526,6 +597,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     FitConfig(**own_fit)  # bad overrides fail here, before any work
     specs = resolve_variants(settings["variants"] if variants == "default" else variants)
     cap = load_capture(capture)
+    _check_results_capture(settings, results, capture)
     if cap.manifest.get("input_kind") != "text":
         raise ValueError(f"{capture} is a capture of {cap.manifest.get('input_kind')} inputs; model-level "
                          "evaluation runs held-out token ids through the model, so it needs a text capture")
@@ -540,79 +612,89 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     key = hashlib.sha256(json.dumps([str(capture.resolve()), specs, list(objectives), heldout, settings["fit"],
                                      fits_digest, own_fit, max_tokens, joint_fits]).encode()).hexdigest()[:16]
     parts = out.with_name(out.name + ".parts")
-    parts.mkdir(parents=True, exist_ok=True)
-    marker = parts / "settings.json"
-    if marker.exists() and json.loads(marker.read_text()).get("key") != key:
-        raise ValueError(f"{parts} holds partial results of a run with other settings; "
-                         "delete it or choose another --out")
-    atomic_write_json(marker, {"key": key})
     clock = _Clock()
     started, cpu_started = time.perf_counter(), time.process_time()
-
-    fits_path = out.with_name(out.stem + ".fits.safetensors")
-    if not (parts / "fits.safetensors").is_file():
-        with clock("fit"):
-            params, log = fit_parameters(cap, specs, train_inputs=train, fit=own_fit, objectives=objectives,
-                                         have=given, joint=joint_fits, progress=progress)
-        atomic_write_json(parts / "fits_log.json", log)
-        save_fits(parts / "fits.safetensors", params,
-                  settings={"fit": own_fit, "train_inputs": train, "given_fits": str(fits) if fits else None})
-    fitted = load_fits(parts / "fits.safetensors")
-    log = json.loads((parts / "fits_log.json").read_text()) if (parts / "fits_log.json").is_file() else []
-    # the settings each objective's fits ran with: given fits keep compare's, own fits the overrides
-    fit_used = {}
-    for objective in objectives:
-        own = any(r["objective"] == objective and r.get("source") != "given fits" for r in log)
-        fit_used[objective] = {**own_fit, "joint_layers": joint_fits} if own else settings["fit"]
-
+    # the model is loaded and checked before anything is written: a wrong --model leaves nothing behind
     with clock("load_model"):
         net = _load(model, causal)
+        check_model_identity(net, model, cap, causal)
         ids = torch.stack([cap.get(0, i)["input_ids"] for i in heldout])[:, :max_tokens]
         calls = attention_calls(net, ids, causal)
         to_call = capture_layer_calls([layer["name"] for layer in cap.manifest["layers"]], [n for _, n in calls])
         order = {module: layer for layer, (module, _) in enumerate(calls)}
         order = order if len(order) == len(calls) else None  # a shared module has no single number
         head = blocked_head(net, ids) if causal and not plain else None
-    blocks = BlockCache.find(net, len(calls)) if reuse_blocks and not plain and order else None
-    cache = BlockCache(blocks) if blocks is not None and _blocks_match(blocks, order) else None
-    layers = list(range(cap.num_layers))
-    jobs = [(s, o if is_learnable(make_variant(s)) else "none") for s in specs for o in objectives]
-    jobs = list(dict.fromkeys(jobs))
-    tables = []
-    with cache if cache is not None else contextlib.nullcontext():
-        with clock("reference"):
-            ref = _forward(net, ids, causal, blocked=head is not None)
-            measure = NextTokenMeasure(head, ref, ids) if head is not None else None
-        for spec, objective in tqdm(jobs, desc=f"evaluate {model}", unit="variant", disable=not progress):
-            part = parts / f"{hashlib.sha256(f'{spec}|{objective}'.encode()).hexdigest()[:12]}.parquet"
-            if not part.exists():
-                with clock("swaps"):
-                    rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fitted, ids,
-                                        ref, causal, cap.num_layers, layers, SWAP_MODES, cache=cache, order=order,
-                                        measure=measure, to_call=to_call)
-                table = pd.DataFrame(rows, columns=COLUMNS[1:])
-                table["objective"] = objective
-                table["input"] = table["input"].map(lambda i: heldout[int(i)] if i is not None and i == i else -1)
-                atomic_write_table(part, table)
-            tables.append(pd.read_parquet(part))
-    table = pd.concat(tables, ignore_index=True)
-    table.insert(0, "model", cap.manifest.get("model"))
-    table["module"] = table["layer"].map(lambda l: cap.manifest["layers"][int(l)]["name"])
-    table["train_inputs"] = train
-    table["tokens"] = int(ids.shape[1])
-    table["fit_steps"] = table.objective.map(lambda o: fit_used.get(o, {}).get("steps", 0))
-    table["fit_max_rows"] = table.objective.map(lambda o: fit_used.get(o, {}).get("max_rows", 0))
-    atomic_write_table(out, table)
-    shutil.copyfile(parts / "fits.safetensors", fits_path)
-    atomic_write_json(out.with_name(out.stem + ".settings.json"),
-                      {"capture": str(capture.resolve()), "results": str(results.resolve()), "variants": list(specs),
-                       "objectives": list(objectives), "heldout": heldout, "tokens": int(ids.shape[1]),
-                       "given_fits": str(fits) if fits else None, "fit_settings": fit_used, "fit_log": log,
-                       "plain": plain, "block_cache": cache is not None, "blocked_lm_head": measure is not None,
-                       "torch_threads": torch.get_num_threads(),
-                       # this process only: a resumed run counts the work done after the restart
-                       "stages": clock.stages,
-                       "seconds": round(time.perf_counter() - started, 1),
-                       "cpu_seconds": round(time.process_time() - cpu_started, 1)})
-    shutil.rmtree(parts)
-    return table
+
+    created = not parts.exists()
+    try:
+        parts.mkdir(parents=True, exist_ok=True)
+        marker = parts / "settings.json"
+        if marker.exists() and json.loads(marker.read_text()).get("key") != key:
+            raise ValueError(f"{parts} holds partial results of a run with other settings; "
+                             "delete it or choose another --out")
+        atomic_write_json(marker, {"key": key})
+        fits_path = out.with_name(out.stem + ".fits.safetensors")
+        if not (parts / "fits.safetensors").is_file():
+            with clock("fit"):
+                params, log = fit_parameters(cap, specs, train_inputs=train, fit=own_fit, objectives=objectives,
+                                             have=given, joint=joint_fits, progress=progress)
+            atomic_write_json(parts / "fits_log.json", log)
+            save_fits(parts / "fits.safetensors", params,
+                      settings={"fit": own_fit, "train_inputs": train, "given_fits": str(fits) if fits else None})
+        fitted = load_fits(parts / "fits.safetensors")
+        log = json.loads((parts / "fits_log.json").read_text()) if (parts / "fits_log.json").is_file() else []
+        # the settings each objective's fits ran with: given fits keep compare's, own fits the overrides
+        fit_used = {}
+        for objective in objectives:
+            own = any(r["objective"] == objective and r.get("source") != "given fits" for r in log)
+            fit_used[objective] = {**own_fit, "joint_layers": joint_fits} if own else settings["fit"]
+
+        blocks = BlockCache.find(net, len(calls)) if reuse_blocks and not plain and order else None
+        cache = BlockCache(blocks) if blocks is not None and _blocks_match(blocks, order) else None
+        layers = list(range(cap.num_layers))
+        jobs = [(s, o if is_learnable(make_variant(s)) else "none") for s in specs for o in objectives]
+        jobs = list(dict.fromkeys(jobs))
+        tables = []
+        with cache if cache is not None else contextlib.nullcontext():
+            with clock("reference"):
+                ref = _forward(net, ids, causal, blocked=head is not None)
+                measure = NextTokenMeasure(head, ref, ids) if head is not None else None
+            for spec, objective in tqdm(jobs, desc=f"evaluate {model}", unit="variant", disable=not progress):
+                part = parts / f"{hashlib.sha256(f'{spec}|{objective}'.encode()).hexdigest()[:12]}.parquet"
+                if not part.exists():
+                    with clock("swaps"):
+                        rows = _run_variant(net, spec, objective if objective != "none" else "map_kl", fitted, ids,
+                                            ref, causal, cap.num_layers, layers, SWAP_MODES, cache=cache, order=order,
+                                            measure=measure, to_call=to_call)
+                    table = pd.DataFrame(rows, columns=COLUMNS[1:])
+                    table["objective"] = objective
+                    table["input"] = table["input"].map(lambda i: heldout[int(i)] if i is not None and i == i else -1)
+                    atomic_write_table(part, table)
+                tables.append(pd.read_parquet(part))
+        table = pd.concat(tables, ignore_index=True)
+        table.insert(0, "model", cap.manifest.get("model"))
+        table["module"] = table["layer"].map(lambda l: cap.manifest["layers"][int(l)]["name"])
+        table["train_inputs"] = train
+        table["tokens"] = int(ids.shape[1])
+        table["fit_steps"] = table.objective.map(lambda o: fit_used.get(o, {}).get("steps", 0))
+        table["fit_max_rows"] = table.objective.map(lambda o: fit_used.get(o, {}).get("max_rows", 0))
+        atomic_write_table(out, table)
+        atomic_write_bytes(fits_path, (parts / "fits.safetensors").read_bytes())
+        atomic_write_json(out.with_name(out.stem + ".settings.json"),
+                          {"tool": _TOOL, "capture": str(capture.resolve()), "results": str(results.resolve()),
+                           "variants": list(specs),
+                           "objectives": list(objectives), "heldout": heldout, "tokens": int(ids.shape[1]),
+                           "given_fits": str(fits) if fits else None, "fit_settings": fit_used, "fit_log": log,
+                           "plain": plain, "block_cache": cache is not None, "blocked_lm_head": measure is not None,
+                           "torch_threads": torch.get_num_threads(),
+                           # this process only: a resumed run counts the work done after the restart
+                           "stages": clock.stages,
+                           "seconds": round(time.perf_counter() - started, 1),
+                           "cpu_seconds": round(time.process_time() - cpu_started, 1)})
+        shutil.rmtree(parts)
+        return table
+    except BaseException:
+        # a run that failed before finishing any work removes the parts folder it created
+        if created and parts.is_dir() and {p.name for p in parts.iterdir()} <= {"settings.json"}:
+            shutil.rmtree(parts, ignore_errors=True)
+        raise

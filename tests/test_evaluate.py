@@ -168,7 +168,8 @@ def test_evaluate_uses_given_fits(tiny, monkeypatch, tmp_path):
     # the given parameters are the ones the model ran with: other parameters give other numbers
     other = {k: t * 3 for k, t in given.items()}
     save_fits(tmp_path / "o.fits.safetensors", other)
-    table2 = ev.run_model_evaluation("minilm", capture=cap_dir, results=root / "r.parquet", out=tmp_path / "o.parquet",
+    # out must not be o.parquet: its o.fits.safetensors is the given file, which evaluate did not write
+    table2 = ev.run_model_evaluation("minilm", capture=cap_dir, results=root / "r.parquet", out=tmp_path / "o2.parquet",
                                      variants="linear:phi=hedgehog", objectives=("map_kl",),
                                      fits=tmp_path / "o.fits.safetensors", max_heldout=3, progress=False)
     cos = lambda t: t[(t.metric == "embedding_cosine") & (t.input < 0) & (t.layer == 0)

@@ -90,6 +90,42 @@ def plain_file_name(name: str, folder: Path, where: str) -> str:
     return name
 
 
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_counts(manifest: dict, path: Path) -> None:
+    """Head counts and sizes that agree with each other (the layers and tensors are checked against them)."""
+    for key in ("num_heads", "num_kv_heads", "head_dim", "head_dim_v"):
+        if not _positive_int(manifest[key]):
+            raise ValueError(f"{path}: {key} must be a positive integer, got {manifest[key]!r}; capture again")
+    heads, kv = manifest["num_heads"], manifest["num_kv_heads"]
+    if kv > heads:
+        raise ValueError(f"{path}: num_kv_heads={kv} exceeds num_heads={heads}; capture again")
+    mapping = manifest["kv_head_for_query_head"]
+    if not all(isinstance(j, int) and not isinstance(j, bool) and 0 <= j < kv for j in mapping):
+        raise ValueError(f"{path}: kv_head_for_query_head must list key/value heads in [0, {kv}); capture again")
+
+
+def _check_layer(layer: dict, l: int, manifest: dict, path: Path) -> None:
+    """A layer's heads, sizes and scales against the manifest's (the tensors' shapes follow the layer's)."""
+    import math
+
+    for key, top in (("heads", "num_heads"), ("kv_heads", "num_kv_heads"), ("head_dim", "head_dim"),
+                     ("head_dim_v", "head_dim_v")):
+        if layer[key] != manifest[top]:
+            raise ValueError(f"{path}: layer {l} has {key}={layer[key]!r} but the manifest says "
+                             f"{top}={manifest[top]!r}; capture again")
+    for key in ("scale", "model_scale"):
+        value = layer[key]
+        if isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+            raise ValueError(f"{path}: layer {l} {key} must be a finite number > 0, got {value!r}; capture again")
+    for key in ("q_factor", "k_factor"):
+        if not all(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0
+                   for f in layer[key]):
+            raise ValueError(f"{path}: layer {l} {key} must hold finite numbers > 0; capture again")
+
+
 def validate(manifest: dict, path: Path) -> dict:
     """Check a parsed manifest against the schema; return it unchanged.
 
@@ -107,10 +143,12 @@ def validate(manifest: dict, path: Path) -> dict:
         raise ValueError(f"{path}: num_layers/num_inputs disagree with the layer and input lists; capture again")
     if len(manifest["kv_head_for_query_head"]) != manifest["num_heads"]:
         raise ValueError(f"{path}: kv_head_for_query_head does not list {manifest['num_heads']} heads; capture again")
+    _check_counts(manifest, path)
     for l, layer in enumerate(manifest["layers"]):
         _check_fields(layer, LAYER_SCHEMA, f"layer {l}", path)
         if len(layer["q_factor"]) != layer["heads"] or len(layer["k_factor"]) != layer["kv_heads"]:
             raise ValueError(f"{path}: layer {l} has q_factor/k_factor of the wrong length; capture again")
+        _check_layer(layer, l, manifest, path)
     text = manifest["input_kind"] == "text"
     for i, rec in enumerate(manifest["inputs"]):
         _check_fields(rec, {**INPUT_SCHEMA, **(TEXT_INPUT_SCHEMA if text else {})}, f"input {i}", path)

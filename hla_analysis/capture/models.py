@@ -167,10 +167,19 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0].strip()
 
 
+def _looks_like_path(model: str) -> bool:
+    """A string that can only be a folder, never a hub id (``org/name``): ``./x``, ``/x``, ``~/x``, ``a/b/c``."""
+    return (model.startswith((".", "/", "~")) or "\\" in model or model.endswith("/")
+            or model.count("/") > 1 or os.sep != "/" and os.sep in model)
+
+
 def _check_weights_format(path: str, model: str) -> None:
     """Refuse a local folder whose weights exist only as pickles (``*.bin``, ``*.pt``, ``*.ckpt``)."""
     folder = Path(path)
     if not folder.exists():
+        if _looks_like_path(path):
+            raise ValueError(f"model folder {path!r} does not exist; pass an existing model folder, "
+                             "'minilm', 'smollm2' or a hub id")
         return  # a hub id: from_pretrained(use_safetensors=True) reads safetensors or fails
     if not folder.is_dir():
         raise ValueError(f"model {path!r} is a file; pass the folder that holds config.json and the weights")
@@ -250,6 +259,10 @@ def load_model(model, *, device: str = "cpu", progress: bool = False, tokenizer:
         net = AutoModel.from_pretrained(path, attn_implementation="eager", dtype=torch.float32,
                                         use_safetensors=True)
     except Exception as exc:  # a broken folder raises OSError, ValueError, KeyError, JSONDecodeError...
+        if not Path(path).exists():
+            raise ValueError(
+                f"model {model!r} is neither a local folder (none exists at that path) nor a hub id in the local "
+                "Hugging Face cache; pass an existing model folder, 'minilm' or 'smollm2'") from None
         raise ValueError(
             f"could not load model {model!r} ({_first_line(exc)}); pass 'minilm', 'smollm2', a local folder with "
             "config.json and safetensors weights, or a hub id that is in the local Hugging Face cache"

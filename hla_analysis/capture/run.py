@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from hla_analysis._io import exclusive_output_lock
+from hla_analysis._io import LOCK_NAME, exclusive_output_lock
 from hla_analysis.capture.inputs import PACKINGS, plan_inputs
 from hla_analysis.capture.manifest import sealed
 from hla_analysis.capture.models import LoadedModel, load_model, resolve_model
@@ -282,14 +282,41 @@ def _prepare_out(out: Path) -> None:
     for stale in out.glob(".*.tmp"):  # left by a run killed mid-write (SIGKILL, power loss)
         stale.unlink(missing_ok=True)
     ours = {MANIFEST, PARTIAL}
+    # input files are ours in a folder with a capture manifest (damaged ones are reported later), or
+    # when their safetensors metadata names the capture format (a run killed before its first manifest)
+    manifest = any((out / name).is_file() for name in ours)
     foreign = [p.name for p in out.iterdir()
-               if p.name not in ours and not (p.name.startswith("input_") and p.suffix == ".safetensors")
+               if p.name not in ours and not (p.name.startswith("input_") and p.suffix == ".safetensors"
+                                              and (manifest or _written_by_capture(p)))
                and not p.name.startswith(".")]
     if foreign:
         raise ValueError(
             f"out={str(out)!r} already holds files that are not part of a capture ({', '.join(sorted(foreign)[:3])}); "
             "pass an empty or new directory"
         )
+
+
+def _remove_if_empty(out: Path) -> None:
+    """Remove ``out`` if it holds nothing but the lock file (and stale temporary files)."""
+    try:
+        names = [p.name for p in out.iterdir()]
+        if all(n == LOCK_NAME or (n.startswith(".") and n.endswith(".tmp")) for n in names):
+            for n in names:
+                (out / n).unlink(missing_ok=True)
+            out.rmdir()
+    except OSError:
+        pass
+
+
+def _written_by_capture(path: Path) -> bool:
+    """Whether a file is a capture input file: a safetensors file whose metadata names our format."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # not a safetensors file at all (safetensors raises its own error types)
+        return False
 
 
 def _finished_records(out: Path, settings: dict) -> tuple[list[dict], dict]:
@@ -559,10 +586,15 @@ def capture(model="minilm", *, out, inputs=None, texts=None, images=None, num_in
     net = plan.loaded.model
     was_training = {m: m.training for m in net.modules()}
     net.eval()
+    created = not out.exists()
     try:
         with exclusive_output_lock(out, command="capture"):
             _prepare_out(out)
             return _run(plan, out, options)
+    except BaseException:
+        if created:  # a failed run removes the folder it created, as long as nothing was captured in it
+            _remove_if_empty(out)
+        raise
     finally:
         for module, mode in was_training.items():
             module.training = mode

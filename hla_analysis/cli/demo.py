@@ -3,8 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
+
+# a file in each folder demo writes to, listing the files demo wrote there: those are its own
+MARKER = "hla-analysis-demo.json"
+_TOOL = "hla-analysis demo"
+FIGURES = ("kl_heatmaps", "error_vs_factors", "attention_maps", "monotonicity")
+FIGURE_FILES = [f"{name}{ext}" for name in FIGURES for ext in (".png", ".csv")] + ["compare_summary.csv"]
+
+
+def _folder(path: Path, option: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{option}={str(path)!r} is a file; pass a directory")
+
+
+def _ours(folder: Path) -> set[str]:
+    try:
+        marker = json.loads((folder / MARKER).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return set()
+    if not isinstance(marker, dict) or marker.get("tool") != _TOOL or not isinstance(marker.get("files"), list):
+        return set()
+    return {str(name) for name in marker["files"]}
+
+
+def _check_files(folder: Path, names: list[str], *, overwrite: bool) -> None:
+    """Refuse files demo is about to write that exist and that demo did not write (unless overwrite)."""
+    marker = folder / MARKER
+    if marker.exists() and not _ours(folder) and not overwrite:
+        raise ValueError(f"{marker} exists and hla-analysis did not write it; choose another folder, "
+                         "or pass --overwrite to replace it")
+    ours = _ours(folder)
+    foreign = [folder / n for n in names if (folder / n).exists() and n not in ours]
+    folders = [p for p in foreign if p.is_dir()]
+    if folders:
+        raise ValueError(f"{folders[0]} is a folder; demo writes a file there, choose another folder")
+    if foreign and not overwrite:
+        raise ValueError(f"{', '.join(map(str, foreign))} already exist(s) and hla-analysis did not write them; "
+                         "choose another folder, or pass --overwrite to replace them")
+
+
+def _claim(folder: Path, names: list[str]) -> None:
+    """Record in the folder's marker that demo writes these files (before writing them)."""
+    from hla_analysis._io import atomic_write_json
+
+    files = sorted(_ours(folder) | set(names))
+    atomic_write_json(folder / MARKER, {"tool": _TOOL, "files": files})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,16 +78,20 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device for capture, fits, maps and metrics (default cpu)")
     p.add_argument("--figures", metavar="DIR", help="where figures go (default OUT/figures)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace summary.csv, figure files and the results table where demo did not write them")
     add_fit_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from hla_analysis import report
+    from hla_analysis._io import atomic_write_bytes
     from hla_analysis.capture import capture
     from hla_analysis.cli.compare import fit_config
     from hla_analysis.cli.summary import print_summary
     from hla_analysis.compare import resolve_variants, run_comparison, summarize
-    from hla_analysis.report import comparison_figures
+    from hla_analysis.figure_tables import load_figure_tables
 
     # check everything that can be checked before the capture spends its half minute
     resolve_variants(args.variants)
@@ -56,6 +106,14 @@ def run(args: argparse.Namespace) -> int:
     if args.train_inputs is not None and not 1 <= args.train_inputs < args.num_inputs:
         raise ValueError(f"--train-inputs must be between 1 and {args.num_inputs - 1}, got {args.train_inputs}.")
     out = Path(args.out)
+    figures = Path(args.figures) if args.figures else out / "figures"
+    _folder(out, "--out")
+    _folder(figures, "--figures")
+    _check_files(out, ["summary.csv"], overwrite=args.overwrite)
+    _check_files(figures, FIGURE_FILES, overwrite=args.overwrite)
+    from hla_analysis.compare import _check_outputs
+
+    _check_outputs(out / "results.parquet", overwrite=args.overwrite)
     started = time.perf_counter()
     progress = not args.quiet
     print(f"[1/3] capturing {args.model}: {args.num_inputs} inputs x {args.max_tokens} tokens -> {out / 'capture'}")
@@ -67,17 +125,27 @@ def run(args: argparse.Namespace) -> int:
     print(f"[2/3] comparing variants -> {results_path}")
     table = run_comparison(cap_dir, out=results_path, variants=args.variants, train_inputs=args.train_inputs,
                            fit=fit_config(args), row_stride=args.row_stride, device=args.device,
-                           progress=progress)
-    figures = Path(args.figures) if args.figures else out / "figures"
+                           progress=progress, overwrite=args.overwrite)
     print(f"      {time.perf_counter() - step:.0f} s")
     step = time.perf_counter()
     print(f"[3/3] figures -> {figures}")
-    for path in comparison_figures(table, results_path, figures):  # figure tables beside the results (issue 17)
+    figures.mkdir(parents=True, exist_ok=True)
+    _claim(figures, FIGURE_FILES)
+    tables = load_figure_tables(results_path)  # figure tables beside the results (issue 17)
+    inputs = {"attention_maps": tables["maps"], "monotonicity": tables["monotonicity"]}
+    for name in FIGURES:
+        figure = getattr(report, name)
+        try:
+            path = figure(inputs.get(name, table), figures)
+        except ValueError as exc:  # e.g. --variants softmax: no HLA variant to plot
+            print(f"      {name}: skipped ({exc})")
+            continue
         print(f"      {path} (+ .csv)")
     print(f"      {time.perf_counter() - step:.0f} s")
     summary = summarize(table)
-    summary.to_csv(out / "summary.csv")
-    summary.to_csv(figures / "compare_summary.csv")
+    _claim(out, ["summary.csv"])
+    atomic_write_bytes(out / "summary.csv", summary.to_csv().encode())
+    atomic_write_bytes(figures / "compare_summary.csv", summary.to_csv().encode())
     print()
     print_summary(summary)
     print(f"\ndone in {time.perf_counter() - started:.0f} s; results: {results_path}, summary: {out / 'summary.csv'}")

@@ -44,6 +44,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="reference path: plain full forwards, full logits (no block reuse, no blocked LM head); "
                         "slower, same numbers")
     p.add_argument("--out", required=True, metavar="FILE", help=".parquet or .csv")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing --out (and its .fits.safetensors / .settings.json) that evaluate "
+                        "did not write")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
@@ -59,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
                                  variants=variants, objectives=tuple(args.objectives),
                                  max_heldout=args.max_heldout, max_tokens=args.max_tokens, fits=args.fits,
                                  fit_overrides=overrides, joint_fits=args.joint_fits, plain=args.plain,
+                                 overwrite=args.overwrite,
                                  progress=not args.quiet)
     print(f"wrote {len(table):,} rows to {args.out}")
     return 0

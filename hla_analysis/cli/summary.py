@@ -25,6 +25,17 @@ def print_summary(summary) -> None:
         print(shown.to_string(na_rep="n/a"))
 
 
+def check_new_file(path, *, overwrite: bool, option: str) -> None:
+    """Refuse a path that is a folder, or an existing file unless ``overwrite``: one line naming the fix."""
+    from pathlib import Path
+
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option} {path} is a folder; pass a file name")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{option} {path} already exists; choose another file, or pass --overwrite to replace it")
+
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "summary",
@@ -34,15 +45,19 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example: hla-analysis summary runs/demo/results.parquet --csv runs/demo/summary.csv",
     )
     p.add_argument("results", metavar="FILE", help="table written by `hla-analysis compare`")
-    p.add_argument("--csv", metavar="FILE", help="also write the summary as CSV")
+    p.add_argument("--csv", metavar="FILE", help="also write the summary as CSV (a new file, see --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --csv file")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from hla_analysis._io import atomic_write_bytes
     from hla_analysis.compare import load_results, summarize
 
+    if args.csv:
+        check_new_file(args.csv, overwrite=args.overwrite, option="--csv")
     summary = summarize(load_results(args.results))
     print_summary(summary)
     if args.csv:
-        summary.to_csv(args.csv)
+        atomic_write_bytes(args.csv, summary.to_csv().encode())
     return 0

@@ -1,0 +1,202 @@
+"""Guards on inputs and outputs: wrong model or results for a capture, files the tool did not write."""
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from hla_analysis.capture import capture  # noqa: E402
+from hla_analysis.cli import main  # noqa: E402
+from hla_analysis.compare import run_comparison  # noqa: E402
+from hla_analysis.evaluate import run_model_evaluation  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """A 3-input MiniLM capture and its softmax-only comparison (no fits: fast)."""
+    root = tmp_path_factory.mktemp("guards")
+    cap = capture("minilm", out=root / "cap", num_inputs=3, max_tokens=12, progress=False)
+    run_comparison(cap, out=root / "r.parquet", variants="softmax", train_inputs=1, progress=False)
+    return root, cap
+
+
+@pytest.fixture(scope="module")
+def random_bert(tmp_path_factory):
+    """A small random BERT saved as a model folder: a model the MiniLM capture was not made from."""
+    from transformers import BertConfig, BertModel
+
+    folder = tmp_path_factory.mktemp("bert")
+    config = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64)
+    BertModel(config).save_pretrained(folder)
+    return folder
+
+
+def _evaluate_args(root, cap, out, *extra):
+    return ["evaluate", "--model", "minilm", "--capture", str(cap), "--results", str(root / "r.parquet"),
+            "--variants", "softmax", "--out", str(out), "--quiet", *extra]
+
+
+def test_evaluate_refuses_other_model(tiny, random_bert, tmp_path, capsys):
+    root, cap = tiny
+    out = tmp_path / "m.csv"
+    args = _evaluate_args(root, cap, out)
+    args[args.index("minilm")] = str(random_bert)
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "is not the model the capture" in err and str(random_bert) in err and "'minilm'" in err
+    # nothing was written, not even the parts folder (item 11)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_bad_model_leaves_no_parts(tiny, tmp_path, capsys):
+    root, cap = tiny
+    args = _evaluate_args(root, cap, tmp_path / "m.csv")
+    args[args.index("minilm")] = str(tmp_path / "no_such_model")
+    assert main(args) == 1
+    assert "Traceback" not in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_evaluate_refuses_results_of_another_capture(tiny, tmp_path):
+    root, cap = tiny
+    other = capture("minilm", out=tmp_path / "cap2", num_inputs=3, max_tokens=10, progress=False)
+    with pytest.raises(ValueError, match="was computed on another capture") as info:
+        run_model_evaluation("minilm", capture=other, results=root / "r.parquet", out=tmp_path / "m.csv",
+                             variants="softmax", progress=False)
+    assert str(root / "cap") in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "m.csv.parts").exists()
+
+
+@pytest.mark.parametrize("suffix", ["", ".fits.safetensors", ".settings.json"])
+def test_evaluate_refuses_user_files(tiny, tmp_path, capsys, suffix):
+    root, cap = tiny
+    out = tmp_path / "m.csv"
+    user = out if not suffix else tmp_path / f"m{suffix}"
+    user.write_text("mine")
+    assert main(_evaluate_args(root, cap, out)) == 1
+    err = capsys.readouterr().err
+    assert "did not write them" in err and "--overwrite" in err and "Traceback" not in err
+    assert user.read_text() == "mine" and not (tmp_path / "m.csv.parts").exists()
+    if suffix == ".settings.json":
+        # --overwrite replaces them; the run's own files are then replaced without asking
+        assert main(_evaluate_args(root, cap, out, "--overwrite")) == 0
+        assert user.read_text() != "mine" and out.is_file()
+        assert main(_evaluate_args(root, cap, out)) == 0
+
+
+def test_summary_csv_refuses_existing_file(tiny, tmp_path, capsys):
+    root, _ = tiny
+    user = tmp_path / "s.csv"
+    user.write_text("mine")
+    assert main(["summary", str(root / "r.parquet"), "--csv", str(user)]) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err and user.read_text() == "mine"
+    assert main(["summary", str(root / "r.parquet"), "--csv", str(user), "--overwrite"]) == 0
+    assert user.read_text().startswith("variant,")
+    assert [p.name for p in tmp_path.iterdir()] == ["s.csv"]  # no temporary file left beside it
+
+
+def _demo(out, *extra):
+    return ["demo", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12", "--variants", "softmax",
+            "--quiet", *extra]
+
+
+def test_demo_refuses_user_files_before_capturing(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "summary.csv").write_text("mine")
+    assert main(_demo(out)) == 1
+    err = capsys.readouterr().err
+    assert "summary.csv already exist(s) and hla-analysis did not write them" in err and "--overwrite" in err
+    assert not (out / "capture").exists() and (out / "summary.csv").read_text() == "mine"
+    figures = tmp_path / "figs"
+    figures.mkdir()
+    (figures / "kl_heatmaps.png").write_text("mine")
+    assert main(_demo(tmp_path / "run2", "--figures", str(figures))) == 1
+    assert "kl_heatmaps.png already exist(s)" in capsys.readouterr().err
+    assert not (tmp_path / "run2" / "capture").exists()
+
+
+def test_demo_out_is_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    assert main(_demo(tmp_path / "f")) == 1
+    err = capsys.readouterr().err
+    assert "is a file; pass a directory" in err and "Errno" not in err
+
+
+def test_demo_softmax_only_skips_figures_and_reruns(tmp_path, capsys):
+    """--variants softmax: the HLA figures are skipped with a note, the summary still printed; a rerun
+    replaces demo's own files without --overwrite, and --overwrite replaces a user's."""
+    out = tmp_path / "run"
+    assert main(_demo(out)) == 0
+    printed = capsys.readouterr().out
+    assert "kl_heatmaps: skipped" in printed and "KL mean" in printed
+    assert (out / "summary.csv").is_file() and (out / "figures" / "compare_summary.csv").is_file()
+    assert main(_demo(out)) == 0  # its own files: replaced without asking
+    (out / "figures" / "hla-analysis-demo.json").unlink()  # now they are nobody's
+    assert main(_demo(out)) == 1
+    assert "compare_summary.csv" in capsys.readouterr().err
+    assert main(_demo(out, "--overwrite")) == 0
+
+
+def test_capture_refuses_a_users_file_named_like_an_input(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    out = tmp_path / "cap"
+    out.mkdir()
+    save_file({"x": __import__("torch").zeros(2)}, str(out / "input_00000.safetensors"))
+    before = (out / "input_00000.safetensors").read_bytes()
+    code = main(["capture", "--model", "minilm", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "not part of a capture (input_00000.safetensors)" in err
+    assert (out / "input_00000.safetensors").read_bytes() == before
+
+
+def test_failed_capture_removes_the_folder_it_created(tmp_path, capsys):
+    out = tmp_path / "cap"
+    code = main(["capture", "--model", "minilm", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12",
+                 "--modules", "no_such_module", "--quiet"])
+    assert code == 1 and "Traceback" not in capsys.readouterr().err
+    assert not out.exists()
+    # a folder the user made is left in place
+    out.mkdir()
+    assert main(["capture", "--model", "minilm", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12",
+                 "--modules", "no_such_module", "--quiet"]) == 1
+    assert out.is_dir()
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda m: m.update(num_heads=11, kv_head_for_query_head=list(range(11))), "num_kv_heads=12 exceeds num_heads=11"),
+    (lambda m: m.update(kv_head_for_query_head=[0] * 11 + [12]), "kv_head_for_query_head must list"),
+    (lambda m: m.update(head_dim=16), "layer 0 has head_dim=32 but the manifest says head_dim=16"),
+    (lambda m: m["layers"][0].update(scale=0.0), "layer 0 scale must be a finite number > 0"),
+    (lambda m: m["layers"][0].update(heads=11, q_factor=[1.0] * 11), "layer 0 has heads=11"),
+])
+def test_resealed_manifest_with_inconsistent_fields_is_refused(tiny, tmp_path, capsys, edit, message):
+    import json
+    import shutil
+
+    from hla_analysis.capture.manifest import sealed
+
+    _, cap = tiny
+    copy = tmp_path / "cap"
+    shutil.copytree(cap, copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    edit(manifest)
+    (copy / "manifest.json").write_text(json.dumps(sealed({k: v for k, v in manifest.items()
+                                                           if k != "manifest_sha256"})))
+    code = main(["compare", "--capture", str(copy), "--variants", "softmax", "--out", str(tmp_path / "r.csv"),
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "RuntimeError" not in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("name", ["./nonexistent_folder", "runs/models/nope", "nope_org/nope_model"])
+def test_capture_missing_model_folder_is_named(tmp_path, capsys, name):
+    code = main(["capture", "--model", name, "--out", str(tmp_path / "cap"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err and "repo id" not in err.lower()
+    assert "does not exist" in err or "neither a local folder" in err
+    assert name in err and not (tmp_path / "cap").exists()
