@@ -110,7 +110,7 @@ def run_study(name: str, *, run: str, num_inputs: int, max_tokens: int, max_held
         extra += ["--joint-fits"] if args.joint_fits else []
         code = main(["evaluate", "--model", name, "--capture", str(folder / "capture"), "--results", str(results),
                      "--variants", args.variants, "--max-heldout", str(args.max_heldout), *extra, "--out", str(out),
-                     *quiet])
+                     "--overwrite", *quiet])  # the run folder is this study's: it replaces its own table
         if code:
             return code
     started, cpu = time.perf_counter(), _cpu()

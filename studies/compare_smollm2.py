@@ -24,5 +24,6 @@ if __name__ == "__main__":
     sys.exit(main([
         "demo", "--model", "smollm2", "--num-inputs", "8", "--max-tokens", "256",
         "--out", str(ROOT / "runs" / "smollm2"), "--figures", str(ROOT / "figures" / "smollm2"),
+        "--overwrite",  # both folders belong to this study, the committed figures included
         *sys.argv[1:],
     ]))
