@@ -76,10 +76,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Library errors (ValueError) already say what went wrong and how to fix it; other
         # failures (a bad --device, a torch error) get their type named, never a traceback.
-        kind = "" if isinstance(exc, (ValueError, OSError, ImportError)) else f"{type(exc).__name__}: "
+        # Only those unexpected failures point at --debug: a user's mistake needs no traceback.
+        user_error = isinstance(exc, (ValueError, OSError, ImportError))
+        kind = "" if user_error else f"{type(exc).__name__}: "
         message = " ".join(str(exc).split()) or type(exc).__name__
-        print(f"hla-analysis {args.command}: error: {kind}{message} (rerun with --debug for the traceback)",
-              file=sys.stderr)
+        hint = "" if user_error else " (rerun with --debug for the traceback)"
+        print(f"hla-analysis {args.command}: error: {kind}{message}{hint}", file=sys.stderr)
         return 1
 
 

@@ -14,11 +14,10 @@ examples:
 """
 
 
-def interval_argument(parser) -> None:
+def interval_argument(parser, help: str = "interval ending at 0, e.g. '-inf 0' or '-16 0'") -> None:
     # let '-inf' be a value like '-16' (argparse only knows digits as negative numbers)
     parser._negative_number_matcher = re.compile(r"^-(\d+|\d*\.\d+|inf)$")
-    parser.add_argument("--interval", nargs=2, metavar=("LO", "HI"), default=None,
-                        help="interval ending at 0, e.g. '-inf 0' or '-16 0'")
+    parser.add_argument("--interval", nargs=2, metavar=("LO", "HI"), default=None, help=help)
 
 
 def register(subparsers) -> None:
@@ -48,6 +47,7 @@ def run(args) -> int:
         raise ValueError("--normalised needs a finite interval (relative errors are infinite on a half-line); "
                          "use e.g. --interval -16 0.")
     print(f"exp on {iv.label()}: {metric}") if not args.json else None
+    notes = []
     for family in args.family:
         values = {}
         for degree in args.degree:
@@ -55,9 +55,14 @@ def run(args) -> int:
                 continue
             e = family_errors(family, degree, interval=iv)
             values[degree] = e[metric]
+            if e[metric] != e[metric] and e.get("note"):  # NaN: the note says why (e.g. the exchange failed)
+                notes.append(f"{family} M={degree}: {e['note']}")
             if args.json:
                 print(json.dumps({k: (v if not isinstance(v, float) or v == v and abs(v) != float("inf") else str(v))
                                   for k, v in e.items()}))
         if not args.json and values:  # 'linear' has only degree 1
             print(f"{family:>15}: " + "  ".join(f"M={d}:{v:.2e}" for d, v in values.items()))
+    if not args.json:
+        for note in notes:
+            print(f"  nan: {note}")
     return 0

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--capture", required=True, metavar="DIR", help="capture directory (hla-analysis capture)")
     p.add_argument("--variants", nargs="+", default=["default"], metavar="SPEC",
                    help="variant specs as separate arguments or joined with ';' (specs contain commas), "
-                        "or 'default' (see `hla-analysis variants`)")
+                        "or 'default', the registry's default set (the default; see `hla-analysis variants`)")
     p.add_argument("--out", required=True, metavar="FILE", help="results table, .parquet or .csv")
     p.add_argument("--block-rows", type=int, default=256, help="query rows per streamed block (memory ~ N x this)")
     p.add_argument("--row-stride", type=int, default=1, metavar="S",

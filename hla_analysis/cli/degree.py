@@ -30,7 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--t-max", type=float, default=3.0, help="sample t in (0, t_max]")
     from hla_analysis.cli.approx import interval_argument
 
-    interval_argument(p)
+    interval_argument(p, help="the range of the temperature t to sample, e.g. '-inf 0' or '-8 5' (default: "
+                              "(0, --t-max]); with --normalised, a finite range ending at 0 of the logits")
     p.add_argument("--normalised", action="store_true",
                    help="with softmax and a finite --interval: the degree M each approximating family "
                         "(hla-analysis approx) needs for min_c max |w/(c e^s) - 1| <= tol on it")

@@ -20,11 +20,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--model", required=True, help="minilm, smollm2 or a model folder (the captured model)")
-    p.add_argument("--capture", required=True, metavar="DIR")
+    p.add_argument("--capture", required=True, metavar="DIR",
+                   help="the text capture the --results table was made from (hla-analysis capture)")
     p.add_argument("--results", required=True, metavar="FILE", help="the compare table of that capture")
     p.add_argument("--variants", nargs="+", default=["default"], metavar="SPEC",
                    help="specs (separate arguments or joined with ';') or 'default' (the compare table's list)")
-    p.add_argument("--objectives", nargs="+", default=["map_kl", "output_mse"], choices=["map_kl", "output_mse"])
+    p.add_argument("--objectives", nargs="+", default=["map_kl", "output_mse"], choices=["map_kl", "output_mse"],
+                   help="what the learnable variants are fitted to: the row KL of the map (Hedgehog) and/or "
+                        "softmax's output (LoLCATs' MSE); default both")
     p.add_argument("--max-heldout", type=int, default=None, metavar="K", help="evaluate the first K held-out inputs")
     p.add_argument("--max-tokens", type=int, default=None, metavar="T",
                    help="evaluate the first T tokens of each held-out input")

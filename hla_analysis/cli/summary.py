@@ -42,7 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="print the per-variant summary of a results table",
         description="Per variant, over held-out inputs: mean and worst-head row KL, output error, "
                     "total variation, top-5 recall, Spearman monotonicity and failure rate.",
-        epilog="example: hla-analysis summary runs/demo/results.parquet --csv runs/demo/summary.csv",
+        epilog="example:\n  hla-analysis summary runs/demo/results.parquet --csv runs/demo/summary.csv",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("results", metavar="FILE", help="table written by `hla-analysis compare`")
     p.add_argument("--csv", metavar="FILE", help="also write the summary as CSV (a new file, see --overwrite)")
