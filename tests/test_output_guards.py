@@ -200,3 +200,17 @@ def test_capture_missing_model_folder_is_named(tmp_path, capsys, name):
     assert code == 1 and "Traceback" not in err and "repo id" not in err.lower()
     assert "does not exist" in err or "neither a local folder" in err
     assert name in err and not (tmp_path / "cap").exists()
+
+
+def test_evaluate_names_a_missing_results_table(tmp_path):
+    """A --results path that does not exist is named as such (not as a missing settings file)."""
+    from hla_analysis.cli import main
+
+    missing = tmp_path / "nosuch.parquet"
+    with pytest.raises(FileNotFoundError, match="no results table at"):
+        from hla_analysis.evaluate import _compare_settings
+
+        _compare_settings(missing)
+    assert main(["evaluate", "--model", "minilm", "--capture", str(tmp_path), "--results", str(missing),
+                 "--out", str(tmp_path / "e.parquet")]) == 1
+    assert not (tmp_path / "e.parquet").exists()
