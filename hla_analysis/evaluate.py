@@ -38,10 +38,11 @@ SWAP_MODES = ("single", "cumulative")
 
 
 def _compare_settings(results: Path) -> dict:
-    if not results.is_file():
-        raise FileNotFoundError(f"no results table at {results}; run `hla-analysis compare` first and pass its --out")
     path = results.with_name(results.stem + ".settings.json")
     if not path.is_file():
+        if not results.exists():
+            raise FileNotFoundError(f"no results table at {results}; run `hla-analysis compare` first and pass its "
+                                    "--out")
         raise FileNotFoundError(f"no {path.name} beside {results}; pass the table `hla-analysis compare` wrote")
     try:
         settings = json.loads(path.read_text())

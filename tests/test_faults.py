@@ -195,7 +195,23 @@ def test_cli_failure_is_one_line_and_exit_1(capsys):
     code = main(["capture", "--model", "minilm", "--device", "bogus", "--out", "/nonexistent/dir/x"])
     err = capsys.readouterr().err
     assert code == 1
-    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "--debug" in err
+    # a user's mistake: its one line says what to fix, with no pointer to a traceback
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "--debug" not in err
+
+
+def test_cli_unexpected_failure_points_at_debug(capsys, monkeypatch):
+    """A failure that is not a user's mistake (here a RuntimeError inside a command) is one line
+    naming its type, and points at --debug for the traceback."""
+    import hla_analysis.cli.variants as variants_cli
+
+    def broken(args):
+        raise RuntimeError("something inside broke")
+
+    monkeypatch.setattr(variants_cli, "run", broken)
+    code = main(["variants"])
+    err = capsys.readouterr().err
+    assert code == 1 and "Traceback" not in err
+    assert "RuntimeError: something inside broke" in err and "--debug" in err
 
 
 def test_cli_bad_usage_exits_2():
