@@ -505,6 +505,9 @@ def load_results(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"cannot read {path} as a results table ({exc}); rerun `hla-analysis compare`.") from None
     missing = [c for c in COLUMNS if c not in table.columns]
     if missing:
+        if "swap_mode" in table.columns:  # evaluate's model-level table (hla_analysis.evaluate.COLUMNS)
+            raise ValueError(f"{path} is a model-level table from `hla-analysis evaluate`; this reads the "
+                             "per-head table `hla-analysis compare` writes.")
         raise ValueError(f"{path} is not an hla-analysis results table (missing columns {missing}).")
     return table
 

@@ -228,6 +228,10 @@ def test_read_documents_folder_and_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(ValueError, match="no non-empty text"):
         read_documents(empty)
+    blank = tmp_path / "blank.txt"
+    blank.write_text("  \n\t ")
+    with pytest.raises(ValueError, match="holds no text"):  # one file: the message is about that file
+        read_documents(blank)
 
 
 def test_cli_capture_summary_and_errors(tmp_path, capsys):

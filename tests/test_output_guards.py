@@ -214,3 +214,17 @@ def test_evaluate_names_a_missing_results_table(tmp_path):
     assert main(["evaluate", "--model", "minilm", "--capture", str(tmp_path), "--results", str(missing),
                  "--out", str(tmp_path / "e.parquet")]) == 1
     assert not (tmp_path / "e.parquet").exists()
+
+
+def test_summary_names_an_evaluate_table(tmp_path):
+    """`summary` on evaluate's model-level table says which table it is, not which columns it lacks."""
+    import pandas as pd
+
+    from hla_analysis.compare import load_results
+    from hla_analysis.evaluate import COLUMNS
+
+    path = tmp_path / "eval.csv"
+    pd.DataFrame([["m", "softmax", "map_kl", 0, 1, "single", "heldout", 0, "embedding_cosine", 1.0, "ok"]],
+                 columns=COLUMNS).to_csv(path, index=False)
+    with pytest.raises(ValueError, match="model-level table from `hla-analysis evaluate`"):
+        load_results(path)

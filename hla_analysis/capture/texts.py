@@ -91,6 +91,8 @@ def read_documents(path: str | Path) -> list[Document]:
         if text.strip():
             docs.append(Document(str(file), text))
     if not docs:
+        if path.is_file():
+            raise ValueError(f"{str(path)!r} holds no text (empty or only whitespace); pass a file with text in it")
         raise ValueError(
             f"no non-empty text found at {str(path)!r}; a folder must contain files ending in "
             f"{', '.join(TEXT_SUFFIXES)}"
