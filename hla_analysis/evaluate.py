@@ -26,7 +26,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from hla_analysis._io import atomic_write_bytes, atomic_write_json, atomic_write_table
+from hla_analysis._io import (
+    LOCK_NAME,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_table,
+    exclusive_output_lock,
+)
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
 from hla_analysis.swap import OBJECTIVES, fit_key, load_fits, save_fits, swap_attention
@@ -629,8 +635,10 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         head = blocked_head(net, ids) if causal and not plain else None
 
     created = not parts.exists()
+    lock = contextlib.ExitStack()
     try:
-        parts.mkdir(parents=True, exist_ok=True)
+        # one writer per --out: a second evaluate into it fails at once (the lock lives in the parts)
+        lock.enter_context(exclusive_output_lock(parts, command="evaluate"))
         marker = parts / "settings.json"
         if marker.exists() and json.loads(marker.read_text()).get("key") != key:
             raise ValueError(f"{parts} holds partial results of a run with other settings; "
@@ -698,6 +706,8 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         return table
     except BaseException:
         # a run that failed before finishing any work removes the parts folder it created
-        if created and parts.is_dir() and {p.name for p in parts.iterdir()} <= {"settings.json"}:
+        if created and parts.is_dir() and {p.name for p in parts.iterdir()} <= {"settings.json", LOCK_NAME}:
             shutil.rmtree(parts, ignore_errors=True)
         raise
+    finally:
+        lock.close()

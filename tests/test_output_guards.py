@@ -228,3 +228,25 @@ def test_summary_names_an_evaluate_table(tmp_path):
                  columns=COLUMNS).to_csv(path, index=False)
     with pytest.raises(ValueError, match="model-level table from `hla-analysis evaluate`"):
         load_results(path)
+
+
+def test_evaluate_refuses_a_second_writer(tiny, tmp_path):
+    """Two evaluates into one --out: the second fails at once (a lock in <out>.parts), leaves the
+    first one's parts alone, and the output is written once the first is done."""
+    from hla_analysis._io import exclusive_output_lock
+
+    root, cap = tiny
+    out = tmp_path / "m.csv"
+    parts = tmp_path / "m.csv.parts"
+    with exclusive_output_lock(parts, command="evaluate"):  # the first writer, still running
+        (parts / "settings.json").write_text("{}")
+        with pytest.raises(ValueError, match="another hla-analysis process is writing"):
+            run_model_evaluation("minilm", capture=cap, results=root / "r.parquet", out=out, variants="softmax",
+                                 progress=False)
+        assert (parts / "settings.json").read_text() == "{}" and not out.exists()
+    import shutil
+
+    shutil.rmtree(parts)
+    table = run_model_evaluation("minilm", capture=cap, results=root / "r.parquet", out=out, variants="softmax",
+                                 progress=False)
+    assert out.is_file() and len(table) > 0 and not parts.exists()
