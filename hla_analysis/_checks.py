@@ -113,18 +113,23 @@ def check_batch() -> Iterator[CheckBatch]:
 
 
 @contextmanager
-def checks_disabled() -> Iterator[None]:
+def _thread_flag(name: str, value: bool, *, default: bool) -> Iterator[None]:
+    """Set this thread's flag ``name`` to ``value`` inside the block; restore it after."""
+    before = getattr(_state, name, default)
+    setattr(_state, name, value)
+    try:
+        yield
+    finally:
+        setattr(_state, name, before)
+
+
+def checks_disabled():
     """Internal switch for benchmarks: skip the value checks of the public operators.
 
     Shape and option checks still run; NaN/Inf inputs, bad normalisers and overflowed
     outputs then go unnoticed. Never use it outside timing code.
     """
-    before = getattr(_state, "enabled", True)
-    _state.enabled = False
-    try:
-        yield
-    finally:
-        _state.enabled = before
+    return _thread_flag("enabled", False, default=True)
 
 
 def sum_value(x: Tensor) -> Tensor:
@@ -583,8 +588,7 @@ def _odd_pairs(qs: Sequence[Tensor], ks: Sequence[Tensor]) -> list[tuple[Tensor,
     return [pairs[key] for key, count in counts.items() if count % 2]
 
 
-@contextmanager
-def nonnegative_by_construction() -> Iterator[None]:
+def nonnegative_by_construction():
     """The caller vouches that every weight is >= 0 whatever the features' signs.
 
     For variants whose kernel is positive by construction from sign-indefinite features:
@@ -592,12 +596,7 @@ def nonnegative_by_construction() -> Iterator[None]:
     entries, so the feature-sign certificate (:func:`check_hla_signs`) would refuse them.
     Inside this block that certificate is skipped; normalisers and outputs are still checked.
     """
-    before = getattr(_state, "certified", False)
-    _state.certified = True
-    try:
-        yield
-    finally:
-        _state.certified = before
+    return _thread_flag("certified", True, default=False)
 
 
 def signs_certified() -> bool:
