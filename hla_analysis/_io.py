@@ -62,6 +62,39 @@ def atomic_save_figure(fig, path: str | Path, **savefig_kwargs) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
+def written_by(settings: str | Path, tool: str) -> bool:
+    """Whether ``settings`` (a JSON file) carries ``"tool": tool``: the mark a command leaves on its outputs."""
+    try:
+        data = json.loads(Path(settings).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return isinstance(data, dict) and data.get("tool") == tool
+
+
+def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, tool: str, overwrite: bool) -> None:
+    """Refuse, before any work, outputs of ``tool`` that cannot be written or belong to the user.
+
+    ``outputs`` are every file a run writes beside ``out`` (``out`` included); ``settings`` is the
+    one among them whose ``"tool"`` entry marks them as the tool's own (:func:`written_by`).
+    ``<out>.parts`` must be a folder and every output a file; existing outputs the tool did not
+    write are refused unless ``overwrite``. One-line ``ValueError`` naming the fix.
+    """
+    parts = out.with_name(out.name + ".parts")
+    if parts.exists() and not parts.is_dir():
+        raise ValueError(f"{parts} exists and is not a folder; choose another --out.")
+    folders = [p for p in outputs if p.is_dir()]
+    if folders:
+        raise ValueError(f"{folders[0]} exists and is a folder; choose another --out.")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise ValueError(f"{out.parent} is not a folder; choose another --out.")
+    existing = [p for p in outputs if p.exists()]
+    if existing and not overwrite and not written_by(settings, tool):
+        names = ", ".join(str(p) for p in existing)
+        verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
+        raise ValueError(f"{names} already {verb} and `{tool}` did not write {them}; choose another --out, "
+                         f"or pass --overwrite (overwrite=True in Python) to replace {them}.")
+
+
 LOCK_NAME = ".hla-analysis.lock"
 
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from hla_analysis import __version__
 from hla_analysis._checks import check_batch
-from hla_analysis._io import atomic_write_json, atomic_write_table, exclusive_output_lock
+from hla_analysis._io import atomic_write_json, atomic_write_table, exclusive_output_lock, refuse_foreign_outputs
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
 from hla_analysis.metrics.streaming import StreamingAttentionMetrics, reference_rows
@@ -397,31 +397,13 @@ def fits_path(out: str | Path) -> Path:
     return out.with_name(out.stem + ".fits.safetensors")
 
 
-def _written_by_us(settings: Path) -> bool:
-    try:
-        data = json.loads(settings.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    return isinstance(data, dict) and data.get("tool") == _TOOL
-
-
 _TOOL = "hla-analysis compare"
 
 
 def _check_outputs(out: Path, *, overwrite: bool) -> None:
     """Refuse, before any work, outputs that cannot be written or belong to the user."""
-    for path in _outputs(out) + [out.with_name(out.name + ".parts")]:
-        if path.exists() and not (path.is_dir() if path.name.endswith(".parts") else path.is_file()):
-            raise ValueError(f"{path} exists and is {'not a folder' if path.name.endswith('.parts') else 'a folder'}; "
-                             "choose another --out.")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ValueError(f"{out.parent} is not a folder; choose another --out.")
-    existing = [p for p in _outputs(out) if p.exists()]
-    if existing and not overwrite and not _written_by_us(_outputs(out)[2]):
-        names = ", ".join(str(p) for p in existing)
-        verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
-        raise ValueError(f"{names} already {verb} and hla-analysis did not write {them}; choose another --out, "
-                         f"or pass --overwrite (overwrite=True in Python) to replace {them}.")
+    outputs = _outputs(out)
+    refuse_foreign_outputs(out, outputs, settings=outputs[2], tool=_TOOL, overwrite=overwrite)
 
 
 def capture_identity(capture_dir: str | Path) -> str:

@@ -32,6 +32,7 @@ from hla_analysis._io import (
     atomic_write_json,
     atomic_write_table,
     exclusive_output_lock,
+    refuse_foreign_outputs,
 )
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
@@ -492,24 +493,8 @@ def _outputs(out: Path) -> list[Path]:
 
 def _check_outputs(out: Path, *, overwrite: bool) -> None:
     """Refuse, before any work, outputs that cannot be written or that evaluate did not write."""
-    parts = out.with_name(out.name + ".parts")
-    if parts.exists() and not parts.is_dir():
-        raise ValueError(f"{parts} exists and is not a folder; choose another --out")
-    folders = [p for p in _outputs(out) if p.is_dir()]
-    if folders:
-        raise ValueError(f"{folders[0]} exists and is a folder; choose another --out")
-    if out.parent.exists() and not out.parent.is_dir():
-        raise ValueError(f"{out.parent} is not a folder; choose another --out")
-    existing = [p for p in _outputs(out) if p.exists()]
-    if existing and not overwrite:
-        try:
-            marker = json.loads(_outputs(out)[2].read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-            marker = None
-        if not (isinstance(marker, dict) and marker.get("tool") == _TOOL):
-            names = ", ".join(str(p) for p in existing)
-            raise ValueError(f"{names} already exist(s) and `hla-analysis evaluate` did not write them; "
-                             "choose another --out, or pass --overwrite (overwrite=True) to replace them")
+    outputs = _outputs(out)
+    refuse_foreign_outputs(out, outputs, settings=outputs[2], tool=_TOOL, overwrite=overwrite)
 
 
 def resolve_fits(fits, results: Path) -> Path | None:

@@ -76,7 +76,7 @@ def test_evaluate_refuses_user_files(tiny, tmp_path, capsys, suffix):
     user.write_text("mine")
     assert main(_evaluate_args(root, cap, out)) == 1
     err = capsys.readouterr().err
-    assert "did not write them" in err and "--overwrite" in err and "Traceback" not in err
+    assert "`hla-analysis evaluate` did not write it" in err and "--overwrite" in err and "Traceback" not in err
     assert user.read_text() == "mine" and not (tmp_path / "m.csv.parts").exists()
     if suffix == ".settings.json":
         # --overwrite replaces them; the run's own files are then replaced without asking
