@@ -407,9 +407,8 @@ def test_fused_divergence_form_equals_the_slab_form():
     p, q = p / p.sum(-1, keepdim=True), q / q.sum(-1, keepdim=True)
     log_p = torch.log(torch.where(p > 0, p, torch.ones(())))
     eps = KL_EPS
-    log_eps = float(torch.log(torch.tensor(eps, dtype=q.dtype)))
     want = streaming._divergence_slab(p, log_p, p > 0, q.clone(), eps)
-    got = streaming.divergence_rows(p, log_p, q, eps, log_eps)
+    got = streaming.divergence_rows(p, log_p, q, eps, streaming._log_eps(eps, q.dtype))
     for field, value in zip(dataclasses.fields(want), got):
         expected = getattr(want, field.name)
         assert value.dtype == expected.dtype, field.name

@@ -333,8 +333,7 @@ def _divergence_terms(ref: ReferenceRows, q: Tensor, eps: float) -> _Terms:
     if q.device.type == "cuda" and q.dtype == torch.float32:
         fused = _fused_divergence()
         if fused is not None:
-            log_eps = float(torch.log(torch.tensor(eps, dtype=q.dtype)))
-            return _Terms(*fused(ref.p, ref.log_p, q, eps, log_eps))
+            return _Terms(*fused(ref.p, ref.log_p, q, eps, _log_eps(eps, q.dtype)))
     step = max(1, _SLAB_ELEMENTS // per_row) if q.device.type == "cpu" else rows
     if step >= rows:
         return _divergence_slab(ref.p, ref.log_p, ref.support, q, eps)
@@ -389,13 +388,17 @@ def _fused_divergence():
 _FUSED = None
 
 
+def _log_eps(eps: float, dtype: torch.dtype) -> float:
+    """``log(eps)`` as ``dtype`` computes it: the KL's floor for ``log q``."""
+    return math.log(eps) if dtype == torch.float64 else float(torch.log(torch.tensor(eps, dtype=dtype)))
+
+
 def _divergence_slab(p: Tensor, log_p: Tensor, support: Tensor, q: Tensor, eps: float) -> _Terms:
     """:func:`_divergence_terms` of one slab of rows."""
     # The same arithmetic as the plain expressions in the comments, in place where a
     # temporary can be reused: each [..., R, N] temporary is a pass over memory.
     log_q = torch.log(q).clamp_min_(_LOG_ZERO)
-    log_eps = math.log(eps) if q.dtype == torch.float64 else float(torch.log(torch.tensor(eps, dtype=q.dtype)))
-    work = torch.clamp_min(log_q, log_eps)
+    work = torch.clamp_min(log_q, _log_eps(eps, q.dtype))
     kl = torch.sub(log_p, work, out=work).mul_(p).sum(-1)  # (p * (log_p - max(log_q, log_eps))).sum(-1)
     floored = (q < eps).logical_and_(support).any(-1)  # (support & (q < eps)).any(-1)
     q_log_q = q * log_q
