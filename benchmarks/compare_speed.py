@@ -12,8 +12,9 @@ Usage::
     .venv/bin/python benchmarks/compare_speed.py runs/cap8 --loaded --tag loaded
     .venv/bin/python benchmarks/compare_speed.py runs/cap8 --threads 1 --profile --tag t1
 
-``cpu_seconds`` (user + sys of the run's own process) is the figure to compare across
-machines under load; at ``--threads 1`` it is close to the wall time of an idle core. With
+``cpu_seconds`` (user + sys of the run's process and its helper processes: ``run_comparison``
+splits layers over one process per thread by default, ``--workers 1`` keeps one) is the figure
+to compare across machines under load; at ``--threads 1`` it is close to the wall time of an idle core. With
 more threads on a loaded machine, set ``OMP_WAIT_POLICY=PASSIVE`` (recorded in the result):
 libgomp's default spin-waiting then costs several times the CPU of one thread.
 ``--profile`` adds a stage breakdown (``stages``, CPU seconds of this process): ``fits``
@@ -43,14 +44,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def _maxrss_bytes() -> int:
+    """Peak of this process plus the largest helper's peak: an upper bound of the run's peak."""
     import resource
 
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    rss = sum(resource.getrusage(who).ru_maxrss for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
     return rss if sys.platform == "darwin" else rss * 1024  # Linux reports KiB, macOS bytes
 
 
 def _cpu_seconds() -> float:
-    return sum(os.times()[:2])  # user + sys of this process (its threads included)
+    return sum(os.times()[:4])  # user + sys of this process and its finished helper processes
 
 
 class _Stages:
@@ -88,7 +90,7 @@ class _Stages:
         self.wrap(StreamingAttentionMetrics, "update_against", "metrics")
 
 
-def child(capture: str, variants: str, threads: int, profile: bool = False) -> dict:
+def child(capture: str, variants: str, threads: int, profile: bool = False, workers="auto") -> dict:
     import torch
 
     from hla_analysis.capture import load_capture
@@ -101,7 +103,8 @@ def child(capture: str, variants: str, threads: int, profile: bool = False) -> d
         stages.install()
     with tempfile.TemporaryDirectory() as tmp:
         started, cpu_started = time.perf_counter(), _cpu_seconds()
-        table = run_comparison(capture, out=Path(tmp) / "r.parquet", variants=variants, progress=False)
+        table = run_comparison(capture, out=Path(tmp) / "r.parquet", variants=variants, progress=False,
+                               workers=1 if profile else workers)
         seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu_started
     rows = sum(cap.lengths) * cap.num_layers  # query rows scored per variant
     extra = {}
@@ -126,13 +129,17 @@ def main() -> int:
     parser.add_argument("--tag", default="", help="suffix of the result file: compare_speed_<tag>.json")
     parser.add_argument("--profile", action="store_true",
                         help="add a per-stage breakdown of CPU seconds (fits, reference, weights, metrics)")
+    parser.add_argument("--workers", default="auto",
+                        help="run_comparison's workers (default auto; --profile uses 1: stages are timed in-process)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.capture, args.variants, args.threads, args.profile)))
+        workers = args.workers if args.workers == "auto" else int(args.workers)
+        print(json.dumps(child(args.capture, args.variants, args.threads, args.profile, workers)))
         return 0
     cmd = [sys.executable, __file__, args.capture, "--variants", args.variants,
-           "--threads", str(args.threads), "--child"] + (["--profile"] if args.profile else [])
+           "--threads", str(args.threads), "--workers", args.workers, "--child"]
+    cmd += ["--profile"] if args.profile else []
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -147,8 +154,10 @@ def main() -> int:
         # 2 threads then burn several times the CPU of 1 (see NOTES_i12.md)
         "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
         "target_seconds": TARGET_SECONDS, "target_peak_bytes": TARGET_BYTES,
+        "workers": 1 if args.profile else args.workers,
         "meets_targets": result["seconds"] <= TARGET_SECONDS and result["peak_rss_bytes"] <= TARGET_BYTES,
         "command": " ".join(["python", "benchmarks/compare_speed.py", args.capture, "--threads", str(args.threads)]
+                            + (["--workers", args.workers] if args.workers != "auto" else [])
                             + (["--loaded"] if args.loaded else []) + (["--profile"] if args.profile else [])
                             + (["--tag", args.tag] if args.tag else [])),
     })

@@ -16,8 +16,11 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import json
+import os
 import shutil
+import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,6 +81,13 @@ class CompareConfig:
             "rank_stride": self.rank_stride,
             "row_stride": self.row_stride,
         }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompareConfig:
+        """The config :meth:`as_dict` wrote (extra keys, such as a settings file's, are ignored)."""
+        return cls(variants=tuple(data["variants"]), train_inputs=data["train_inputs"],
+                   fit=FitConfig(**data["fit"]), block_rows=data["block_rows"], topk=data["topk"],
+                   rank_stride=data["rank_stride"], row_stride=data["row_stride"])
 
 
 def resolve_variants(spec: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
@@ -263,6 +273,7 @@ def run_comparison(
     device: str = "cpu",
     overwrite: bool = False,
     progress: bool = True,
+    workers: int | str = "auto",
 ) -> pd.DataFrame:
     """Run every variant against softmax on a capture and write the tidy results table.
 
@@ -292,6 +303,13 @@ def run_comparison(
     overwrite : bool
         Replace an existing ``out`` (and its ``.fits.csv`` / ``.fits.safetensors`` / ``.settings.json``) that this
         tool did not write. Its own earlier results are replaced without asking.
+    workers : int or "auto"
+        CPU processes that compute layers side by side (layers are independent), each with
+        ``torch.get_num_threads() // workers`` threads; this process is one of them. One
+        process per core scales better than threads for these many small passes. ``"auto"``
+        (default) uses one per thread when there are at least two layers left and each is
+        worth a helper's ~2 s start, bounded by memory; always 1 on a GPU. The table does not
+        depend on it beyond the rounding of the thread count.
     progress : bool
         Progress bars: layers, and per layer the query rows scored, with rows/s and an ETA.
 
@@ -305,6 +323,7 @@ def run_comparison(
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"results file must end in .parquet or .csv, got {out.name!r}.")
     device = _check_device(device)
+    _worker_count(workers, None, None, [], device)  # checks the value before any work
     _check_outputs(out, overwrite=overwrite)
     cap = load_capture(capture_dir)
     if cap.num_inputs < 2:
@@ -331,7 +350,8 @@ def run_comparison(
     _reuse_freed_memory()
     try:
         with exclusive_output_lock(parts, command="compare"):
-            return _run_locked(cap, capture_dir, out, parts, config, device=device, progress=progress)
+            return _run_locked(cap, capture_dir, out, parts, config, device=device, progress=progress,
+                               workers=workers)
     finally:
         _give_back_memory()
 
@@ -413,7 +433,8 @@ def capture_identity(capture_dir: str | Path) -> str:
     return file_sha256(Path(capture_dir) / MANIFEST)
 
 
-def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig, *, device, progress) -> pd.DataFrame:
+def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig, *, device, progress,
+                workers: int | str = "auto") -> pd.DataFrame:
     settings_path = parts / "settings.json"
     settings = {"tool": _TOOL, **config.as_dict(), "key": config.key(),
                 "capture": str(Path(capture_dir).resolve()), "capture_sha256": capture_identity(capture_dir),
@@ -432,23 +453,36 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     atomic_write_json(settings_path, {k: v for k, v in settings.items() if k != "device"})
 
     started = time.perf_counter()
+    todo = [layer for layer in range(cap.num_layers) if not _layer_done(parts, layer)]
+    count = _worker_count(workers, cap, config, todo, device)
+    threads = torch.get_num_threads()
+    bar = tqdm(total=cap.num_layers, initial=cap.num_layers - len(todo), desc="compare", unit="layer",
+               disable=not progress)
+    for stale in parts.glob("claim_*"):  # claims of an interrupted run (we hold the folder's lock)
+        stale.unlink()
+    helpers = _LayerHelpers(capture_dir, parts, count - 1, threads=max(1, threads // count), on_layer=bar.update)
+    try:
+        if count > 1:
+            torch.set_num_threads(max(1, threads // count))
+        helpers.start()
+        for layer in todo:
+            helpers.check()  # a helper's error ends the run now, not after this process's layers
+            if _claim(parts, layer):
+                _compute_layer(cap, layer, config, parts, progress=progress, device=device)
+                bar.update()
+        helpers.wait()
+    finally:
+        helpers.stop()
+        torch.set_num_threads(threads)
+        bar.close()
+        for claim in parts.glob("claim_*"):
+            claim.unlink()
     tables, fits, states = [], [], {}
-    for layer in tqdm(range(cap.num_layers), desc="compare", unit="layer", disable=not progress):
-        part = parts / f"layer_{layer:03d}.parquet"
-        fit_part = parts / f"fits_{layer:03d}.json"
-        state_part = parts / f"fits_{layer:03d}.safetensors"
-        if part.exists() and fit_part.exists() and state_part.exists():
-            tables.append(pd.read_parquet(part))
-            fits.extend(json.loads(fit_part.read_text()))
-            states.update(load_fits(state_part))
-            continue
-        table, layer_fits, layer_states = _layer_rows(cap, layer, config, progress=progress, device=device)
-        save_fits(state_part, layer_states)
-        atomic_write_json(fit_part, layer_fits)
-        atomic_write_table(part, table)  # written last: its presence marks the layer done
-        tables.append(table)
-        fits.extend(layer_fits)
-        states.update(layer_states)
+    for layer in range(cap.num_layers):
+        paths = _layer_paths(parts, layer)
+        tables.append(pd.read_parquet(paths[0]))
+        fits.extend(json.loads(paths[1].read_text()))
+        states.update(load_fits(paths[2]))
 
     result = pd.concat(tables, ignore_index=True)
     result["model"] = cap.manifest.get("model")
@@ -472,6 +506,169 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
                       {**settings, "seconds": round(time.perf_counter() - started, 2)})
     shutil.rmtree(parts)
     return result
+
+
+def _layer_paths(parts: Path, layer: int) -> tuple[Path, Path, Path]:
+    """The table, fits and fitted-state files of one finished layer in ``parts``."""
+    return (parts / f"layer_{layer:03d}.parquet", parts / f"fits_{layer:03d}.json",
+            parts / f"fits_{layer:03d}.safetensors")
+
+
+def _layer_done(parts: Path, layer: int) -> bool:
+    return all(path.exists() for path in _layer_paths(parts, layer))
+
+
+def _claim(parts: Path, layer: int) -> bool:
+    """Take ``layer`` for this process (atomic create); False if another process took it."""
+    try:
+        os.close(os.open(parts / f"claim_{layer:03d}", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return False
+    return not _layer_done(parts, layer)
+
+
+def _compute_layer(cap, layer: int, config: CompareConfig, parts: Path, *, progress: bool,
+                   device: torch.device) -> None:
+    table, layer_fits, layer_states = _layer_rows(cap, layer, config, progress=progress, device=device)
+    part, fit_part, state_part = _layer_paths(parts, layer)
+    save_fits(state_part, layer_states)
+    atomic_write_json(fit_part, layer_fits)
+    atomic_write_table(part, table)  # written last: its presence marks the layer done
+
+
+# A helper process costs ~2 s to start (imports); below this much work per layer (heads x
+# query rows x keys x variants) one process is faster.
+_HELPER_MIN_CELLS = 2**26
+_AUTO_WORKERS_MAX = 8
+_WORKER_BYTES = 3 * 2**29  # host memory one CPU worker may take at its peak (1.5 GB, generous)
+
+
+def _available_memory() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _worker_count(workers, cap, config: CompareConfig, todo: list[int], device: torch.device) -> int:
+    """Processes that compute layers side by side (1 = this process alone)."""
+    if workers == "auto":
+        if device.type != "cpu" or len(todo) < 2:
+            return 1
+        cells = cap.num_heads * sum(n * n for n in cap.lengths) * len(config.variants) // config.row_stride
+        if cells < _HELPER_MIN_CELLS:
+            return 1
+        memory = _available_memory()
+        by_memory = _AUTO_WORKERS_MAX if memory is None else max(1, memory // _WORKER_BYTES)
+        return max(1, min(len(todo), torch.get_num_threads(), _AUTO_WORKERS_MAX, by_memory))
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers (--workers) must be 'auto' or an integer >= 1, got {workers!r}.")
+    if workers > 1 and device.type != "cpu":
+        raise ValueError(f"workers (--workers) > 1 splits layers over CPU processes; on {device.type} use 1.")
+    return max(1, min(workers, len(todo)))
+
+
+class _LayerHelpers:
+    """Helper processes of one CPU run: each takes the next unclaimed layer, as this process does.
+
+    Layers are independent (fits and scoring are per layer), and one process per core scales
+    better than one process with several threads: the metrics are many small tensor passes.
+    Each helper is ``python -m hla_analysis._compare_helper`` (no fork, no re-import of the
+    caller's script), writes its layers into ``parts`` exactly as this process does and reports
+    each finished layer, or its error, as a JSON line on stdout.
+    """
+
+    def __init__(self, capture_dir, parts: Path, count: int, *, threads: int, on_layer) -> None:
+        self.args = [str(Path(capture_dir).resolve()), str(parts.resolve()), "--threads", str(threads)]
+        self.count, self.threads, self.parts, self.on_layer = count, threads, parts, on_layer
+        self.procs: list[tuple[subprocess.Popen, threading.Thread, Path]] = []
+        self.errors: list[dict] = []
+
+    def start(self) -> None:
+        root = str(Path(__file__).resolve().parent.parent)
+        env = {**os.environ, "OMP_NUM_THREADS": str(self.threads),
+               "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        for i in range(self.count):
+            log_path = self.parts / f"helper_{i}.log"
+            with open(log_path, "w") as log:
+                proc = subprocess.Popen([sys.executable, "-m", "hla_analysis._compare_helper", *self.args],
+                                        stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                        text=True, env=env)
+            reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
+            reader.start()
+            self.procs.append((proc, reader, log_path))
+
+    def _read(self, proc: subprocess.Popen) -> None:
+        for line in proc.stdout:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                continue
+            if "done" in message:
+                self.on_layer()
+            elif "error" in message:
+                self.errors.append(message)
+
+    def check(self) -> None:
+        """Raise a helper's error as this process would have raised it."""
+        if self.errors:
+            error = self.errors[0]
+            kind = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(error["error"])
+            if kind is not None:
+                raise kind(error["message"])
+            raise RuntimeError(f"a compare helper process failed: {error['error']}: {error['message']}")
+        for proc, _, log_path in self.procs:
+            if proc.poll() not in (None, 0):
+                raise RuntimeError(f"a compare helper process stopped (exit code {proc.returncode}); "
+                                   f"its log is {log_path}. Rerun to resume.")
+
+    def wait(self) -> None:
+        for proc, reader, _ in self.procs:
+            proc.wait()
+            reader.join()
+        self.check()
+
+    def stop(self) -> None:
+        for proc, reader, _ in self.procs:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+            proc.stdout.close()
+
+
+def _helper_main(argv: list[str] | None = None) -> int:
+    """Entry point of one helper process (see :class:`_LayerHelpers`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m hla_analysis._compare_helper")
+    parser.add_argument("capture")
+    parser.add_argument("parts", type=Path)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        torch.set_num_threads(args.threads)
+        settings = json.loads((args.parts / "settings.json").read_text())
+        config = CompareConfig.from_dict(settings)
+        if config.key() != settings["key"]:
+            raise ValueError(f"{args.parts}/settings.json does not match its own key; rerun the comparison.")
+        cap = load_capture(args.capture)
+        _reuse_freed_memory()
+        for layer in range(cap.num_layers):
+            if not _layer_done(args.parts, layer) and _claim(args.parts, layer):
+                _compute_layer(cap, layer, config, args.parts, progress=False, device=torch.device("cpu"))
+                print(json.dumps({"done": layer}), flush=True)
+    except Exception as exc:  # reported to the parent, which raises it as its own
+        print(json.dumps({"error": type(exc).__name__, "message": str(exc)}), flush=True)
+        raise
+    return 0
 
 
 def load_results(path: str | Path) -> pd.DataFrame:

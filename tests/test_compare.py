@@ -12,6 +12,7 @@ from hla_analysis.cli import main
 from hla_analysis.compare import METRICS, load_results, resolve_variants, run_comparison, summarize
 from hla_analysis.fit import FitConfig, fit_variant
 from hla_analysis.metrics import head_metrics
+from hla_analysis.swap.fits import load_fits
 from hla_analysis.variants import list_variants, make_variant
 
 FAST_FIT = FitConfig(steps=3)
@@ -200,6 +201,61 @@ def test_stacking_inputs_does_not_change_numbers(small_capture, tmp_path, monkey
     monkeypatch.setattr(compare_module, "_MAP_ELEMENTS", 1)  # forces one input per evaluation
     single = run_comparison(small_capture, out=tmp_path / "b.csv", variants=variants, fit=FAST_FIT, progress=False)
     pd.testing.assert_frame_equal(stacked, single, rtol=1e-5, atol=1e-7)
+
+
+def test_helper_processes_give_the_same_table(small_capture, tmp_path, monkeypatch):
+    """Layers split over helper processes give this process's table, bit for bit, at one thread each."""
+    variants = "softmax;hla:m=2,phi=affine,proj=1;linear:phi=elu1"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # both runs then reduce in the same order (one thread per process)
+    try:
+        alone = run_comparison(small_capture, out=tmp_path / "alone.parquet", variants=variants, fit=FAST_FIT,
+                               progress=False, workers=1)
+        real_claim, mine = compare_module._claim, []
+
+        def evens_only(parts, layer):  # this process takes even layers: the helper must do the odd ones
+            if layer % 2 or not real_claim(parts, layer):
+                return False
+            mine.append(layer)
+            return True
+
+        monkeypatch.setattr(compare_module, "_claim", evens_only)
+        split = run_comparison(small_capture, out=tmp_path / "split.parquet", variants=variants, fit=FAST_FIT,
+                               progress=False, workers=2)
+    finally:
+        torch.set_num_threads(threads)
+    assert mine == [0, 2, 4] and sorted(split["layer"].unique()) == list(range(6))
+    pd.testing.assert_frame_equal(alone, split)
+    fits = [load_fits(compare_module.fits_path(tmp_path / f"{name}.parquet")) for name in ("alone", "split")]
+    assert fits[0].keys() == fits[1].keys() and len(fits[0]) > 0
+    assert all(torch.equal(fits[0][key], fits[1][key]) for key in fits[0])
+    assert not (tmp_path / "split.parquet.parts").exists()
+
+
+def test_a_helpers_error_is_raised_as_ours(small_capture, tmp_path, monkeypatch):
+    start = compare_module._LayerHelpers.start
+
+    def edit_settings_first(self):  # the helper then reads settings that do not match their key
+        settings = self.parts / "settings.json"
+        settings.write_text(settings.read_text().replace('"block_rows": 256', '"block_rows": 128'))
+        start(self)
+
+    monkeypatch.setattr(compare_module._LayerHelpers, "start", edit_settings_first)
+    monkeypatch.setattr(compare_module, "_claim", lambda parts, layer: False)  # the helper does every layer
+    out = tmp_path / "r.parquet"
+    with pytest.raises(ValueError, match="does not match its own key"):
+        run_comparison(small_capture, out=out, variants="softmax", progress=False, workers=2)
+    assert not out.exists() and not list(out.with_name("r.parquet.parts").glob("layer_*"))
+
+
+def test_workers_must_be_auto_or_a_positive_integer(small_capture, tmp_path, capsys):
+    for bad in (0, -1, 1.5, "two", True):
+        with pytest.raises(ValueError, match=r"workers \(--workers\) must be 'auto' or an integer >= 1"):
+            run_comparison(small_capture, out=tmp_path / "r.csv", variants="softmax", progress=False, workers=bad)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", "--capture", str(small_capture), "--out", str(tmp_path / "r.csv"), "--workers", "x"])
+    assert exit_info.value.code == 2
+    assert "expected 'auto' or an integer" in capsys.readouterr().err
 
 
 def test_fit_loss_skips_rows_without_a_distribution():

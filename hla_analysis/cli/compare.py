@@ -22,6 +22,15 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                         "bounds a fit's cost on long inputs")
 
 
+def workers_arg(text: str):
+    if text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or an integer, got {text!r}") from None
+
+
 def fit_config(args):
     from hla_analysis.fit import FitConfig
 
@@ -62,6 +71,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--row-stride", type=int, default=1, metavar="S",
                    help="score every S-th query row only (a sample; S times cheaper). Default 1: all rows")
     p.add_argument("--device", default="cpu", help="torch device for maps, metrics and fits (default cpu; e.g. cuda)")
+    p.add_argument("--workers", default="auto", type=workers_arg, metavar="N",
+                   help="CPU processes computing layers side by side, sharing the threads (default auto: "
+                        "one per thread for captures worth it; 1 on a GPU)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing --out (and its .fits.csv/.fits.safetensors/.settings.json) "
                         "that hla-analysis did not write")
@@ -77,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
     table = run_comparison(
         args.capture, out=args.out, variants=args.variants, train_inputs=args.train_inputs,
         fit=fit_config(args), block_rows=args.block_rows, row_stride=args.row_stride, device=args.device,
-        overwrite=args.overwrite, progress=not args.quiet,
+        overwrite=args.overwrite, progress=not args.quiet, workers=args.workers,
     )
     print(f"wrote {len(table):,} rows to {args.out}")
     print_summary(summarize(table))
