@@ -596,7 +596,7 @@ class _LayerHelpers:
             log_path = self.parts / f"helper_{i}.log"
             with open(log_path, "w") as log:
                 proc = subprocess.Popen([sys.executable, "-m", "hla_analysis._compare_helper", *self.args],
-                                        stdout=subprocess.PIPE, stderr=log, stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.PIPE, stderr=log, stdin=subprocess.PIPE,
                                         text=True, env=env)
             reader = threading.Thread(target=self._read, args=(proc,), daemon=True)
             reader.start()
@@ -634,6 +634,7 @@ class _LayerHelpers:
 
     def stop(self) -> None:
         for proc, reader, _ in self.procs:
+            proc.stdin.close()  # the helper's end of the pipe reads EOF: it stops (see _helper_main)
             if proc.poll() is None:
                 proc.terminate()
                 try:
@@ -642,6 +643,11 @@ class _LayerHelpers:
                     proc.kill()
                     proc.wait()
             proc.stdout.close()
+
+
+def _exit_when_parent_ends() -> None:
+    sys.stdin.read()
+    os._exit(3)
 
 
 def _helper_main(argv: list[str] | None = None) -> int:
@@ -653,6 +659,9 @@ def _helper_main(argv: list[str] | None = None) -> int:
     parser.add_argument("parts", type=Path)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    # stdin is a pipe from the parent, which never writes to it: EOF means the parent has
+    # ended (even by SIGKILL), and a helper must not go on writing into its parts folder
+    threading.Thread(target=_exit_when_parent_ends, daemon=True).start()
     try:
         torch.set_num_threads(args.threads)
         settings = json.loads((args.parts / "settings.json").read_text())

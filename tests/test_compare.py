@@ -248,6 +248,22 @@ def test_a_helpers_error_is_raised_as_ours(small_capture, tmp_path, monkeypatch)
     assert not out.exists() and not list(out.with_name("r.parquet.parts").glob("layer_*"))
 
 
+def test_a_helper_stops_when_its_parent_ends(small_capture, tmp_path):
+    """A helper whose parent died (its stdin pipe reads EOF) exits instead of writing on."""
+    import json
+    import subprocess
+    import sys
+
+    config = compare_module.CompareConfig(variants=("softmax",), train_inputs=1)
+    parts = tmp_path / "r.parquet.parts"
+    parts.mkdir()
+    (parts / "settings.json").write_text(json.dumps({**config.as_dict(), "key": config.key()}))
+    proc = subprocess.Popen([sys.executable, "-m", "hla_analysis._compare_helper", str(small_capture), str(parts)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdin.close()  # what the parent's death does to the pipe
+    assert proc.wait(timeout=120) == 3
+
+
 def test_workers_must_be_auto_or_a_positive_integer(small_capture, tmp_path, capsys):
     for bad in (0, -1, 1.5, "two", True):
         with pytest.raises(ValueError, match=r"workers \(--workers\) must be 'auto' or an integer >= 1"):

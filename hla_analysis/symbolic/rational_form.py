@@ -348,7 +348,7 @@ def _kernel_terms(kappa: sp.Lambda, *, factors: int, tied: bool, n_keys: int, la
             f"M <= {MAX_UNTIED_FACTORS} symbolically, or measure it numerically with `hla-analysis degree`."
         )
     n_sym = 1 if tied else factors
-    s = [[sp.Symbol(f"s_{l}" if tied else f"s{m + 1}_{l}", real=True) for m in range(n_sym)]
+    s = [[sp.Symbol(f"s_{l}" if tied or n_sym == 1 else f"s{m + 1}_{l}", real=True) for m in range(n_sym)]
          for l in range(1, n_keys + 1)]
     terms = [sp.Mul(*[kappa(t * s[l][m if not tied else 0]) for m in range(factors)]) for l in range(n_keys)]
     return terms, kappa(t * sp.Symbol("s", real=True))
