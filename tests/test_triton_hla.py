@@ -139,6 +139,20 @@ def test_config_refuses_unknown_keys_and_values():
         hla_triton(qs, ks, v, config={"STATE_TRANS": 3})
     with pytest.raises(ValueError, match="must be a positive int"):
         hla_triton(qs, ks, v, config={"BLOCK_N": 0})
+    for key, bad in (("BLOCK_N", True), ("CHUNK", 64.0), ("PER_A", 1), ("CAUSAL_STATE", "fast"), ("SPLITS", 0)):
+        with pytest.raises(ValueError, match=f"kernel config {key}="):
+            hla_triton(qs, ks, v, causal=key == "CAUSAL_STATE", config={key: bad})
+    with pytest.raises(ValueError, match="unknown kernel config key"):  # the split path checks them too
+        hla_triton([q[..., :15] for q in qs], [k[..., :15] for k in ks], v, config={"STATE_TILES_T": True})
+    from dataclasses import FrozenInstanceError
+
+    from hla_analysis.ops.triton import KernelConfig, default_config
+
+    cfg = default_config(r1=16, r2=16, dv=16, causal=False, dtype=torch.float32)
+    assert isinstance(cfg, KernelConfig) and cfg.replace(SPLITS=3)["SPLITS"] == 3 and cfg["SPLITS"] is None
+    with pytest.raises(FrozenInstanceError):
+        cfg.CHUNK = 64
+    assert dict(cfg)["CHUNK"] == cfg.CHUNK and set(cfg) >= {"CHUNK", "TIED_TP", "CAUSAL_STATE"}
 
 
 def test_supports_and_dispatch():

@@ -303,8 +303,8 @@ def main():
         except Exception as exc:  # noqa: BLE001
             meta[pkg] = f"missing ({type(exc).__name__})"
     from hla_analysis.ops.triton import default_config
-    meta["hla_config_noncausal_r64"] = default_config(r1=64, r2=64, dv=DV, causal=False, dtype=torch.bfloat16)
-    meta["hla_config_causal_r64"] = default_config(r1=64, r2=64, dv=DV, causal=True, dtype=torch.bfloat16)
+    meta["hla_config_noncausal_r64"] = dict(default_config(r1=64, r2=64, dv=DV, causal=False, dtype=torch.bfloat16))
+    meta["hla_config_causal_r64"] = dict(default_config(r1=64, r2=64, dv=DV, causal=True, dtype=torch.bfloat16))
     peak = matmul_peak()
     meta["bf16_matmul_peak_tflops"] = peak
     print(f"meta {meta}", flush=True)

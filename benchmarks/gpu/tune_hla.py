@@ -95,9 +95,7 @@ def debug_causal(doc):
 
 
 def cfg_for(over, r=64):
-    cfg = ag.default_config(r1=r, r2=r, dv=DV, causal=False, dtype=torch.bfloat16)
-    cfg.update(over)
-    return cfg
+    return ag.default_config(r1=r, r2=r, dv=DV, causal=False, dtype=torch.bfloat16).replace(**over)
 
 
 def inputs(n, r, seed=0):

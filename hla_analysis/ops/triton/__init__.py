@@ -24,10 +24,10 @@ import torch
 
 from hla_analysis._checks import check_hla_signs, check_normalizers, check_output
 from hla_analysis.ops.triton import split
-from hla_analysis.ops.triton.autograd import HLAFunction, default_config, forward_states, validate_config
+from hla_analysis.ops.triton.autograd import HLAFunction, KernelConfig, default_config, forward_states
 from hla_analysis.ops.triton.autograd_tied import TiedHLAFunction, tied_config
 
-__all__ = ["supports", "hla_triton", "default_config", "factors_tied", "TIED_BY_DEFAULT"]
+__all__ = ["supports", "hla_triton", "default_config", "KernelConfig", "factors_tied", "TIED_BY_DEFAULT"]
 
 # Whether ``tied=None`` detects tied factors and takes the symmetric-state kernels. Off: they
 # are correct but were measured slower than the untied kernels (see the module docstring).
@@ -135,7 +135,8 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     chunk_size : int, optional
         Causal chunk length (a multiple of 128 on CUDA); default picked from the state size.
     config : dict, optional
-        Block-size overrides, for benchmarking (see :func:`default_config`).
+        Block-size overrides, for benchmarking (:class:`KernelConfig` keys; unknown keys and
+        out-of-range values are refused).
     tied : bool, optional
         Symmetric-state kernels for tied factors (M = 2, ``qs[0] == qs[1]`` and
         ``ks[0] == ks[1]``, by identity, else ``torch.equal``). ``True`` takes them (and
@@ -193,7 +194,7 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
         check_hla_signs(qs, ks, allow_signed=allow_signed)
     if splitting:
         if config:
-            validate_config(config, default_config(r1=16, r2=16, dv=16, causal=causal, dtype=v.dtype))
+            default_config(r1=16, r2=16, dv=16, causal=causal, dtype=v.dtype).replace(**config)  # checks it
         return _split_call(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
                            allow_signed=allow_signed, config=config)
     if use_tied:
@@ -223,10 +224,9 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     r2 = q1.shape[-1] if use_tied else (1 if q2 is None else q2.shape[-1])
     cfg = default_config(r1=q1.shape[-1], r2=r2, dv=v.shape[-1], causal=causal, dtype=work, tied=use_tied)
     if chunk_size is not None:
-        cfg["CHUNK"] = int(chunk_size)
+        cfg = cfg.replace(CHUNK=int(chunk_size))
     if config:
-        validate_config(config, cfg)
-        cfg.update(config)
+        cfg = cfg.replace(**config)
     if causal and cfg["CHUNK"] % max(cfg["APPLY_BLOCK_M"], cfg["GRAD_BLOCK_M"], cfg["BLOCK_N"]) != 0:
         raise ValueError(
             f"chunk_size={cfg['CHUNK']} must be a multiple of the row blocks "

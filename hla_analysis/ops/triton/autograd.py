@@ -7,8 +7,11 @@ dtype, ``z [BH, C, R1, R2]`` in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -20,36 +23,111 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtype, tied: bool = False) -> dict:
-    """Block sizes and schedule for one problem.
+@dataclass(frozen=True)
+class KernelConfig(Mapping):
+    """Block sizes and schedule of one fused HLA problem: immutable, and checked when made.
+
+    Field names are the kernels' ``tl.constexpr`` names. ``*_BLOCK_*`` tile sizes,
+    ``*_WARPS``, ``STAGES`` (software pipelining), ``CHUNK`` (causal chunk), ``SPLITS`` (token
+    splits of the non-causal state; ``None`` = about two programs per SM), ``CAUSAL_STATE``
+    ("auto" | "sequential" | "parallel"), ``PER_A`` (column kernels, M = 2; the causal apply
+    always uses tiles), ``STATE_BA`` (columns per state program: 1, 2 or 4), ``STATE_TRANS``
+    (operand orientation of the column state kernel, 0 or 1, see :func:`kernels._cols_step`),
+    ``STATE_KERNEL`` ("cols" | "tiles": the state kernel when ``PER_A``) and ``TIED_TP`` (folded
+    rows of the tied kernels, set by :func:`.autograd_tied.tied_config`).
+
+    A read-only mapping, so the launchers read ``cfg["CHUNK"]``; :meth:`replace` makes a changed
+    copy and refuses unknown keys and out-of-range values with a one-line error.
+
+    >>> cfg = default_config(r1=16, r2=16, dv=16, causal=False, dtype=torch.float32)
+    >>> cfg.replace(SPLITS=3)["SPLITS"]
+    3
+    >>> cfg.replace(STATE_TRANS=2)
+    Traceback (most recent call last):
+    ...
+    ValueError: kernel config STATE_TRANS=2 is not one of (0, 1).
+    """
+
+    STATE_BLOCK_N: int
+    STATE_BLOCK_C: int
+    STATE_BLOCK_DV: int
+    APPLY_BLOCK_M: int
+    APPLY_BLOCK_C: int
+    GRAD_BLOCK_M: int
+    GRAD_BLOCK_C: int
+    BLOCK_N: int
+    CHUNK: int
+    STATE_WARPS: int
+    APPLY_WARPS: int
+    GRAD_WARPS: int
+    STAGES: int
+    PER_A: bool
+    STATE_BA: int
+    STATE_TRANS: int
+    SPLITS: int | None = None
+    CAUSAL_STATE: str = "auto"
+    STATE_KERNEL: str = "cols"
+    TIED_TP: int | None = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, choices = getattr(self, f.name), _CHOICES.get(f.name)
+            if choices is not None:
+                if value not in choices or type(value) is not type(choices[0]):
+                    raise ValueError(f"kernel config {f.name}={value!r} is not one of {choices}.")
+            elif not (value is None and f.name in _OPTIONAL_INTS) and (
+                    isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"kernel config {f.name}={value!r} must be a positive int"
+                                 + (" or None." if f.name in _OPTIONAL_INTS else "."))
+
+    def replace(self, **changes) -> KernelConfig:
+        """A copy with ``changes`` (checked; unknown keys refused)."""
+        unknown = sorted(set(changes) - set(self))
+        if unknown:
+            raise ValueError(f"unknown kernel config key(s) {unknown}; known keys: {sorted(self)}.")
+        return dataclasses.replace(self, **changes)
+
+    def __getitem__(self, key: str):
+        if key not in _FIELDS:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __iter__(self):
+        return iter(_FIELDS)
+
+    def __len__(self) -> int:
+        return len(_FIELDS)
+
+
+_CHOICES = {"STATE_TRANS": (0, 1), "STATE_BA": (1, 2, 4), "PER_A": (False, True),
+            "CAUSAL_STATE": ("auto", "sequential", "parallel"), "STATE_KERNEL": ("cols", "tiles")}
+_OPTIONAL_INTS = ("SPLITS", "TIED_TP")
+_FIELDS = tuple(f.name for f in fields(KernelConfig))
+
+
+def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtype,
+                   tied: bool = False) -> KernelConfig:
+    """Block sizes and schedule for one problem (:class:`KernelConfig`).
 
     Small blocks under the interpreter (each program costs interpreter time; the CPU tests
     stay short, and they take the column kernels so that CI covers them). On a GPU, bf16/fp16
     non-causal M = 2 problems with ``r2 >= 32`` take the column-at-a-time kernels
     (``PER_A``), everything else the tile kernels; each choice was the faster one in
-    ``benchmarks/gpu/tune_hla.py`` on an H200 (``benchmarks/gpu/results/``).
-
-    Keys (overridable through ``hla_triton(..., config=...)``): ``*_BLOCK_*`` tile sizes,
-    ``*_WARPS``, ``STAGES`` (software pipelining), ``CHUNK`` (causal chunk), ``SPLITS``
-    (token splits of the non-causal state; ``None`` = about two programs per SM),
-    ``CAUSAL_STATE`` ("auto" | "sequential" | "parallel"), ``PER_A`` (column kernels, M = 2;
-    the causal apply always uses tiles), ``STATE_BA`` (columns per state program: 1, 2 or 4),
-    ``STATE_TRANS`` (operand orientation of the column state kernel, 0 or 1, see
-    :func:`kernels._cols_step`) and ``STATE_KERNEL`` ("cols" | "tiles": the state kernel when
-    ``PER_A``). :func:`validate_config` refuses other keys and values.
+    ``benchmarks/gpu/tune_hla.py`` on an H200 (``benchmarks/gpu/results/``). Overrides go
+    through ``hla_triton(..., config=...)`` (:meth:`KernelConfig.replace`).
     """
     if _interpreting():
         block_c = 16 if r2 == 1 else max(r2, 16)
-        return dict(STATE_BLOCK_N=16, STATE_BLOCK_C=block_c, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=16,
-                    APPLY_BLOCK_C=block_c, GRAD_BLOCK_M=16, GRAD_BLOCK_C=block_c, BLOCK_N=16, CHUNK=32,
-                    SPLITS=None, STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=1,
-                    PER_A=True, STATE_BA=2, STATE_TRANS=0)
+        return KernelConfig(STATE_BLOCK_N=16, STATE_BLOCK_C=block_c, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=16,
+                            APPLY_BLOCK_C=block_c, GRAD_BLOCK_M=16, GRAD_BLOCK_C=block_c, BLOCK_N=16, CHUNK=32,
+                            SPLITS=None, STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=1,
+                            PER_A=True, STATE_BA=2, STATE_TRANS=0)
     r = r1 * r2
     if dtype == torch.float32:  # 4-byte tiles: half the blocks, or shared memory overflows
-        return dict(STATE_BLOCK_N=32, STATE_BLOCK_C=64, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=64, APPLY_BLOCK_C=64,
-                    GRAD_BLOCK_M=64, GRAD_BLOCK_C=64, BLOCK_N=32, CHUNK=512, SPLITS=None,
-                    STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=2,
-                    PER_A=False, STATE_BA=1, STATE_TRANS=0)
+        return KernelConfig(STATE_BLOCK_N=32, STATE_BLOCK_C=64, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=64,
+                            APPLY_BLOCK_C=64, GRAD_BLOCK_M=64, GRAD_BLOCK_C=64, BLOCK_N=32, CHUNK=512, SPLITS=None,
+                            STATE_WARPS=4, APPLY_WARPS=4, GRAD_WARPS=4, STAGES=2,
+                            PER_A=False, STATE_BA=1, STATE_TRANS=0)
     cfg = dict(
         # tile kernels: picked by the block-size sweep of session 1 (H200, r = 64, N = 32760)
         STATE_BLOCK_N=128, STATE_BLOCK_C=128, STATE_BLOCK_DV=dv,
@@ -69,32 +147,7 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
         # state program (two at r2 = 128, or the accumulators spill), values as the shared operand
         cfg.update(PER_A=True, STATE_BA=4 if r2 <= 64 else 2, STATE_WARPS=8, STATE_TRANS=1,
                    APPLY_WARPS=4, GRAD_BLOCK_M=64, GRAD_WARPS=4)
-    return cfg
-
-
-# keys a config may carry besides those default_config always sets
-_OPTIONAL_KEYS = {"CAUSAL_STATE": ("auto", "sequential", "parallel"), "STATE_KERNEL": ("cols", "tiles")}
-_CHOICES = {"STATE_TRANS": (0, 1), "STATE_BA": (1, 2, 4), "PER_A": (False, True)}
-
-
-def validate_config(config: dict, base: dict) -> None:
-    """Refuse unknown keys and out-of-range choices in a ``config`` override (one-line error).
-
-    >>> validate_config({"STATE_TRANS": 2}, {"STATE_TRANS": 0})
-    Traceback (most recent call last):
-    ...
-    ValueError: config STATE_TRANS=2 is not one of (0, 1).
-    """
-    known = set(base) | set(_OPTIONAL_KEYS)
-    unknown = sorted(set(config) - known)
-    if unknown:
-        raise ValueError(f"unknown kernel config key(s) {unknown}; known keys: {sorted(known)}.")
-    for key, value in config.items():
-        choices = _CHOICES.get(key) or _OPTIONAL_KEYS.get(key)
-        if choices is not None and value not in choices:
-            raise ValueError(f"config {key}={value!r} is not one of {choices}.")
-        if choices is None and value is not None and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"config {key}={value!r} must be a positive int.")
+    return KernelConfig(**cfg)
 
 
 def _block_a(block_c: int, r1: int, r2: int) -> int:

@@ -17,6 +17,7 @@ import torch
 from hla_analysis._checks import check_normalizers
 from hla_analysis.ops.triton import kernels_tied
 from hla_analysis.ops.triton.autograd import (
+    KernelConfig,
     _causal_state_plan,
     _chunks,
     _normaliser_state,
@@ -45,13 +46,11 @@ def symmetric_state_rows(r: int, block_c: int) -> int:
     return folded_rows(r, block_c)[1] * r
 
 
-def tied_config(cfg: dict, r: int) -> dict:
+def tied_config(cfg: KernelConfig, r: int) -> KernelConfig:
     """The untied block sizes plus ``TIED_TP``, the folded rows that all three kernels use."""
-    cfg = dict(cfg)
     if r >= 128:  # 128-column key-side gradient tiles at 128 rows overflowed shared memory on an H200
-        cfg["GRAD_BLOCK_M"] = min(cfg["GRAD_BLOCK_M"], 64)
-    cfg["TIED_TP"] = folded_rows(r, cfg["STATE_BLOCK_C"], cfg["APPLY_BLOCK_C"], cfg["GRAD_BLOCK_C"])[1]
-    return cfg
+        cfg = cfg.replace(GRAD_BLOCK_M=min(cfg["GRAD_BLOCK_M"], 64))
+    return cfg.replace(TIED_TP=folded_rows(r, cfg["STATE_BLOCK_C"], cfg["APPLY_BLOCK_C"], cfg["GRAD_BLOCK_C"])[1])
 
 
 def _bt(r: int, block_c: int) -> int:

@@ -167,7 +167,7 @@ def split_numden(qs, ks, v, *, causal: bool, config: dict | None = None):
         r2 = 1 if q2 is None else q2.shape[-1]
         cfg = default_config(r1=q1.shape[-1], r2=r2, dv=dv, causal=causal, dtype=v.dtype)
         if config:
-            cfg.update(config)
+            cfg = cfg.replace(**config)
         pn, pd = PartFunction.apply(q1, q2, k1, k2, v, bool(causal), cfg)
         num = pn if num is None else num + pn
         den = pd if den is None else den + pd
