@@ -15,7 +15,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --tar
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton, fla; print(torch.__version__, triton.__version__, fla.__version__)"; } \
   > "$OUT/env.txt" 2>&1
-timeout ${BENCH_S:-400} python3 benchmarks/gpu/bench_public.py --only sdpa hla variants baselines overhead \
+timeout ${BENCH_S:-400} python3 benchmarks/gpu/bench_public.py --only sdpa baselines hla variants overhead \
   --ns 8192 32760 75600 --hla-calls 1:64 1:64:causal 1:128:causal 2:64 2:64:causal 2:128 2:128:causal \
   --out "$OUT/public_h200.json" > "$OUT/bench.log" 2>&1
 echo "bench rc=$?"; tail -4 "$OUT/bench.log"
