@@ -615,6 +615,9 @@ class _LayerHelpers:
 
     def check(self) -> None:
         """Raise a helper's error as this process would have raised it."""
+        for proc, reader, _ in self.procs:
+            if proc.poll() not in (None, 0):
+                reader.join(timeout=30)  # its last line (the error) is read before deciding
         if self.errors:
             error = self.errors[0]
             kind = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError}.get(error["error"])
