@@ -252,6 +252,7 @@ class _Verdict:
     path: object  # quadratic_dispatch.Dispatch
     triton: bool  # the state path runs the fused kernels
     signs: bool  # some factor pair occurs an odd number of times: its signs need a certificate
+    symmetric: bool = False  # tied M >= 3 on the M = 1 kernels, through symmetric power features
 
 
 def clear_verdicts() -> None:
@@ -345,17 +346,19 @@ def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow
             check_mask_leading_dims(key_padding_mask, *qs, *ks, v)
             check_padding_mask(key_padding_mask, n_keys, causal=causal)
         path = quadratic_dispatch.choose(qs, ks, v, causal=causal, form=form, backend=backend)
-        triton = False
+        triton = symmetric = False
         if path.path == "state" and backend != "torch":
             from hla_analysis.ops import triton_backend
 
             # the cost model already asked the kernels (one supports() per call, not two)
-            known = path.engine == "triton" and path.reason == "cost model"
+            known = path.engine == "triton" and path.reason == "cost model" and len(qs) <= 2
             triton = known or triton_backend.usable(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
                                                     explicit=backend == "triton")
-            if not triton and backend == "triton":
+            symmetric = not triton and triton_backend.usable_symmetric(
+                qs, ks, v, causal=causal, key_padding_mask=key_padding_mask, explicit=backend == "triton")
+            if not triton and not symmetric and backend == "triton":
                 raise ValueError(triton_backend.why_not(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask))
-        verdict = _Verdict(path, triton, bool(_odd_pairs(qs, ks)))
+        verdict = _Verdict(path, triton, bool(_odd_pairs(qs, ks)), symmetric)
         if key is not None:
             if len(_VERDICTS) >= _MAX_VERDICTS:
                 _VERDICTS.clear()
@@ -372,6 +375,14 @@ def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow
         return triton_backend.run(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
                                   allow_signed=allow_signed,
                                   signs=verdict.signs and not allow_signed and not signs_certified())
+
+    if verdict.symmetric:
+        from hla_analysis.ops import triton_backend
+
+        out = triton_backend.run_symmetric(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
+                                           allow_signed=allow_signed)
+        check_hla_signs(qs, ks, allow_signed=allow_signed)  # the features are signed by design
+        return out
 
     tied = form in ("auto", "tied") and is_tied(qs, ks)
     form = _resolve_form(form, causal=causal, tied=tied, num_factors=len(qs))

@@ -104,8 +104,10 @@ def choose(qs, ks, v, *, causal: bool, form: str, backend: str) -> Dispatch:
     n, dv = v.shape[-2], v.shape[-1]
     from hla_analysis.ops import triton_backend
 
-    state_engine = "triton" if triton_backend.usable(qs, ks, v, causal=causal, key_padding_mask=None,
-                                                     explicit=False) else "torch"
+    state_engine = "triton" if (
+        triton_backend.usable(qs, ks, v, causal=causal, key_padding_mask=None, explicit=False)
+        or triton_backend.usable_symmetric(qs, ks, v, causal=causal, key_padding_mask=None, explicit=False)
+    ) else "torch"
     rate = 1.0 if state_engine == "triton" else TORCH_STATE_RATE
     state = state_flops(widths, dv, n, tied=tied) / rate
     quad = quadratic_flops(widths, dv, n, tied=tied, causal=causal)

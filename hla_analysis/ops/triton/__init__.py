@@ -45,8 +45,8 @@ def _interpreting() -> bool:
 def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
     """Whether :func:`hla_triton` can run these inputs.
 
-    True for M in {1, 2} factor pairs, factor widths 1..256 (16, 32, 64 and 128 run as they
-    are, other widths as exact sums of parts, :mod:`.split`), value width in
+    True for M in {1, 2} factor pairs, factor widths 1..256 (M = 2) or 1..4096 (M = 1; 16, 32,
+    64 and 128 run as they are, other widths as exact sums of parts, :mod:`.split`), value width in
     {16, 32, 64, 128}, one floating dtype among fp16/bf16/fp32, and CUDA tensors (or the
     Triton interpreter). ``causal`` needs as many queries as keys.
 
@@ -73,8 +73,9 @@ def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
         return False
     if v.shape[-1] not in _VALUE_WIDTHS or any(t.dim() < 2 for t in tensors):
         return False
+    widest = split.MAX_WIDTH if len(qs) == 2 else split.MAX_FEATURES
     for q, k in zip(qs, ks):
-        if q.shape[-1] != k.shape[-1] or not 1 <= q.shape[-1] <= split.MAX_WIDTH:
+        if q.shape[-1] != k.shape[-1] or not 1 <= q.shape[-1] <= widest:
             return False
     n_q, n_k = qs[0].shape[-2], ks[0].shape[-2]
     if any(q.shape[-2] != n_q for q in qs) or any(k.shape[-2] != n_k for k in ks) or v.shape[-2] != n_k:

@@ -41,6 +41,9 @@ KERNEL_WIDTHS = (16, 32, 64, 128)
 # widest factor the split path takes (129 is phi=affine at d = 128; M = 1 features such as
 # hedgehog at d = 128 are 256 wide)
 MAX_WIDTH = 256
+# widest M = 1 feature map: its parts are 128-wide launches summed (the symmetric power
+# features of tied M >= 3 factors, C(r + M - 1, M) wide, run this way)
+MAX_FEATURES = 4096
 
 
 def _padded(w: int) -> int:
