@@ -166,18 +166,20 @@ def sdpa_case(n, d, causal):
     return dict(method="sdpa_cudnn", spec=f"softmax d={d}", d=d, dv=d), forward, [q, k, v]
 
 
-def hla_case(m, r, n, causal):
+def hla_case(m, r, n, causal, tied=False, form="auto"):
+    """``hla()`` with M factors of width r (tied: the same q and k objects M times), dv = 128."""
     from hla_analysis.ops import hla
 
     r = _w(r)
-    leaves = [pos(B, H, n, r, grad=True) for _ in range(2 * m)]
+    leaves = [pos(B, H, n, r, grad=True) for _ in range(2 if tied else 2 * m)]
     v = gauss(B, H, n, _w(128), grad=True)
-    qs, ks = leaves[:m], leaves[m:]
+    qs, ks = ([leaves[0]] * m, [leaves[1]] * m) if tied else (leaves[:m], leaves[m:])
 
     def forward():
-        return hla(qs, ks, v, causal=causal, backend=BACKEND)
+        return hla(qs, ks, v, causal=causal, backend=BACKEND, form=form)
 
-    return dict(method="hla()", spec=f"M={m} r={r}", d=r, dv=v.shape[-1]), forward, [*leaves, v]
+    spec = f"M={m} r={r}" + (" tied" if tied else "") + (f" form={form}" if form != "auto" else "")
+    return dict(method="hla()", spec=spec, d=r, dv=v.shape[-1]), forward, [*leaves, v]
 
 
 def variant_case(spec, d, n, causal):
@@ -327,7 +329,8 @@ def main(argv=None):
     parser.add_argument("--only", nargs="*", default=None, choices=CATEGORIES)
     parser.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes (a script check)")
     parser.add_argument("--hla-calls", nargs="+", default=None, metavar="M:r[:causal]",
-                        help="only these hla() rows, e.g. 1:64:causal 2:64:causal (default: all of HLA_CALLS)")
+                        help="only these hla() rows, e.g. 1:64:causal 2:64:causal 3:8:tied 3:8:tied:quadratic "
+                             "(default: all of HLA_CALLS)")
     args = parser.parse_args(argv)
     import triton
 
@@ -337,17 +340,22 @@ def main(argv=None):
         DEVICE, DTYPE, BACKEND, WIDTH, H = "cpu", torch.float32, "triton", 16, 2
         args.ns = [40]
     todo = [c for c in (args.only or CATEGORIES) if c not in args.skip]
-    hla_calls = HLA_CALLS
+    hla_calls = [(m, r, causal, set()) for m, r, causal in HLA_CALLS]
     if args.hla_calls:
         try:
-            hla_calls = [(int(c.split(":")[0]), int(c.split(":")[1]), c.endswith(":causal")) for c in args.hla_calls]
-        except (ValueError, IndexError):
-            parser.error(f"--hla-calls takes M:r or M:r:causal, got {args.hla_calls}")
+            hla_calls = []
+            for call in args.hla_calls:
+                m, r, *flags = call.split(":")
+                if not set(flags) <= {"causal", "tied", "quadratic"}:
+                    raise ValueError(call)
+                hla_calls.append((int(m), int(r), "causal" in flags, set(flags)))
+        except ValueError:
+            parser.error(f"--hla-calls takes M:r[:causal][:tied][:quadratic], got {args.hla_calls}")
     HEADER.update(device=torch.cuda.get_device_name() if _cuda() else "cpu (smoke, TRITON_INTERPRET=1)",
                   torch=torch.__version__, triton=triton.__version__,
                   python=platform.python_version(), B=B, H=H, dtype=str(DTYPE).replace("torch.", ""),
                   timing="CUDA events, 2 warm-ups, median of >= 5 reps (3 above 100 ms)",
-                  categories=todo, hla_calls=[list(c) for c in hla_calls])
+                  categories=todo, hla_calls=[[m, r, causal, sorted(f)] for m, r, causal, f in hla_calls])
     HEADER["matmul_peak_tflops"] = matmul_peak_tflops()
     print("bf16 matmul peak", HEADER["matmul_peak_tflops"], flush=True)
     rows: list = []
@@ -366,8 +374,9 @@ def main(argv=None):
                         meta, fwd, leaves = sdpa_case(n, d, causal)
                         run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)
             elif category == "hla":
-                for m, r, causal in hla_calls:
-                    meta, fwd, leaves = hla_case(m, r, n, causal)
+                for m, r, causal, flags in hla_calls:
+                    meta, fwd, leaves = hla_case(m, r, n, causal, tied="tied" in flags,
+                                                 form="quadratic" if "quadratic" in flags else "auto")
                     run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)
             elif category == "variants":
                 for spec, d in VARIANTS:
