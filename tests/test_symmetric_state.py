@@ -15,8 +15,12 @@ import torch
 
 pytest.importorskip("triton")
 
-from hla_analysis.ops import hla, hla_attention_output, quadratic_dispatch  # noqa: E402
-from hla_analysis.ops import triton_backend  # noqa: E402
+from hla_analysis.ops import (  # noqa: E402
+    hla,
+    hla_attention_output,
+    quadratic_dispatch,
+    triton_backend,  # noqa: E402
+)
 
 CUDA = torch.cuda.is_available()
 RUNNABLE = CUDA or os.environ.get("TRITON_INTERPRET") == "1"
