@@ -162,7 +162,10 @@ def test_supports_and_dispatch():
     assert supports([q[..., :12] for q in qs], [k[..., :12] for k in ks], v, causal=False,
                     key_padding_mask=None)  # width 12: exact sum of split parts
     wide = torch.rand(1, 2, 20, 300, device=DEVICE)
-    assert not supports([wide], [wide], v, causal=False, key_padding_mask=None)  # beyond the split path
+    assert supports([wide], [wide], v, causal=False, key_padding_mask=None)  # M = 1: summed 128-wide parts
+    assert not supports([wide] * 2, [wide] * 2, v, causal=False, key_padding_mask=None)  # M = 2: beyond the split
+    wider = torch.rand(1, 2, 20, 4097, device=DEVICE)
+    assert not supports([wider], [wider], v, causal=False, key_padding_mask=None)  # M = 1: beyond 4,096
     assert not supports(qs, ks, torch.randn(1, 2, 20, 24, device=DEVICE), causal=False, key_padding_mask=None)
     assert not supports([q.double() for q in qs], [k.double() for k in ks], v.double(), causal=False,
                         key_padding_mask=None)
