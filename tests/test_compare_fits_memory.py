@@ -252,3 +252,29 @@ def test_capped_fit_equals_a_fit_on_its_runs(causal):
     whole = make_variant(spec).bind(4, heads=heads).double()
     fit_variant(whole, [batch], config=FitConfig(steps=3, row_stride=1, max_rows=n))
     assert not torch.equal(whole.state_dict()["proj.0"], plain.state_dict()["proj.0"])
+
+
+def test_a_fit_step_reads_the_host_once_per_row_block(monkeypatch):
+    """On a GPU every host read is a sync: the checks, the row count and the finiteness of a
+    block's loss share one read (three before), plus the step's own loss read."""
+    g = torch.Generator().manual_seed(0)
+    heads, n, d = 2, 64, 8
+    batch = {"q": torch.randn(1, heads, n, d, generator=g), "k": torch.randn(1, heads, n, d, generator=g),
+             "scale": d ** -0.5, "causal": False}
+    # 32 query rows per block: two blocks, whose softmax targets are still kept across steps
+    monkeypatch.setattr(fit_module, "FIT_MAP_ELEMENTS", heads * 32 * n)
+    blocks = len(fit_module._row_blocks(batch))
+    assert blocks == 2
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda self, *a, _real=real, _name=name, **k: reads.append(_name) or _real(self, *a, **k))
+    steps = 3
+    variant = make_variant("hla:m=2,phi=affine,proj=1").bind(d, heads=heads)
+    result = fit_variant(variant, [batch], config=FitConfig(steps=steps, row_stride=1))
+    monkeypatch.undo()
+    assert len(result.losses) == steps + 1
+    # once: the targets' own input checks (three reads a block); per step: one read per block,
+    # the loss's finiteness and its value; then the final loss. Three reads a block before.
+    assert len(reads) <= 3 * blocks + steps * (blocks + 2) + (blocks + 1), (len(reads), reads)

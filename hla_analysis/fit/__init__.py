@@ -272,8 +272,8 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
         total, count = 0.0, 0
         for i, block in enumerate(blocks):
             target = targets[i] if keep else _target(block, config.objective)
-            block_sum, block_count = _loss_sums(variant, block, target, config.objective)
-            if backward and block_count and torch.isfinite(block_sum):
+            block_sum, block_count, finite = _loss_sums_read(variant, block, target, config.objective)
+            if backward and block_count and finite:
                 block_sum.backward()
             total, count = total + block_sum.detach(), count + block_count
         count = _count(count, variant)
@@ -316,17 +316,39 @@ def _target(block: dict, objective: str) -> tuple[Tensor, Tensor]:
 
 
 def _loss_sums(variant: Variant, block: dict, target: tuple[Tensor, Tensor], objective: str) -> tuple[Tensor, int]:
-    """Sum of the per-row (or per-entry) losses of a block over the rows that count, and their count.
+    """Sum of the per-row (or per-entry) losses of a block over the rows that count, and their count."""
+    block_sum, count, _ = _loss_sums_read(variant, block, target, objective)
+    return block_sum, count
+
+
+def _loss_sums_read(variant: Variant, block: dict, target: tuple[Tensor, Tensor],
+                    objective: str) -> tuple[Tensor, int, bool]:
+    """:func:`_loss_sums` and whether the sum is finite, read from the device in one go.
 
     The variant's input checks run as one batch (:func:`~hla_analysis._checks.check_batch`):
-    one reduction per checked tensor instead of an elementwise isfinite, same errors.
+    one reduction per checked tensor instead of an elementwise isfinite, same errors. The row
+    count and the sum's finiteness join that batch's one host read (on a GPU every read is a
+    sync that drains the launch queue: one per block and step instead of three).
     """
-    with check_batch():
-        return _loss_sums_unbatched(variant, block, target, objective)
+    read: list[float] = []
+
+    def keep(high: float, low: float, finite: float) -> bool:
+        read.extend((high * 2**20 + low, finite))
+        return True
+
+    with check_batch() as batch:
+        block_sum, valid = _loss_sums_unbatched(variant, block, target, objective)
+        count = valid.sum()
+        # the batch reads float32: the count travels as two halves, each exact below 2^24
+        batch.add_values((count // 2**20, count % 2**20, torch.isfinite(block_sum.detach())), keep, lambda: None)
+    if not read:  # checks disabled, or an enclosing batch resolves later: read them here
+        return block_sum, int(count), bool(torch.isfinite(block_sum))
+    return block_sum, int(read[0]), bool(read[1])
 
 
 def _loss_sums_unbatched(variant: Variant, block: dict, target: tuple[Tensor, Tensor],
-                         objective: str) -> tuple[Tensor, int]:
+                         objective: str) -> tuple[Tensor, Tensor]:
+    """The block's loss sum over the rows that count, and the mask of those rows."""
     if objective == "output_mse":
         weights, den = variant.weights(block["q"], block["k"], scale=block["scale"], causal=block["causal"],
                                        query_offset=block.get("query_offset", 0))
@@ -334,9 +356,9 @@ def _loss_sums_unbatched(variant: Variant, block: dict, target: tuple[Tensor, Te
         output = (weights / torch.where(valid, den, torch.ones_like(den))) @ block["v"]
         error = (output - target[0]).square().mean(-1)
         valid = valid.squeeze(-1) & torch.isfinite(error)
-        return torch.where(valid, error, torch.zeros_like(error)).sum(), int(valid.sum())
+        return torch.where(valid, error, torch.zeros_like(error)).sum(), valid
     row_loss, valid = _row_kl(variant, block, *target)
-    return torch.where(valid, row_loss, torch.zeros_like(row_loss)).sum(), int(valid.sum())
+    return torch.where(valid, row_loss, torch.zeros_like(row_loss)).sum(), valid
 
 
 def _count(count: int, variant: Variant) -> int:
