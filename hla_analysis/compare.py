@@ -323,7 +323,7 @@ def run_comparison(
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"results file must end in .parquet or .csv, got {out.name!r}.")
     device = _check_device(device)
-    _worker_count(workers, None, None, [], device)  # checks the value before any work
+    _check_workers(workers, device)
     _check_outputs(out, overwrite=overwrite)
     cap = load_capture(capture_dir)
     if cap.num_inputs < 2:
@@ -554,8 +554,19 @@ def _available_memory() -> int | None:
     return None
 
 
+def _check_workers(workers, device: torch.device) -> None:
+    """One-line errors for a ``workers`` that is neither ``"auto"`` nor a usable count."""
+    if workers == "auto":
+        return
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers (--workers) must be 'auto' or an integer >= 1, got {workers!r}.")
+    if workers > 1 and device.type != "cpu":
+        raise ValueError(f"workers (--workers) > 1 splits layers over CPU processes; on {device.type} use 1.")
+
+
 def _worker_count(workers, cap, config: CompareConfig, todo: list[int], device: torch.device) -> int:
     """Processes that compute layers side by side (1 = this process alone)."""
+    _check_workers(workers, device)
     if workers == "auto":
         if device.type != "cpu" or len(todo) < 2:
             return 1
@@ -565,10 +576,6 @@ def _worker_count(workers, cap, config: CompareConfig, todo: list[int], device: 
         memory = _available_memory()
         by_memory = _AUTO_WORKERS_MAX if memory is None else max(1, memory // _WORKER_BYTES)
         return max(1, min(len(todo), torch.get_num_threads(), _AUTO_WORKERS_MAX, by_memory))
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise ValueError(f"workers (--workers) must be 'auto' or an integer >= 1, got {workers!r}.")
-    if workers > 1 and device.type != "cpu":
-        raise ValueError(f"workers (--workers) > 1 splits layers over CPU processes; on {device.type} use 1.")
     return max(1, min(workers, len(todo)))
 
 
