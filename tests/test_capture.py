@@ -274,3 +274,27 @@ def test_as_cache_uses_transformer_lens_names_and_layouts(mixed_capture, minilm)
         torch.testing.assert_close(pattern[0], probs[layer], rtol=0, atol=1e-5)
     with pytest.raises(ValueError):
         cap.as_cache(cap.num_inputs)
+
+
+def test_a_failing_forward_keeps_the_input_being_written(tmp_path, monkeypatch):
+    """Input i is written in a thread while the model runs input i + 1; when that forward fails,
+    input i still lands in the partial manifest, and resume redoes only what is missing."""
+    out = tmp_path / "overlap"
+    real_forward, calls = capture_run._forward, []
+
+    def forward_then_fail(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real_forward(*args, **kwargs)
+
+    monkeypatch.setattr(capture_run, "_forward", forward_then_fail)
+    kwargs = dict(out=out, num_inputs=4, max_tokens=20, batch_size=1, progress=False)
+    with pytest.raises(RuntimeError, match="device lost"):
+        capture("minilm", **kwargs)
+    partial = json.loads((out / "manifest.partial.json").read_text())
+    assert [rec["index"] for rec in partial["inputs"]] == [0, 1]
+    monkeypatch.setattr(capture_run, "_forward", real_forward)
+    resumed = load_capture(capture("minilm", **kwargs))
+    assert [rec["index"] for rec in resumed.manifest["inputs"]] == [0, 1, 2, 3]
+    resumed.verify()

@@ -14,6 +14,7 @@ import datetime
 import hashlib
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -213,9 +214,9 @@ class _BatchCollector:
                 self.errors[b] = max(self.errors[b], float(errors[j]))
                 kind = _mask_kind(allowed[j])
                 self.kinds[b].append(kind)
-                self.tensors[b][f"layer.{layer}.q"] = q[j].clone()
-                self.tensors[b][f"layer.{layer}.k"] = k[j].clone()
-                self.tensors[b][f"layer.{layer}.v"] = v[j].clone()
+                self.tensors[b][f"layer.{layer}.q"] = q[j]
+                self.tensors[b][f"layer.{layer}.k"] = k[j]
+                self.tensors[b][f"layer.{layer}.v"] = v[j]
                 if kind == "explicit":
                     self.tensors[b][f"layer.{layer}.mask"] = allowed[j].clone()
         self.layers.append({
@@ -681,15 +682,27 @@ def _run(plan: _Plan, out: Path, options: _RunOptions) -> Path:
     elapsed_before = float(previous.get("capture_seconds", 0.0))
     bar = tqdm(total=len(plan.items), initial=len(records), disable=not options.progress, unit="input",
                desc=f"capture {plan.loaded.name}", dynamic_ncols=True)
-    with torch.inference_mode():
+
+    def save(start, chunk, collector, layers) -> int:
+        records.extend(_record(out, start, chunk, collector, layers))
+        elapsed = elapsed_before + time.perf_counter() - options.started
+        atomic_write_json(out / PARTIAL, _manifest(plan.loaded, plan.settings, layers, records, elapsed,
+                                                   complete=False, kind=plan.kind, arguments=plan.arguments))
+        return len(chunk)
+
+    # One writer thread saves batch i while the model runs batch i + 1 (hashing and file writes
+    # release the GIL), so at most two batches are held in host memory. Records stay in input
+    # order, and an error in either thread stops the capture after the pending write lands.
+    pending = None
+    with torch.inference_mode(), ThreadPoolExecutor(max_workers=1) as writer:
         for start, chunk, collector in _forward_batches(plan, options, start=len(records), layers=layers,
                                                         records=records):
             layers = _checked_layers(layers, collector)
-            records.extend(_record(out, start, chunk, collector, layers))
-            elapsed = elapsed_before + time.perf_counter() - options.started
-            atomic_write_json(out / PARTIAL, _manifest(plan.loaded, plan.settings, layers, records, elapsed,
-                                                       complete=False, kind=plan.kind, arguments=plan.arguments))
-            bar.update(len(chunk))
+            if pending is not None:
+                bar.update(pending.result())
+            pending = writer.submit(save, start, chunk, collector, layers)
+        if pending is not None:
+            bar.update(pending.result())
     bar.close()
     _write(out, plan, layers, records, elapsed_before + time.perf_counter() - options.started)
     return out
@@ -779,11 +792,10 @@ def _write_input(out: Path, index: int, item: ModelInput, row: int, collector, l
     if item.input_ids is not None:
         tensors["input_ids"] = torch.tensor(item.input_ids, dtype=torch.long)
     file = out / input_file_name(index)
-    digest = atomic_save_tensors(file, tensors)
+    digest, per_tensor = atomic_save_tensors(file, tensors)
     record = {
         "index": index, "name": item.name, "file": file.name, "bytes": file.stat().st_size,
-        "sha256": digest, "length": n,
-        "tensor_sha256": {key: tensor_sha256(t) for key, t in tensors.items()},
+        "sha256": digest, "length": n, "tensor_sha256": per_tensor,
         "max_abs_prob_error": collector.errors[row],
     }
     if item.input_ids is not None:

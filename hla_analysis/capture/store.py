@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from hla_analysis._io import atomic_write_bytes, atomic_write_json  # noqa: F401  (re-exported)
+from hla_analysis._io import atomic_write_bytes, atomic_write_json, atomic_write_with  # noqa: F401  (re-exported)
 from hla_analysis.capture.manifest import FORMAT, FORMAT_VERSION, plain_file_name, read_manifest  # noqa: F401
 
 MANIFEST = "manifest.json"
@@ -62,13 +62,61 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Atomically write a safetensors file; return the SHA-256 of the bytes written."""
-    from safetensors.torch import save
+# safetensors' names for the dtypes a capture writes
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+                       torch.int64: "I64", torch.int32: "I32", torch.bool: "BOOL", torch.uint8: "U8"}
 
-    data = save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": FORMAT})
-    atomic_write_bytes(path, data)
-    return hashlib.sha256(data).hexdigest()
+
+def _raw_bytes(tensor: torch.Tensor) -> memoryview:
+    return memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> tuple[str, dict[str, str]]:
+    """Atomically write a safetensors file; return the SHA-256 of the file and of each tensor.
+
+    The file is streamed tensor by tensor from the tensors' own memory (no in-memory copy of
+    the file), and the per-tensor digests are computed in threads beside the write: at
+    8,192 tokens one SmolLM2 input is about 1 GB. The layout is safetensors' own (an 8-byte
+    little-endian header length, a JSON header padded with spaces to 8 bytes, then the data),
+    so ``safetensors.safe_open`` reads it.
+
+    Examples
+    --------
+    >>> import tempfile, safetensors.torch
+    >>> path = Path(tempfile.mkdtemp()) / "x.safetensors"
+    >>> digest, per_tensor = atomic_save_tensors(path, {"a": torch.arange(3.0), "b": torch.ones(2, 2)})
+    >>> digest == file_sha256(path), per_tensor["a"] == tensor_sha256(torch.arange(3.0))
+    (True, True)
+    >>> safetensors.torch.load_file(path)["b"].tolist()
+    [[1.0, 1.0], [1.0, 1.0]]
+    """
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    raw, header, offset = {}, {"__metadata__": {"format": FORMAT}}, 0
+    for name, tensor in tensors.items():
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise TypeError(f"tensor {name!r} has dtype {tensor.dtype}, which captures do not store")
+        raw[name] = _raw_bytes(tensor)
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + raw[name].nbytes]}
+        offset += raw[name].nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    head = len(text).to_bytes(8, "little") + text
+    digest = hashlib.sha256(head)
+
+    def write(f):
+        f.write(head)
+        for view in raw.values():
+            f.write(view)
+            digest.update(view)
+
+    # hashlib and file writes release the GIL on large buffers, so the threads overlap
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        per_tensor = {name: pool.submit(lambda v: hashlib.sha256(v).hexdigest(), view) for name, view in raw.items()}
+        atomic_write_with(path, write)
+        return digest.hexdigest(), {name: future.result() for name, future in per_tensor.items()}
 
 
 class Capture:
