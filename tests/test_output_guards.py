@@ -250,3 +250,17 @@ def test_evaluate_refuses_a_second_writer(tiny, tmp_path):
     table = run_model_evaluation("minilm", capture=cap, results=root / "r.parquet", out=out, variants="softmax",
                                  progress=False)
     assert out.is_file() and len(table) > 0 and not parts.exists()
+
+
+def test_demo_rerun_removes_figures_it_can_no_longer_make(tmp_path, capsys):
+    """A rerun whose variants cannot make a figure removes that figure from the earlier run, so
+    figures/ never mixes plots of two tables."""
+    out = tmp_path / "run"
+    figures = out / "figures"
+    assert main(_demo(out)[:-2] + ["softmax", "hla:m=2,phi=affine", "--quiet"]) == 0
+    assert (figures / "kl_heatmaps.png").is_file() and (figures / "kl_heatmaps.csv").is_file()
+    capsys.readouterr()
+    assert main(_demo(out)) == 0
+    printed = capsys.readouterr().out
+    assert "kl_heatmaps: skipped" in printed and "removed the earlier kl_heatmaps.png" in printed
+    assert not (figures / "kl_heatmaps.png").exists() and not (figures / "kl_heatmaps.csv").exists()

@@ -138,7 +138,13 @@ def run(args: argparse.Namespace) -> int:
         try:
             path = figure(inputs.get(name, table), figures)
         except ValueError as exc:  # e.g. --variants softmax: no HLA variant to plot
-            print(f"      {name}: skipped ({exc})")
+            # an earlier run's figure would sit beside figures of another table: remove it (it is
+            # ours: _check_files refused files demo did not write, unless --overwrite)
+            stale = [figures / f"{name}{ext}" for ext in (".png", ".csv") if (figures / f"{name}{ext}").is_file()]
+            for path in stale:
+                path.unlink()
+            removed = f"; removed the earlier {', '.join(p.name for p in stale)}" if stale else ""
+            print(f"      {name}: skipped ({exc}){removed}")
             continue
         print(f"      {path} (+ .csv)")
     print(f"      {time.perf_counter() - step:.0f} s")
