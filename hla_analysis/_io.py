@@ -70,13 +70,34 @@ def atomic_save_figure(fig, path: str | Path, **savefig_kwargs) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def written_by(settings: str | Path, tool: str) -> bool:
-    """Whether ``settings`` (a JSON file) carries ``"tool": tool``: the mark a command leaves on its outputs."""
+def written_by(settings: str | Path, tool: str, output: str | Path | None = None) -> bool:
+    """Whether ``settings`` (a JSON file) carries ``"tool": tool``: the mark a command leaves on its outputs.
+
+    With ``output``, the file must also name that output (``"output": <file name>``): ``x.csv`` and
+    ``x.parquet`` share ``x.settings.json``, so the mark says which of the two it belongs to.
+    """
     try:
         data = json.loads(Path(settings).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
-    return isinstance(data, dict) and data.get("tool") == tool
+    if not isinstance(data, dict) or data.get("tool") != tool:
+        return False
+    if output is None:
+        return True
+    output = Path(output)
+    if "output" not in data:  # written before outputs were named: ours unless a same-stem table shares it
+        return not any(output.with_suffix(s).exists() for s in (".csv", ".parquet") if s != output.suffix)
+    return data["output"] == output.name
+
+
+def settings_owner(settings: str | Path) -> str | None:
+    """The output file name a settings file says it belongs to (None when it names none)."""
+    try:
+        data = json.loads(Path(settings).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    owner = data.get("output") if isinstance(data, dict) else None
+    return owner if isinstance(owner, str) else None
 
 
 def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, tool: str, overwrite: bool) -> None:
@@ -96,7 +117,11 @@ def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, to
     if out.parent.exists() and not out.parent.is_dir():
         raise ValueError(f"{out.parent} is not a folder; choose another --out.")
     existing = [p for p in outputs if p.exists()]
-    if existing and not overwrite and not written_by(settings, tool):
+    owner = settings_owner(settings)
+    if existing and not overwrite and written_by(settings, tool) and owner and owner != out.name:
+        raise ValueError(f"{settings} belongs to {out.with_name(owner)}, whose side files share the name stem of "
+                         f"{out}; choose another --out (e.g. another name, not another suffix).")
+    if existing and not overwrite and not written_by(settings, tool, out):
         names = ", ".join(str(p) for p in existing)
         verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
         raise ValueError(f"{names} already {verb} and `{tool}` did not write {them}; choose another --out, "

@@ -503,7 +503,7 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     atomic_write_table(out.with_name(out.stem + ".fits.csv"), fits_table)
     save_fits(fits_path(out), states, settings={k: v for k, v in settings.items() if k != "device"})
     atomic_write_json(out.with_name(out.stem + ".settings.json"),
-                      {**settings, "seconds": round(time.perf_counter() - started, 2)})
+                      {**settings, "output": out.name, "seconds": round(time.perf_counter() - started, 2)})
     shutil.rmtree(parts)
     return result
 

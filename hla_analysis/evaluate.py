@@ -33,6 +33,7 @@ from hla_analysis._io import (
     atomic_write_table,
     exclusive_output_lock,
     refuse_foreign_outputs,
+    settings_owner,
 )
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
@@ -57,6 +58,10 @@ def _compare_settings(results: Path) -> dict:
         raise ValueError(f"cannot read {path} ({exc}); rerun `hla-analysis compare`") from None
     if not isinstance(settings, dict):
         raise ValueError(f"{path} is not the settings file `hla-analysis compare` writes; pass the table it wrote")
+    owner = settings.get("output")
+    if isinstance(owner, str) and owner != results.name:
+        raise ValueError(f"{path} belongs to {results.with_name(owner)}, not to {results}; pass that table, "
+                         "or rerun `hla-analysis compare` with --out " + str(results))
     return settings
 
 
@@ -503,6 +508,9 @@ def resolve_fits(fits, results: Path) -> Path | None:
         return None
     if str(fits) == "auto":
         path = results.with_name(results.stem + ".fits.safetensors")
+        owner = settings_owner(results.with_name(results.stem + ".settings.json"))
+        if owner is not None and owner != results.name:
+            return None  # those fits belong to the table of the same stem with another suffix
         return path if path.is_file() else None
     return Path(fits)
 
@@ -677,7 +685,8 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         atomic_write_table(out, table)
         atomic_write_bytes(fits_path, (parts / "fits.safetensors").read_bytes())
         atomic_write_json(out.with_name(out.stem + ".settings.json"),
-                          {"tool": _TOOL, "capture": str(capture.resolve()), "results": str(results.resolve()),
+                          {"tool": _TOOL, "output": out.name, "capture": str(capture.resolve()),
+                           "results": str(results.resolve()),
                            "variants": list(specs),
                            "objectives": list(objectives), "heldout": heldout, "tokens": int(ids.shape[1]),
                            "given_fits": str(fits) if fits else None, "fit_settings": fit_used, "fit_log": log,

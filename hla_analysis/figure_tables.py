@@ -56,7 +56,8 @@ def _head_data(capture, layer: int, head: int, input_index: int, tokens: int):
     """The first ``tokens`` queries of one head with ALL keys, so every row is the real row."""
     d = capture.get(layer, input_index)
     n = min(tokens, d["q"].shape[-2])
-    return d["q"][head, :n], d["k"][head], d["scale"], d["causal"]
+    # float32 whatever the capture stores: float16/bfloat16 maps are for plotting, and numpy has no bfloat16
+    return d["q"][head, :n].float(), d["k"][head].float(), d["scale"], d["causal"]
 
 
 def _maps(q, k, scale, causal) -> dict[str, np.ndarray]:

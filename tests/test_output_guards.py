@@ -264,3 +264,35 @@ def test_demo_rerun_removes_figures_it_can_no_longer_make(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "kl_heatmaps: skipped" in printed and "removed the earlier kl_heatmaps.png" in printed
     assert not (figures / "kl_heatmaps.png").exists() and not (figures / "kl_heatmaps.csv").exists()
+
+
+def test_same_stem_outputs_do_not_take_each_others_side_files(tiny, tmp_path, capsys):
+    """x.csv and x.parquet share x.settings.json: a run for one never takes the other's side files
+    (or a user's x.csv) as its own."""
+    root, cap = tiny
+    (tmp_path / "x.csv").write_text("my own spreadsheet")
+    run_comparison(cap, out=tmp_path / "x.parquet", variants="softmax", train_inputs=1, progress=False)
+    code = main(["compare", "--capture", str(cap), "--variants", "softmax", "--train-inputs", "1",
+                 "--out", str(tmp_path / "x.csv"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "belongs to" in err and "x.parquet" in err and "Traceback" not in err
+    assert (tmp_path / "x.csv").read_text() == "my own spreadsheet"
+    # evaluate reads the settings beside a table only when they name that table
+    (tmp_path / "x.csv").unlink()
+    with pytest.raises(ValueError, match="belongs to .*x.parquet"):
+        run_model_evaluation("minilm", capture=cap, results=tmp_path / "x.csv", out=tmp_path / "e.csv",
+                             variants="softmax", progress=False)
+    # the owner itself reruns without --overwrite
+    run_comparison(cap, out=tmp_path / "x.parquet", variants="softmax", train_inputs=1, progress=False)
+
+
+def test_compare_runs_on_a_bfloat16_capture(tmp_path):
+    """A --dtype bfloat16 capture compares end to end, figure tables included (numpy has no bfloat16)."""
+    import math
+
+    cap = capture("minilm", out=tmp_path / "cap", num_inputs=2, max_tokens=12, dtype="bfloat16", progress=False)
+    out = tmp_path / "r.csv"
+    table = run_comparison(cap, out=out, variants="softmax;hla:m=2,phi=affine", train_inputs=1, progress=False)
+    assert (tmp_path / "r.settings.json").is_file() and not (tmp_path / "r.csv.parts").exists()
+    kl = table.loc[(table["variant"] == "hla:m=2,phi=affine") & (table["metric"] == "kl_mean"), "value"]
+    assert len(kl) and all(math.isfinite(v) and v >= 0 for v in kl)
