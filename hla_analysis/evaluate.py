@@ -65,6 +65,19 @@ def _compare_settings(results: Path) -> dict:
     return settings
 
 
+def _read_json(path: Path):
+    """A JSON file's content, or None when it is missing or unreadable."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+
+
+def _only_given_fits(log) -> bool:
+    """Whether a fits log records no fitting of this run's own (every entry came from a given file)."""
+    return isinstance(log, list) and all(isinstance(r, dict) and r.get("source") == "given fits" for r in log)
+
+
 def _check_results_capture(settings: dict, results: Path, capture: Path) -> None:
     """Refuse a results table of another capture (compare records the capture manifest's SHA-256)."""
     from hla_analysis.compare import capture_identity
@@ -305,10 +318,12 @@ def _metrics(ref: torch.Tensor, out: torch.Tensor, ids: torch.Tensor, causal: bo
         cos = torch.nn.functional.cosine_similarity(ref, out, dim=-1)
         for i in range(len(ids)):
             rows.append((i, "embedding_cosine", float(cos[i])))
-        upper = np.triu_indices(len(ids), 1)
-        sims = [torch.nn.functional.cosine_similarity(e[:, None], e[None], dim=-1).numpy()[upper] for e in (ref, out)]
-        rows += [(None, "embedding_cosine", float(cos.mean())),
-                 (None, "pairwise_spearman", float(spearmanr(*sims).statistic) if len(ids) > 2 else float("nan"))]
+        rows.append((None, "embedding_cosine", float(cos.mean())))
+        if len(ids) >= 3:  # a rank correlation needs at least 3 pairs; with 2 inputs there is 1 pair: no row
+            upper = np.triu_indices(len(ids), 1)
+            sims = [torch.nn.functional.cosine_similarity(e[:, None].float(), e[None].float(), dim=-1).numpy()[upper]
+                    for e in (ref, out)]
+            rows.append((None, "pairwise_spearman", float(spearmanr(*sims).statistic)))
     return rows
 
 
@@ -478,7 +493,7 @@ def _run_variant(net, spec, objective, fits, ids, ref, causal, num_layers, layer
                 failed = session.failed_fraction
                 status = "ok" if failed == 0 else "normaliser_failed"
                 values = _metrics(ref, out, ids, causal, measure)
-                # the model's output, not a metric (pairwise Spearman of 2 inputs is NaN by definition)
+                # the model's output, not a metric: a non-finite output makes every metric NaN
                 if not bool(torch.isfinite(out).all()):
                     status, values = "nonfinite_output", [(i, m, float("nan")) for i, m, _ in values]
                 done[key] = (values + [(None, "failed_fraction", failed)], status)
@@ -699,8 +714,13 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         shutil.rmtree(parts)
         return table
     except BaseException:
-        # a run that failed before finishing any work removes the parts folder it created
-        if created and parts.is_dir() and {p.name for p in parts.iterdir()} <= {"settings.json", LOCK_NAME}:
+        # a run that failed before finishing any work removes the parts folder it created; fits it
+        # only copied from a given file are no work (fits it trained itself are kept for the resume)
+        left = {p.name for p in parts.iterdir()} if parts.is_dir() else set()
+        no_work = left <= {"settings.json", LOCK_NAME} or (
+            left <= {"settings.json", LOCK_NAME, "fits.safetensors", "fits_log.json"}
+            and _only_given_fits(_read_json(parts / "fits_log.json")))
+        if created and no_work:
             shutil.rmtree(parts, ignore_errors=True)
         raise
     finally:

@@ -364,3 +364,44 @@ def test_joint_fits_match_per_layer_fits(objective):
         assert abs(shared - own) <= 0.15 * (start - own), (layer, start, own, shared)
     # different layers got different parameters (the split is by layer)
     assert not torch.equal(joint[fit_key(0, spec, objective) + "proj.0"], joint[fit_key(1, spec, objective) + "proj.0"])
+
+
+def test_two_heldout_inputs_give_no_nan_rows_marked_ok(tiny, tmp_path):
+    """Pairwise Spearman needs >= 3 pairs' worth of inputs: with 2 held-out inputs it is left out, not
+    written as NaN with status ok; with 3 it is there and finite."""
+    import math
+
+    root, cap = tiny
+    kwargs = dict(capture=cap, results=root / "r.parquet", variants="softmax", progress=False)
+    two = run_model_evaluation("minilm", out=tmp_path / "two.csv", max_heldout=2, **kwargs)
+    assert "pairwise_spearman" not in set(two.metric)
+    ok = two[two.status == "ok"]
+    assert len(ok) and all(math.isfinite(v) for v in ok["value"])
+    three = run_model_evaluation("minilm", out=tmp_path / "three.csv", **kwargs)
+    spearman = three.loc[three.metric == "pairwise_spearman", "value"]
+    assert len(spearman) and all(math.isfinite(v) for v in spearman)
+
+
+def test_fits_of_another_shape_fail_in_one_line_and_leave_nothing(tiny, tmp_path):
+    """Given fits that do not fit the model: the error names the mismatch and the fix, and the run
+    leaves no parts folder behind, so the corrected command runs at once."""
+    import torch
+
+    from hla_analysis.swap import fit_key, save_fits
+    from hla_analysis.variants import make_variant
+
+    root, cap = tiny
+    spec = make_variant("linear:phi=hedgehog").spec
+    wrong = {fit_key(layer, spec, "map_kl") + name: torch.zeros(3, 5)
+             for layer in range(6) for name in make_variant(spec).bind(32, heads=12).state_dict()}
+    path = save_fits(tmp_path / "wrong.fits.safetensors", wrong)
+    kwargs = dict(capture=cap, results=root / "r.parquet", out=tmp_path / "e.csv", variants="linear:phi=hedgehog",
+                  objectives=("map_kl",), max_heldout=3, progress=False)
+    with pytest.raises(ValueError, match=r"do not fit this model \(.*size mismatch.*\); pass fits") as info:
+        run_model_evaluation("minilm", fits=path, **kwargs)
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "e.csv.parts").exists()
+    from hla_analysis.fit import FitConfig  # noqa: F401  (the corrected run fits its own, 2 steps)
+
+    table = run_model_evaluation("minilm", fit_overrides={"steps": 2}, **kwargs)
+    assert table.value.notna().all()

@@ -198,9 +198,11 @@ class SwapSession:
                 try:
                     variant.load_state_dict(state, strict=True)
                 except RuntimeError as exc:
-                    first = str(exc).splitlines()[0]
-                    raise ValueError(f"fitted parameters of {self.spec} for layer {layer} do not fit this model: "
-                                     f"{first}") from None
+                    detail = " ".join(str(exc).split())
+                    detail = detail if len(detail) <= 300 else detail[:297] + "..."
+                    raise ValueError(f"fitted parameters of {self.spec} for layer {layer} do not fit this model "
+                                     f"({detail}); pass fits made on a capture of this model, or drop --fits to "
+                                     "fit them here") from None
             variant.requires_grad_(False)
             self._variants[layer] = variant
         return variant
