@@ -347,13 +347,32 @@ def run_comparison(
     # The lock lives in the parts folder, which belongs to this one output: two runs into
     # different files of one shared folder (the cwd, say) do not block each other, two runs
     # into the same file do.
+    _check_capture_files(cap)
     _reuse_freed_memory()
+    created = not parts.exists()
     try:
         with exclusive_output_lock(parts, command="compare"):
             return _run_locked(cap, capture_dir, out, parts, config, device=device, progress=progress,
                                workers=workers)
+    except BaseException:
+        # a run that failed before finishing a layer removes the parts folder it created
+        if created and parts.is_dir() and not any(_layer_done(parts, layer) for layer in range(cap.num_layers)):
+            shutil.rmtree(parts, ignore_errors=True)
+        raise
     finally:
         _give_back_memory()
+
+
+def _check_capture_files(cap) -> None:
+    """Every input file the manifest lists is there with its recorded size: checked before any work
+    (the hashes are checked as each tensor is read)."""
+    for rec in cap.manifest["inputs"]:
+        file = cap.path / rec["file"]
+        if not file.is_file():
+            raise ValueError(f"{file} is missing from the capture; restore it or capture again")
+        if file.stat().st_size != rec["bytes"]:
+            raise ValueError(f"{file} is {file.stat().st_size} bytes but the manifest records {rec['bytes']} "
+                             "(truncated or replaced); capture again")
 
 
 def _reuse_freed_memory() -> None:

@@ -296,3 +296,23 @@ def test_compare_runs_on_a_bfloat16_capture(tmp_path):
     assert (tmp_path / "r.settings.json").is_file() and not (tmp_path / "r.csv.parts").exists()
     kl = table.loc[(table["variant"] == "hla:m=2,phi=affine") & (table["metric"] == "kl_mean"), "value"]
     assert len(kl) and all(math.isfinite(v) and v >= 0 for v in kl)
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated"])
+def test_compare_checks_capture_files_first_and_leaves_nothing(tiny, tmp_path, capsys, damage):
+    """A missing or truncated input file is named before any work, and the run leaves no parts."""
+    import shutil
+
+    root, cap = tiny
+    copy = tmp_path / "cap"
+    shutil.copytree(cap, copy)
+    victim = copy / "input_00002.safetensors"
+    if damage == "missing":
+        victim.unlink()
+    else:
+        victim.write_bytes(victim.read_bytes()[:100])
+    out = tmp_path / "r.csv"
+    assert main(["compare", "--capture", str(copy), "--variants", "softmax", "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "input_00002.safetensors" in err and ("missing" in err or "truncated" in err) and "Traceback" not in err
+    assert not (tmp_path / "r.csv.parts").exists() and not out.exists()
