@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
 
     variants = "default" if args.variants == ["default"] else args.variants
     if args.max_heldout is not None and args.max_heldout < 2:
-        raise ValueError(f"--max-heldout must be >= 2 (set-level metrics need two inputs; pairwise_spearman needs three), got {args.max_heldout}")
+        raise ValueError(f"--max-heldout must be >= 2 (set-level metrics need two inputs; pairwise_spearman "
+                         f"needs three), got {args.max_heldout}")
     overrides = {k: v for k, v in (("steps", args.fit_steps), ("max_rows", args.fit_max_rows)) if v is not None}
     table = run_model_evaluation(args.model, capture=args.capture, results=args.results, out=args.out,
                                  variants=variants, objectives=tuple(args.objectives),
