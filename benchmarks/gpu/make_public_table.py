@@ -1,9 +1,12 @@
 """Markdown tables from one ``bench_public.py`` JSON (the README's GPU section is made from it).
 
-    python benchmarks/gpu/make_public_table.py benchmarks/gpu/results/session4/public_h200.json
+    python benchmarks/gpu/make_public_table.py benchmarks/gpu/results/session9/public_h200.json \
+        --baselines benchmarks/gpu/results/session9/public_h200_baselines.json
 
-Prints three tables (``hla()`` calls at dv = 128, variants at dv = d, checks on/off) and the
-issue targets computed from the same rows. Every number comes from that one JSON.
+Prints the tables (``hla()`` calls at dv = 128, variants at dv = d, tied M >= 3 on both paths,
+checks on/off) and the issue targets computed from the same rows. ``--baselines`` adds fla
+``chunk_linear_attn`` and ``power_retention`` rows from another run of ``bench_public.py``
+beside the causal ``hla()`` rows (each ratio says which file each side came from).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def table(rows, entries, ref_of):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json")
+    parser.add_argument("--baselines", help="a bench_public.py JSON holding the fla / power_retention rows")
     args = parser.parse_args(argv)
     data, rows = load(args.json)
     peak = data["matmul_peak_tflops"]
@@ -88,6 +92,36 @@ def main(argv=None):
             entries.insert(1, (f"SDPA cuDNN d={d} causal", "sdpa_cudnn", f"softmax d={d}", True))
         print(f"\nmake_variant(spec).forward, d = dv = {d}; [path taken]; (x) = cuDNN d={d} / this\n")
         print(table(rows, entries, sdpa(d)))
+
+    tied = rows[(rows.method == "hla()") & rows.spec.str.contains(" tied")]
+    if len(tied):
+        print("\ntied M >= 3 through hla(), dv = 128: the path dispatch took, and form='quadratic' forced\n")
+        print("| call | N=8,192 fwd | fwd+bwd | N=32,760 fwd | fwd+bwd | N=75,600 fwd | fwd+bwd |")
+        print("|---|" + "---|---|" * len(NS))
+        for spec in dict.fromkeys(tied.spec):
+            paths = "/".join(sorted(set(tied[tied.spec == spec].path.dropna())))
+            cells = [fmt(ms(rows, "hla()", spec, n, False, mode)) for n in NS for mode in ("fwd_nograd", "fwd_bwd")]
+            print(f"| `hla()` {spec} [{paths}] | " + " | ".join(cells) + " |")
+
+    if args.baselines:
+        _, base = load(args.baselines)
+        print("\ncausal, fwd and fwd+bwd: baselines (--baselines file) against hla() (this file); "
+              "(x) = baseline time / hla() time\n")
+        print("| pair | N=8,192 fwd | fwd+bwd | N=32,760 fwd | fwd+bwd | N=75,600 fwd | fwd+bwd |")
+        print("|---|" + "---|---|" * len(NS))
+        for label, method, bspec, hspec in (
+                ("fla K=64 vs `hla()` M=1 r=64", "fla_chunk_linear_attn", "K=64", "M=1 r=64"),
+                ("fla K=128 vs `hla()` M=1 r=128", "fla_chunk_linear_attn", "K=128", "M=1 r=128"),
+                ("power_retention deg 2 d=64 (dv 64) vs `hla()` M=2 r=64 (dv 128)", "power_retention",
+                 "deg=2 d=64 chunk=1024", "M=2 r=64")):
+            cells = []
+            for n in NS:
+                for mode in ("fwd_nograd", "fwd_bwd"):
+                    b = ms(base, method, bspec, n, True, mode)
+                    h = ms(rows, "hla()", hspec, n, True, mode)
+                    cells.append("n/a" if math.isnan(b) or math.isnan(h)
+                                 else f"{b:.2f} vs {h:.2f} ms ({b / h:.2f}x)")
+            print(f"| {label} | " + " | ".join(cells) + " |")
 
     over = pd.DataFrame(data.get("overhead", []))
     if len(over):

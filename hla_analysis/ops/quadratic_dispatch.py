@@ -27,8 +27,18 @@ from hla_analysis._checks import check_hla_signs, check_normalizers, check_outpu
 # Throughput of the torch state forms relative to the fused kernels on one GPU: fp32 SIMT
 # einsums against bf16 tensor cores (H200 datasheet: 67 vs 990 TFLOP/s dense).
 TORCH_STATE_RATE = 1 / 15
-# fwd+bwd over fwd of the state path (the quadratic path: 1 + 3 NF, NF = factor tiles per tile)
+# fwd+bwd over fwd of the state path (the quadratic path: 1 + 3 NF untied, NF = factor tiles per
+# tile; tied, measured: 5.5-5.8 at N >= 32,760, 4.2 at 8,192, benchmarks/gpu/results/session9/public_h200.json)
 STATE_WITH_BACKWARD = 4.0
+QUADRATIC_TIED_WITH_BACKWARD = 5.7
+# The symmetric state path (tied M >= 3 as C(r+M-1, M) features on the M = 1 kernels) is priced
+# from its measured time, not its FLOPs: building the features in torch and running one M = 1
+# launch per 128 of them cost 70-180x the FLOPs' price. Fitted on session 9's H200 rows (M = 3, 4
+# at r = 8, dv = 128, N = 8,192-75,600, forward), in FLOP-equivalents per head at the quadratic
+# kernel's measured rate (534 TFLOP/s): a fixed cost per feature plus a cost per token and feature.
+SYMMETRIC_PER_FEATURE = 3.3e8
+SYMMETRIC_PER_TOKEN_FEATURE = 3.4e4
+SYMMETRIC_WITH_BACKWARD = 9.0  # measured 6.0-10.3, 8.2-10.3 at N >= 32,760
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,27 @@ def quadratic_flops(widths, dv: int, n: int, *, tied: bool, causal: bool) -> flo
     return pairs * (2 * nf * (main + tail) + 2 * max(16, dv) + nf * len(widths))
 
 
+def prices(widths, dv: int, n: int, *, tied: bool, causal: bool, state_engine: str, backward: bool):
+    """``(state, quadratic)`` costs per head, in FLOP-equivalents at the fused kernels' rate.
+
+    ``state_engine``: "fused" (the state kernels), "symmetric" (tied M >= 3 as symmetric power
+    features on the M = 1 kernels, priced from measurements) or "torch" (the einsum state forms).
+    ``backward``: a backward follows (H200: fwd+bwd over fwd is 3.1-3.8x on the state kernels,
+    about 9x on the symmetric path, 5.7x tied and 7-22x untied on the quadratic kernel, whose
+    backward recomputes every factor tile).
+    """
+    if state_engine == "symmetric":
+        features = math.comb(widths[0] + len(widths) - 1, len(widths))
+        state = features * (SYMMETRIC_PER_FEATURE + SYMMETRIC_PER_TOKEN_FEATURE * n)
+    else:
+        state = state_flops(widths, dv, n, tied=tied) / (TORCH_STATE_RATE if state_engine == "torch" else 1.0)
+    quad = quadratic_flops(widths, dv, n, tied=tied, causal=causal)
+    if backward:
+        state *= SYMMETRIC_WITH_BACKWARD if state_engine == "symmetric" else STATE_WITH_BACKWARD
+        quad *= QUADRATIC_TIED_WITH_BACKWARD if tied else 1 + 3 * len(widths)
+    return state, quad
+
+
 def _kernel_runs(tensors) -> bool:
     import importlib.util
 
@@ -104,19 +135,14 @@ def choose(qs, ks, v, *, causal: bool, form: str, backend: str) -> Dispatch:
     n, dv = v.shape[-2], v.shape[-1]
     from hla_analysis.ops import triton_backend
 
-    state_engine = "triton" if (
-        triton_backend.usable(qs, ks, v, causal=causal, key_padding_mask=None, explicit=False)
-        or triton_backend.usable_symmetric(qs, ks, v, causal=causal, key_padding_mask=None, explicit=False)
-    ) else "torch"
-    rate = 1.0 if state_engine == "triton" else TORCH_STATE_RATE
-    state = state_flops(widths, dv, n, tied=tied) / rate
-    quad = quadratic_flops(widths, dv, n, tied=tied, causal=causal)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-        # a backward will follow: price it (H200, benchmarks/gpu/results/session4/public_h200.json:
-        # fwd+bwd over fwd was 3.1-3.8x on the state kernels, 3.9x tied and 7-12x untied on the
-        # quadratic one, whose backward recomputes every factor tile)
-        state *= STATE_WITH_BACKWARD
-        quad *= 1 + 3 * (1 if tied else len(widths))
+    if triton_backend.usable(qs, ks, v, causal=causal, key_padding_mask=None, explicit=False):
+        state_engine, pricing = "triton", "fused"
+    elif triton_backend.usable_symmetric(qs, ks, v, causal=causal, key_padding_mask=None, explicit=False):
+        state_engine, pricing = "triton", "symmetric"
+    else:
+        state_engine, pricing = "torch", "torch"
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+    state, quad = prices(widths, dv, n, tied=tied, causal=causal, state_engine=pricing, backward=backward)
     if quad < state:
         return _record(Dispatch("quadratic", "triton", "cost model", state, quad))
     return _record(Dispatch("state", state_engine, "cost model", state, quad))
