@@ -22,7 +22,9 @@ def _timed():
     rows = json.loads(RUN.read_text())["rows"]
     timed = {}
     for row in rows:
-        match = re.fullmatch(r"M=(\d+) r=(\d+) tied( form=quadratic)?", row["spec"]) if row["method"] == "hla()" else None
+        if row["method"] != "hla()":
+            continue
+        match = re.fullmatch(r"M=(\d+) r=(\d+) tied( form=quadratic)?", row["spec"])
         if match and row.get("ms") and not row["causal"] and row["mode"] in ("fwd_nograd", "fwd_bwd"):
             path = "quadratic" if match[3] else row.get("path")
             timed.setdefault((int(match[1]), int(match[2]), row["n"], row["mode"]), {})[path] = row["ms"]

@@ -63,6 +63,54 @@ def test_manifest_missing_a_key_is_a_one_line_error(small, tmp_path):
         load_capture(path2)
 
 
+def _swap_first_heads(m):
+    m["kv_head_for_query_head"][:2] = m["kv_head_for_query_head"][1::-1]
+
+
+def _rescale_layer(m):
+    m["layers"][1]["scale"] *= 1.0001
+
+
+def _retype_layer_masks(m):
+    for layer in m["layers"]:
+        layer["mask"] = "causal"
+
+
+@pytest.mark.parametrize("change, field", [
+    (_swap_first_heads, "kv_head_for_query_head is not h // 1 for 12 query heads over 12 key/value heads "
+                        "(query head 0 -> 1)"),
+    (_rescale_layer, "layer 1 scale is"),
+    (lambda m: m.update(scale=m["scale"] * 2), ": scale is"),
+    (lambda m: m.update(causal=True), "causal is True but the layers' masks say False"),
+    (lambda m: m["layers"][0].update(mask="sliding"), "layer 0 mask is 'sliding'"),
+    (_retype_layer_masks, "causal is False but the layers' masks say True"),
+    (lambda m: m.update(lengths=[m["lengths"][0], m["lengths"][1] - 1]), "lengths disagree"),
+])
+def test_resealed_edit_of_a_derived_field_is_refused(small, tmp_path, change, field):
+    path = _copy(small, tmp_path)
+    _edit(path, change, reseal=True)
+    with pytest.raises(ValueError, match="the manifest was edited") as info:
+        load_capture(path)
+    assert field in str(info.value) and "\n" not in str(info.value)
+
+
+def test_scale_within_float_rounding_still_loads(small, tmp_path):
+    path = _copy(small, tmp_path)
+
+    def nudge(m):
+        m["scale"] *= 1 + 1e-15
+        for layer in m["layers"]:
+            layer["scale"] *= 1 - 1e-15
+
+    _edit(path, nudge, reseal=True)
+    assert load_capture(path).num_layers == 6
+    path2 = tmp_path / "c2"
+    shutil.copytree(small, path2)
+    _edit(path2, lambda m: m["layers"][5].update(scale=m["layers"][5]["scale"] * (1 + 1e-9)), reseal=True)
+    with pytest.raises(ValueError, match="layer 5 scale is .*the manifest was edited"):
+        load_capture(path2)
+
+
 def test_forged_tensor_dtype_and_shape_are_refused_even_with_recomputed_hashes(small, tmp_path):
     from safetensors.torch import load_file, save_file
 
@@ -96,6 +144,20 @@ def test_file_names_outside_the_capture_are_refused(small, tmp_path, name):
     _edit(path, lambda m: m["inputs"][0].__setitem__("file", name), reseal=True)
     with pytest.raises(ValueError, match="not a plain file name"):
         load_capture(path)
+
+
+def test_a_file_given_as_the_capture_directory_is_named(small, tmp_path, capsys):
+    from hla_analysis.cli import main as cli_main
+
+    manifest = small / "manifest.json"
+    with pytest.raises(ValueError, match="is a file; pass the folder that holds the capture") as info:
+        load_capture(manifest)
+    assert "does not exist" not in str(info.value) and str(small) in str(info.value)
+    capsys.readouterr()
+    assert cli_main(["compare", "--capture", str(manifest), "--variants", "softmax", "--out",
+                     str(tmp_path / "r.csv"), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "is a file" in err and "does not exist" not in err and err.count("\n") == 1
 
 
 def test_pickle_only_model_folder_is_refused(tmp_path):

@@ -5,7 +5,8 @@ Every field a reader relies on is declared in :data:`SCHEMA` (top level), :data:
 a manifest missing one, or holding the wrong type, is refused with one line naming it.
 The manifest also stores ``manifest_sha256``, a SHA-256 of its own canonical JSON without
 that key, so an edited field (a layer's ``scale``, a file name) is caught on load instead of
-silently changing results downstream.
+silently changing results downstream; fields derived from others (the key/value head map,
+the scales, ``causal``, ``lengths``) are recomputed on load, so a resealed edit is caught too.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ SCHEMA = {
     "format": str, "format_version": int, "complete": bool, "model": str, "model_source": str,
     "weights_sha256": str, "architecture": str, "input_kind": str, "input_arguments": list,
     "num_layers": int, "num_heads": int, "num_kv_heads": int, "kv_head_for_query_head": list,
-    "head_dim": int, "head_dim_v": int, "scale_convention": str, "causal": bool, "layers": list,
+    "head_dim": int, "head_dim_v": int, "scale": _NUM, "scale_convention": str, "causal": bool, "layers": list,
     "dtype": str, "num_inputs": int, "lengths": list, "total_tokens": int,
     "max_abs_prob_error": _NUM, "capture_seconds": _NUM, "settings": dict, "inputs": list,
 }
@@ -126,14 +127,59 @@ def _check_layer(layer: dict, l: int, manifest: dict, path: Path) -> None:
             raise ValueError(f"{path}: layer {l} {key} must hold finite numbers > 0; capture again")
 
 
+MASK_KINDS = ("full", "causal", "explicit")
+_SCALE_RTOL = 1e-12
+
+
+def _edited(path: Path, field: str, detail: str) -> ValueError:
+    return ValueError(f"{path}: {field} {detail}; the manifest was edited after the capture wrote it, capture again")
+
+
+def _check_derived(manifest: dict, path: Path) -> None:
+    """Fields a capture derives from others, recomputed: a resealed edit of one cannot change results.
+
+    The content hash stops an edit that was not resealed; these stop one that was (run after
+    the schema, counts and layers are checked, so the inputs here are well-formed).
+    """
+    from hla_analysis.capture.scale_split import canonical_scale
+
+    heads, kv = manifest["num_heads"], manifest["num_kv_heads"]
+    if heads % kv:
+        raise _edited(path, "num_heads", f"={heads} is not a multiple of num_kv_heads={kv}")
+    expected = [h // (heads // kv) for h in range(heads)]
+    if manifest["kv_head_for_query_head"] != expected:
+        h = next(h for h, (got, want) in enumerate(zip(manifest["kv_head_for_query_head"], expected)) if got != want)
+        raise _edited(path, "kv_head_for_query_head", f"is not h // {heads // kv} for {heads} query heads over {kv} "
+                      f"key/value heads (query head {h} -> {manifest['kv_head_for_query_head'][h]})")
+    scale = canonical_scale(manifest["head_dim"])
+    tops = [("scale", manifest["scale"])]
+    for l, layer in enumerate(manifest["layers"]):
+        tops.append((f"layer {l} scale", layer["scale"]))
+    for field, value in tops:
+        if isinstance(value, bool) or not abs(value - scale) <= _SCALE_RTOL * scale:
+            raise _edited(path, field, f"is {value!r}, not head_dim**-0.5 = {scale!r}")
+    for l, layer in enumerate(manifest["layers"]):
+        if layer["mask"] not in MASK_KINDS:
+            raise _edited(path, f"layer {l} mask", f"is {layer['mask']!r}, not one of {MASK_KINDS}")
+    causal = all(layer["mask"] == "causal" for layer in manifest["layers"])
+    if manifest["causal"] != causal:
+        raise _edited(path, "causal", f"is {manifest['causal']} but the layers' masks say {causal}")
+    lengths = [rec["length"] for rec in manifest["inputs"]]
+    if manifest["lengths"] != lengths:
+        raise _edited(path, "lengths", "disagree with the inputs' recorded lengths")
+    if manifest["total_tokens"] != sum(lengths):
+        raise _edited(path, "total_tokens", f"is {manifest['total_tokens']}, not the sum of lengths {sum(lengths)}")
+
+
 def validate(manifest: dict, path: Path) -> dict:
     """Check a parsed manifest against the schema; return it unchanged.
 
     Raises
     ------
     ValueError
-        One line naming the first missing or mistyped field, or a file name that is not a
-        plain name inside the capture directory.
+        One line naming the first missing or mistyped field, a field that disagrees with
+        what the capture derives it from (the key/value head map, the scales, ``causal``,
+        ``lengths``), or a file name that is not a plain name inside the capture directory.
     """
     _check_fields(manifest, SCHEMA, "the manifest", path)
     if manifest["input_kind"] not in INPUT_KINDS:
@@ -155,6 +201,7 @@ def validate(manifest: dict, path: Path) -> dict:
         if rec["index"] != i:
             raise ValueError(f"{path}: input {i} is recorded with index {rec['index']}; capture again")
         plain_file_name(rec["file"], path.parent, f"{path}: input {i}")
+    _check_derived(manifest, path)
     return manifest
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from hla_analysis.capture.sources import (
     ModelInput,
     batch_key,
     check_argument_names,
+    check_tensor_values,
     forward_arguments,
     image_inputs,
     inputs_sha256,
@@ -236,7 +238,7 @@ def _documents(texts) -> tuple[list[Document], str]:
     raise ValueError("texts must be None (default corpus), a path to a file or folder, or a non-empty list of strings")
 
 
-def _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolerance):
+def _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolerance, modules):
     for name, value in (("num_inputs", num_inputs), ("max_tokens", max_tokens)):
         if value is None and name == "num_inputs":
             continue
@@ -250,6 +252,20 @@ def _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolera
         raise ValueError(f"batch_size must be a positive int or None (automatic), got {batch_size!r}")
     if not check_tolerance > 0:
         raise ValueError(f"check_tolerance must be positive, got {check_tolerance!r}")
+    _check_modules(modules)
+
+
+def _check_modules(modules) -> None:
+    """A bad ``modules=`` pattern is reported before any model is loaded or run."""
+    if modules is None:
+        return
+    if not isinstance(modules, str):
+        raise ValueError(f"modules must be a regular expression string or None (all modules), got {modules!r}")
+    try:
+        re.compile(modules)
+    except re.error as exc:
+        raise ValueError(f"modules={modules!r} is not a valid regular expression ({exc}); "
+                         r"pass a pattern on module names, e.g. 'layers\.0\.'") from None
 
 
 def check_device(device) -> str:
@@ -399,6 +415,7 @@ def _text_items(loaded, texts, *, num_inputs, max_tokens, packing) -> tuple[list
 def _check_tensor_items(net, items: list[ModelInput], origin: str) -> None:
     names = sorted({key for item in items for key in item.tensors})
     check_argument_names(net, names, origin=origin)
+    check_tensor_values(items)
     config = getattr(net, "config", None)
     taken, _ = forward_arguments(net)
     if getattr(config, "is_encoder_decoder", False) and any(a.startswith("decoder_") for a in taken) \
@@ -575,7 +592,7 @@ def capture(model="minilm", *, out, inputs=None, texts=None, images=None, num_in
     >>> manifest["input_kind"], manifest["max_abs_prob_error"] < 1e-5
     ('text', True)
     """
-    _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolerance)
+    _check_args(num_inputs, max_tokens, dtype, packing, batch_size, check_tolerance, modules)
     out = Path(out)
     started = time.perf_counter()
     plan = _plan(model, out=out, inputs=inputs, texts=texts, images=images, num_inputs=num_inputs,

@@ -55,6 +55,45 @@ def check_argument_names(model, names, *, origin: str) -> None:
         )
 
 
+def _is_mask(key: str) -> bool:
+    return key == "attention_mask" or key.endswith("_attention_mask")
+
+
+def check_tensor_values(items: list[ModelInput]) -> None:
+    """Refuse, before the model runs, inputs whose values cannot give a meaningful capture.
+
+    A NaN or Inf in a floating tensor would reach the attention logits and surface later as
+    a softmax mismatch blamed on the model; an input with 0 tokens (or any empty tensor)
+    fails inside the model's reshapes; an all-zero 2-D (or all-False) attention mask leaves
+    no position to attend to, and the model would attend uniformly to masked positions.
+    Additive float masks may hold -inf (blocked), so masks are checked for NaN only.
+
+    Examples
+    --------
+    >>> check_tensor_values([ModelInput("x", {"pixel_values": torch.tensor([[0.0, float("nan")]])})])
+    Traceback (most recent call last):
+    ...
+    ValueError: input 0 (pixel_values of 'x') contains NaN or Inf; pass finite values (check how it was made)
+    """
+    for i, item in enumerate(items):
+        for key, t in sorted(item.tensors.items(), key=lambda kv: kv[0] != "input_ids"):  # input_ids first
+            where = f"input {i} ({key} of {item.name!r})"
+            if t.numel() == 0:
+                if key == "input_ids":
+                    raise ValueError(f"input {i} has 0 tokens ({key} of {item.name!r} has shape "
+                                     f"{list(t.shape)}); pass at least one token id per input")
+                raise ValueError(f"{where} is empty (shape {list(t.shape)}); pass a tensor with at least one value")
+            if t.is_floating_point() or t.is_complex():
+                if _is_mask(key):
+                    if bool(torch.isnan(t).any()):
+                        raise ValueError(f"{where} contains NaN; pass 1/0 (or True/False) for attend/skip")
+                elif not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{where} contains NaN or Inf; pass finite values (check how it was made)")
+            if _is_mask(key) and (t.ndim <= 2 or t.dtype == torch.bool) and not bool(t.any()):
+                raise ValueError(f"{where} is all zero, leaving no position to attend to; pass 1 for the "
+                                 "positions to attend to")
+
+
 def _as_tensor(value, key: str, origin: str) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         tensor = value

@@ -340,9 +340,10 @@ def load_capture(path: str | Path) -> Capture:
     FileNotFoundError
         If the directory or its manifest does not exist.
     ValueError
-        If the capture is incomplete (interrupted), or its manifest is corrupt, edited
-        after it was written (content hash), missing fields, or names files outside
-        the directory.
+        If ``path`` is a file, the capture is incomplete (interrupted), or its manifest is
+        corrupt, edited after it was written (content hash, or derived fields such as the
+        scales and the key/value head map that disagree with the rest), missing fields, or
+        names files outside the directory.
 
     Examples
     --------
@@ -355,6 +356,9 @@ def load_capture(path: str | Path) -> Capture:
     (6, (12, 16, 32), False, 32)
     """
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"capture directory {str(path)!r} is a file; pass the folder that holds the capture "
+                         f"({str(path.parent)!r} if this file is part of it)")
     if not path.is_dir():
         raise FileNotFoundError(f"capture directory {str(path)!r} does not exist")
     manifest_path = path / MANIFEST
