@@ -259,3 +259,12 @@ def test_wide_interval_rational_converges(n):
     s = np.linspace(-32.0, 0.0, 100_001)
     assert np.max(np.abs(r(s) * np.exp(-s) - 1)) <= r.max_error
     assert np.all(r.denominator(s) > 0) or np.all(r.denominator(s) < 0)
+
+
+@pytest.mark.parametrize("bad", [["--interval", "-8", "1"], ["--degree", "-1"], ["--family", "nope"]])
+def test_approx_errors_come_before_any_output(capsys, bad):
+    from hla_analysis.cli import main
+
+    assert main(["approx", *bad]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and "Traceback" not in captured.err

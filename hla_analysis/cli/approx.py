@@ -46,23 +46,29 @@ def run(args) -> int:
     if args.normalised and not iv.bounded:
         raise ValueError("--normalised needs a finite interval (relative errors are infinite on a half-line); "
                          "use e.g. --interval -16 0.")
-    print(f"exp on {iv.label()}: {metric}") if not args.json else None
-    notes = []
+    # every error (a bad interval, degree or family) comes before any output
+    notes, results = [], []
     for family in args.family:
-        values = {}
+        values, records = {}, []
         for degree in args.degree:
             if family == "linear" and degree != 1:
                 continue
             e = family_errors(family, degree, interval=iv)
             values[degree] = e[metric]
+            records.append(e)
             if e[metric] != e[metric] and e.get("note"):  # NaN: the note says why (e.g. the exchange failed)
                 notes.append(f"{family} M={degree}: {e['note']}")
-            if args.json:
+        results.append((family, values, records))
+    if args.json:
+        for _, _, records in results:
+            for e in records:
                 print(json.dumps({k: (v if not isinstance(v, float) or v == v and abs(v) != float("inf") else str(v))
                                   for k, v in e.items()}))
-        if not args.json and values:  # 'linear' has only degree 1
+        return 0
+    print(f"exp on {iv.label()}: {metric}")
+    for family, values, _ in results:
+        if values:  # 'linear' has only degree 1
             print(f"{family:>15}: " + "  ".join(f"M={d}:{v:.2e}" for d, v in values.items()))
-    if not args.json:
-        for note in notes:
-            print(f"  nan: {note}")
+    for note in notes:
+        print(f"  nan: {note}")
     return 0
