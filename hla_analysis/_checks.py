@@ -521,6 +521,31 @@ def check_output(out: Tensor, den: Tensor | None = None, *, allow_signed: bool =
                          lambda: _diagnose_output(out, den, allow_signed=allow_signed, what=what))
 
 
+def check_narrowed(before: Tensor, after: Tensor) -> None:
+    """Refuse values that were finite in the compute dtype and overflow in the output dtype.
+
+    The fused kernels run fp16 inputs in bf16 (fp32 under the interpreter) and check that
+    result; casting it back can still overflow (65504 rounds to 65536 in bf16, Inf in fp16).
+    """
+    batch, skip = _active_or_none()
+    if skip:
+        return
+
+    def diagnose():
+        lost = torch.isfinite(before.detach()) & ~torch.isfinite(after.detach())
+        if lost.any():
+            raise ValueError(
+                f"{int(lost.sum())} of {after.numel()} output value(s) overflowed to Inf when cast to {after.dtype}, "
+                f"although they are finite in {before.dtype}: rescale v (or q/k), or pass float32 inputs."
+            )
+
+    if batch is None:
+        diagnose()
+    else:
+        lost = (torch.isfinite(before.detach()) & ~torch.isfinite(after.detach())).sum()
+        batch.add_values((lost,), lambda count: count == 0, diagnose)
+
+
 def _diagnose_output(out: Tensor, den: Tensor | None, *, allow_signed: bool, what: str) -> None:
     bad = ~torch.isfinite(out.detach())
     if allow_signed and den is not None:

@@ -185,3 +185,28 @@ def test_bad_options():
         hla([rand(3, 2)], [q], rand(4, 1), causal=True)
     with pytest.raises(ValueError, match="floating dtype"):
         softmax_attention_map(torch.ones(2, 2, dtype=torch.long), torch.ones(2, 2, dtype=torch.long))
+
+
+def test_mixed_dtypes_are_refused_not_cast_down():
+    """float64 factors with float32 values were cast to float32 silently (the docstring says refused)."""
+    with pytest.raises(ValueError, match="share one dtype, got float32, float64"):
+        hla([rand(5, 4)], [rand(5, 4)], rand(5, 3).float())
+    with pytest.raises(ValueError, match="share one dtype"):
+        hla([rand(5, 4).float(), rand(5, 4)], [rand(5, 4).float(), rand(5, 4)], rand(5, 3))
+
+
+@pytest.mark.parametrize("bad", [dict(causal="no"), dict(allow_signed="no"), dict(chunk_size=True)])
+def test_flags_of_the_wrong_type_are_refused(bad):
+    """A truthy string was taken as True (causal='no' ran causal)."""
+    with pytest.raises(ValueError, match="must be"):
+        hla([rand(5, 4)], [rand(5, 4)], rand(5, 3), **bad)
+
+
+@pytest.mark.parametrize("m, form", [(1, "auto"), (2, "auto"), (3, "quadratic"), (1, "chunked")])
+def test_a_zero_size_batch_gives_an_empty_output(m, form):
+    q, v = rand(0, 5, 4).requires_grad_(), rand(0, 5, 3).requires_grad_()
+    causal = form == "chunked"
+    out = hla([q] * m, [q] * m, v, form=form, causal=causal)
+    assert out.shape == (0, 5, 3) and out.dtype == v.dtype
+    out.sum().backward()
+    assert v.grad.shape == v.shape

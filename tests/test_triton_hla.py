@@ -646,3 +646,35 @@ def test_fused_checks_cost_one_host_read(monkeypatch):
         # one read as 3 and 7 values (session 6, H200)
         hla(q, k, v, backend="triton", form="contract")
     assert reads == [1, 1]  # one flag vector (key signs in its tail), one amin, one value read
+
+
+def test_narrowing_cast_that_overflows_is_refused():
+    """A result finite in the compute dtype that overflows in the caller's dtype is an error
+    (bf16 rounds 65504 up to 65536, which is Inf in fp16)."""
+    from hla_analysis.ops.triton.dtypes import narrowed
+
+    ok = torch.tensor([1.0, -65504.0])
+    assert narrowed(ok, torch.float16).dtype == torch.float16
+    with pytest.raises(ValueError, match="1 of 2 output value.*overflowed to Inf when cast to torch.float16"):
+        narrowed(torch.tensor([1.0, 65536.0], dtype=torch.bfloat16), torch.float16)
+    # inf that was already inf is not the cast's doing
+    assert torch.isinf(narrowed(torch.tensor([float("inf")]), torch.float16)).all()
+
+
+@pytest.mark.skipif(CUDA or os.environ.get("TRITON_INTERPRET") != "1", reason="the interpreter's dtypes")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m, form", [(1, "auto"), (2, "auto"), (3, "quadratic")])
+def test_half_precision_inputs_run_in_fp32_under_the_interpreter(dtype, m, form):
+    """The interpreter's bf16 dots are wrong (and fp16 ran as bf16): half inputs are computed in
+    fp32 there and rounded once to their dtype at the end."""
+    from hla_analysis.ops import hla_attention_output
+
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.rand(2, 24, 16, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(2, 24, 16, generator=g).to(dtype)
+    out = hla([q] * m, [k] * m, v, backend="triton" if form == "auto" else "auto", form=form)
+    want = hla_attention_output([q.double()] * m, [k.double()] * m, v.double())
+    eps = torch.finfo(dtype).eps
+    # one rounding to the output dtype, plus fp32 sums of 24 terms (far below eps of fp16/bf16)
+    assert out.dtype == dtype
+    assert ((out.double() - want).abs() <= eps * want.abs() + eps * want.abs().max()).all()

@@ -336,8 +336,15 @@ def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow
         broadcast_leading({"qs[0]": qs[0], "ks[0]": ks[0], "v": v})
         if causal and n_queries != n_keys:
             raise ValueError(f"causal HLA needs as many queries as keys, got {n_queries} and {n_keys}.")
-        if not isinstance(chunk_size, int) or chunk_size < 1:
+        if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}.")
+        for name, flag in (("causal", causal), ("allow_signed", allow_signed)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"{name} must be True or False, got {flag!r}.")
+        dtypes = {t.dtype for t in (*qs, *ks, v)}
+        if len(dtypes) > 1:
+            names = ", ".join(sorted(str(d).replace("torch.", "") for d in dtypes))
+            raise ValueError(f"qs, ks and v must share one dtype, got {names}; cast them to one (e.g. .to(v.dtype)).")
         if backend not in BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}.")
         if form not in FORMS:
@@ -364,6 +371,9 @@ def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow
                 _VERDICTS.clear()
             _VERDICTS[key] = verdict
 
+    if any(t.numel() == 0 for t in (*qs, *ks, v)):  # a zero-size batch dimension: nothing to compute
+        lead = torch.broadcast_shapes(*(t.shape[:-2] for t in (*qs, *ks, v)))
+        return v.new_zeros(*lead, qs[0].shape[-2], v.shape[-1]) + 0 * v.sum()
     if path.path == "quadratic":
         return quadratic_dispatch.run(path, qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
                                       allow_signed=allow_signed)

@@ -26,6 +26,7 @@ from hla_analysis._checks import check_hla_signs, check_normalizers, check_outpu
 from hla_analysis.ops.triton import split
 from hla_analysis.ops.triton.autograd import HLAFunction, KernelConfig, default_config, forward_states
 from hla_analysis.ops.triton.autograd_tied import TiedHLAFunction, tied_config
+from hla_analysis.ops.triton.dtypes import narrowed, work_dtype
 
 __all__ = ["supports", "hla_triton", "default_config", "KernelConfig", "factors_tied", "TIED_BY_DEFAULT"]
 
@@ -209,7 +210,7 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
         # intra-chunk tiles; autograd through the product zeroes its gradient too
         ks = [ks[0] * key_padding_mask[..., None].to(ks[0].dtype), *ks[1:]]
     out_dtype = v.dtype
-    work = torch.bfloat16 if v.dtype == torch.float16 else v.dtype
+    work = work_dtype(v.dtype)
     lead = _lead_shape([*qs, *ks, v])
     n = v.shape[-2]
 
@@ -245,7 +246,7 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
         else:  # no autograd node (and nothing saved for a backward) under no_grad or for constants
             out, _ = forward_states(*flat_in, causal=bool(causal), allow_signed=bool(allow_signed),
                                     signs=bool(_signs), cfg=cfg)
-    return out.reshape(*lead, n, v.shape[-1]).to(out_dtype)
+    return narrowed(out.reshape(*lead, n, v.shape[-1]), out_dtype)
 
 
 def _split_call(qs, ks, v, *, causal, key_padding_mask, allow_signed, config):
@@ -257,7 +258,7 @@ def _split_call(qs, ks, v, *, causal, key_padding_mask, allow_signed, config):
         # tied keys stay one object (a 0/1 mask squared is the mask)
         ks = [masked if k is ks[0] else k for k in ks]
     out_dtype = v.dtype
-    work = torch.bfloat16 if v.dtype == torch.float16 else v.dtype
+    work = work_dtype(v.dtype)
     lead = _lead_shape([*qs, *ks, v])
     n = v.shape[-2]
     cache = {}
@@ -271,6 +272,6 @@ def _split_call(qs, ks, v, *, causal, key_padding_mask, allow_signed, config):
     fq, fk = [flat(q) for q in qs], [flat(k) for k in ks]
     num, den = split.split_numden(fq, fk, flat(v).contiguous(), causal=causal, config=config)
     check_normalizers(den, allow_signed=allow_signed)
-    out = (num / den[..., None]).to(out_dtype)
+    out = num / den[..., None]
     check_output(out, den[..., None], allow_signed=allow_signed)
-    return out.reshape(*lead, n, v.shape[-1])
+    return narrowed(out, out_dtype).reshape(*lead, n, v.shape[-1])

@@ -13,6 +13,7 @@ import torch
 
 from hla_analysis._checks import check_normalizers, check_output
 from hla_analysis.ops.triton import quadratic as kernels
+from hla_analysis.ops.triton.dtypes import narrowed, work_dtype
 
 
 def _interpreting() -> bool:
@@ -154,7 +155,7 @@ def hla_quadratic_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allo
     if key_padding_mask is not None:
         ks = [ks[0] * key_padding_mask[..., None].to(ks[0].dtype), *ks[1:]]
     out_dtype = v.dtype
-    work = torch.bfloat16 if v.dtype == torch.float16 else v.dtype
+    work = work_dtype(v.dtype)
     tensors = [*qs, *ks, v]
     lead = torch.broadcast_shapes(*(t.shape[:-2] for t in tensors))
     main, tail = split_width(max(q.shape[-1] for q in qs))
@@ -167,4 +168,4 @@ def hla_quadratic_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allo
         vf = torch.nn.functional.pad(vf, (0, dvp - dv))
     out = QuadraticHLAFunction.apply(q, k, vf.contiguous(), m if tied else 1, bool(causal), bool(allow_signed),
                                      main, tail)
-    return out[..., :dv].reshape(*lead, n, dv).to(out_dtype)
+    return narrowed(out[..., :dv].reshape(*lead, n, dv), out_dtype)
