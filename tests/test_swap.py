@@ -180,3 +180,31 @@ def test_softmax_swap_reproduces_real_smollm2_perplexity():
     assert sorted(session.counts) == list(range(net.config.num_hidden_layers))
     rows = {m: v for i, m, v in _metrics(before, after, ids, True) if i is None}
     assert abs(rows["perplexity"] / rows["perplexity_original"] - 1) < 1e-4
+
+
+@pytest.mark.parametrize("build, pad", [(_llama, "left"), (_bert, "all"), (_llama, "all")])
+def test_rows_with_no_key_output_zero_and_are_not_counted(build, pad):
+    """Left padding under a causal mask leaves the padding queries with no key; an input that is all
+    padding leaves every row without one. Those rows output zero (they are padding) instead of
+    refusing the batch, and the real rows equal the model's."""
+    net = _llama(attention_scale=4.0) if build is _llama else build()
+    net.set_attn_implementation("eager")
+    ids = _ids(batch=3)
+    mask = torch.ones_like(ids)
+    if pad == "left":
+        mask[1, :3] = 0
+        mask[2, :5] = 0
+    else:
+        mask[1, :] = 0
+    real = mask.bool()
+    heads = net.config.num_attention_heads
+    with torch.no_grad():
+        before = net(input_ids=ids, attention_mask=mask)[0]
+        with swap_attention(net, "softmax") as session:
+            after = net(input_ids=ids, attention_mask=mask)[0]
+        with swap_attention(net, "hla:m=2,phi=affine") as hla_session:
+            swapped = net(input_ids=ids, attention_mask=mask)[0]
+    assert torch.allclose(before[real], after[real], atol=ATOL * before.abs().max())
+    assert torch.isfinite(swapped).all()
+    for counts in (*session.counts.values(), *hla_session.counts.values()):
+        assert counts.rows == heads * int(real.sum()) and counts.failed == 0

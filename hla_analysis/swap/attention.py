@@ -76,6 +76,43 @@ def mask_pattern(attention_mask: Tensor | None, batch: int, nq: int, nk: int) ->
     )
 
 
+def _weights(variant, q: Tensor, k: Tensor, *, scale: float, causal: bool, padding: Tensor | None,
+             real: Tensor) -> tuple[Tensor, Tensor]:
+    """``variant.weights`` of every row that has a key; rows with none get zero weights and a zero
+    normaliser (they fail, output zero, and are padding rows, so they are not counted).
+
+    Such rows are the padding queries of a left-padded causal batch (before the first real
+    token) and every row of an input that is all padding. The variant runs on the rows and keys
+    from the first real token on, one group of inputs per first position: a key-padding mask is
+    per key, so these rows cannot be given a key without changing the others.
+    """
+    n = q.shape[-2]
+    if causal and padding is not None:
+        first = torch.where(real.any(1), real.int().argmax(1), torch.full_like(real[:, 0], n, dtype=torch.long))
+    elif padding is not None:
+        first = torch.where(real.any(1), 0, n)
+    else:
+        first = torch.zeros(q.shape[0], dtype=torch.long)
+    starts = sorted({int(f) for f in first.tolist()})
+    if starts == [0]:
+        # the variant's input checks as one batch: a reduction per tensor instead of elementwise isfinite
+        with check_batch():
+            return variant.weights(q, k, scale=scale, causal=causal, key_padding_mask=padding)
+    weights = q.new_zeros(*q.shape[:-1], k.shape[-2])
+    den = q.new_zeros(*q.shape[:-1], 1)
+    for start in starts:
+        rows = (first == start).nonzero().flatten().to(q.device)
+        if start >= n:
+            continue  # all padding: every row stays empty
+        mask = None if padding is None else padding[rows][..., start:]
+        with check_batch():
+            w, d = variant.weights(q[rows][:, :, start:], k[rows][:, :, start:], scale=scale, causal=causal,
+                                   key_padding_mask=mask)
+        weights[rows, :, start:, start:] = w
+        den[rows, :, start:] = d
+    return weights, den
+
+
 def variant_attention(variant, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
                       scaling: float | None, counts: SwapCounts | None = None) -> tuple[Tensor, Tensor]:
     """Attention output ``[B, N, Hq, dv]`` and map ``[B, Hq, N, N]`` of ``variant``, like eager.
@@ -94,9 +131,7 @@ def variant_attention(variant, query: Tensor, key: Tensor, value: Tensor, attent
     causal, padding, real = mask_pattern(attention_mask, batch, nq, key.shape[2])
     dtype = query.dtype
     q, k, v = query.float(), key.float(), value.float()
-    # the variant's input checks as one batch: a reduction per tensor instead of elementwise isfinite
-    with check_batch():
-        weights, den = variant.weights(q, k, scale=scale, causal=causal, key_padding_mask=padding)
+    weights, den = _weights(variant, q, k, scale=scale, causal=causal, padding=padding, real=real)
     failed = ~(den > 0) | ~torch.isfinite(den) | ~torch.isfinite(weights).all(-1, keepdim=True)
     probs = torch.where(failed, torch.zeros_like(weights), weights / torch.where(failed, torch.ones_like(den), den))
     if counts is not None:
