@@ -172,8 +172,10 @@ def _stacks(cap, layer: int, indices: list[int], size: int) -> list[tuple[list[i
             for i, d in zip(chunk, data):
                 if d.get("attention_mask") is not None:
                     raise ValueError(
-                        f"input {i} of layer {layer} has a custom attention mask; the comparison supports "
-                        "padding-free causal or bidirectional captures only."
+                        f"input {i} of layer {layer} has a custom attention mask (a sliding window or local "
+                        "attention shorter than the input, or padding); the comparison supports padding-free causal "
+                        "or bidirectional captures only: capture again with --max-tokens no longer than the window, "
+                        "--modules for the global layers, or unpadded inputs."
                     )
             batch = {name: torch.stack([d[name] for d in data]) for name in ("q", "k", "v")}
             batch.update(scale=data[0]["scale"], causal=data[0]["causal"])

@@ -301,3 +301,52 @@ def test_swap_with_cache_is_not_mistaken_for_cross_attention():
         with pytest.raises(ValueError, match=r"\(got 1 queries, 9 keys: a cache.*use_cache=False"):
             with swap_attention(gpt2, "softmax"):
                 gpt2(input_ids=ids[:, 8:], cache=cache, use_cache=True)
+
+
+# 7. arguments transformers passes down that do not change the attention; DETR-style models
+
+
+def test_swap_runs_with_output_hidden_states_and_return_dict():
+    """Model-level flags reach the attention function: they change nothing there and must not be refused."""
+    bert = transformers.BertModel(transformers.BertConfig(
+        vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        initializer_range=0.3)).eval()
+    ids = _ids()
+    with torch.no_grad():
+        ref = bert(input_ids=ids, output_hidden_states=True, return_dict=True)
+        with swap_attention(bert, "softmax") as session:
+            out = bert(input_ids=ids, output_hidden_states=True, return_dict=True)
+    assert sorted(session.counts) == [0, 1]
+    for a, b in zip(ref.hidden_states, out.hidden_states):
+        assert float((a - b).abs().max()) <= _tol(a)
+
+
+def _detr():
+    config = transformers.DetrConfig(
+        use_timm_backbone=False, use_pretrained_backbone=False,
+        backbone_config=transformers.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                                  out_features=["stage2"]),
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=64, decoder_ffn_dim=64, num_queries=10)
+    torch.manual_seed(0)
+    return transformers.DetrModel(config).eval()  # default attention implementation (sdpa), as users build it
+
+
+def test_detr_encoder_captures_and_swap_restores_the_default_implementation(tmp_path):
+    """An encoder-decoder whose decoder runs on learned queries takes pixel_values alone; swapping into
+    a model built with the default implementation restores it without touching its backbone."""
+    detr = _detr()
+    before = detr.config._attn_implementation
+    pixels = [{"pixel_values": torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(i))}
+              for i in range(2)]
+    with torch.no_grad():
+        ref = detr(**pixels[0]).last_hidden_state
+        with swap_attention(detr, "softmax", layers=[0, 1]) as session:
+            out = detr(**pixels[0]).last_hidden_state
+    assert session.modules[:2] == ["encoder.layers.0.self_attn", "encoder.layers.1.self_attn"]
+    assert sorted(session.counts) == [0, 1]
+    assert float((out - ref).abs().max()) <= _tol(ref) and detr.config._attn_implementation == before
+    with pytest.raises(ValueError, match="layers of one length: record them separately with modules="):
+        capture(detr, inputs=pixels, out=tmp_path / "all", progress=False)
+    cap = load_capture(capture(detr, inputs=pixels, out=tmp_path / "enc", modules=r"encoder\.layers", progress=False))
+    assert cap.num_layers == 2 and cap.manifest["lengths"] == [64, 64]

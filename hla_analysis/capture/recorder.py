@@ -78,7 +78,7 @@ def generic_eager_attention(module, query, key, value, attention_mask, scaling=N
 NEUTRAL_ARGUMENTS = frozenset({
     "position_ids", "cache_position", "use_cache", "output_attentions", "is_causal", "past_key_value",
     "past_key_values", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "encoder_hidden_states",
-    "layer_idx",
+    "layer_idx", "output_hidden_states", "return_dict",
 })
 _CROSS_NAME = re.compile(r"(?i)(?:^|\.)[a-z_]*(?:cross_?att|encoder_attn|encdecatt)[a-z_]*(?:\.|$)")
 
@@ -161,8 +161,9 @@ def allowed_from_mask(mask: torch.Tensor | None, batch: int, nq: int, nk: int) -
         blocked = mask <= torch.finfo(mask.dtype).min / 2
         if not torch.all((mask == 0) | blocked):
             raise CaptureError(
-                "the model adds a finite bias to its attention logits (e.g. ALiBi); captures store "
-                "masks only, so this model's probabilities cannot be reproduced from q, k and scale"
+                "the model adds a finite bias to its attention logits (ALiBi, a relative position bias as in "
+                "BEiT/Swin, or a shifted-window mask); captures and swaps reproduce causal and padding masks only, "
+                "so this model's attention cannot be reproduced from q, k and scale: choose a model without it"
             )
         allowed = ~blocked
     if allowed.shape[1] != 1 and not torch.all(allowed == allowed[:, :1]):

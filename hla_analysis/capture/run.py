@@ -155,7 +155,8 @@ class _BatchCollector:
         if batch != self.rows:
             raise CaptureError(
                 f"{call.name} runs attention over {batch} rows for {self.rows} inputs (windowed or chunked "
-                "attention?); captures need one attention row per input: skip it with modules="
+                "attention?); captures need one attention row per input: skip it with modules= (a model whose "
+                "every layer is windowed, like Swin, cannot be captured)"
             )
         if self.width is None:
             self.width, self.lengths = nq, [nq] * self.rows
@@ -416,15 +417,6 @@ def _check_tensor_items(net, items: list[ModelInput], origin: str) -> None:
     names = sorted({key for item in items for key in item.tensors})
     check_argument_names(net, names, origin=origin)
     check_tensor_values(items)
-    config = getattr(net, "config", None)
-    taken, _ = forward_arguments(net)
-    if getattr(config, "is_encoder_decoder", False) and any(a.startswith("decoder_") for a in taken) \
-            and not any(n.startswith("decoder_") for n in names):
-        raise ValueError(
-            f"{type(net).__name__} is an encoder-decoder model and the inputs hold no decoder arguments: capture "
-            "its encoder with --submodule encoder (Python: capture(model.get_encoder(), inputs=...)), or add "
-            "decoder_input_ids to the inputs"
-        )
 
 
 def _select(items: list[ModelInput], num_inputs: int | None, origin: str) -> list[ModelInput]:
@@ -481,9 +473,16 @@ def _forward(loaded, kwargs: dict, collector, *, modules, attention_function, fi
         raise
     except Exception as exc:  # the model's own failure on inputs it does not expect
         shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in kwargs.items())
+        fix = "pass the arguments, shapes and dtypes its forward expects"
+        if getattr(getattr(net, "config", None), "is_encoder_decoder", False) \
+                and not any(k.startswith("decoder_") for k in kwargs):
+            # T5, Whisper...: the decoder needs inputs (DETR's runs on its own queries, so no refusal up front)
+            fix = ("it is an encoder-decoder model and the inputs hold no decoder arguments: capture its encoder "
+                   "with --submodule encoder (Python: capture(model.get_encoder(), inputs=...)), or add "
+                   "decoder_input_ids to the inputs")
         raise ValueError(
             f"{type(net).__name__}.forward failed on input {first.name!r} ({shapes}): {type(exc).__name__}: "
-            f"{_one_line(exc)}; pass the arguments, shapes and dtypes its forward expects"
+            f"{_one_line(exc)}; {fix}"
         ) from None
     if recorder.calls_seen == 0:
         raise ValueError(

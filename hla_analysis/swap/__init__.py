@@ -228,10 +228,14 @@ def _attention_switched(model):
     from hla_analysis.capture.recorder import _attention_configs
 
     if hasattr(model, "set_attn_implementation") and getattr(model, "config", None) is not None:
-        previous = model.config._attn_implementation
+        # restored config by config, as they were: set_attn_implementation(previous) would apply the
+        # top-level choice (say sdpa) to sub-models that never supported it (DETR's ResNet backbone)
+        saved = [(config, config._attn_implementation_internal) for config in _attention_configs(model)]
         try:
             model.set_attn_implementation(IMPLEMENTATION_NAME)
         except (ValueError, KeyError) as exc:
+            for config, previous in saved:
+                config._attn_implementation_internal = previous
             raise ValueError(
                 f"{type(model).__name__} cannot switch its attention implementation ({exc}); only models that "
                 "dispatch attention through transformers' AttentionInterface can be swapped"
@@ -239,7 +243,8 @@ def _attention_switched(model):
         try:
             yield
         finally:
-            model.set_attn_implementation(previous)
+            for config, previous in saved:
+                config._attn_implementation_internal = previous
         return
     configs = _attention_configs(model) if isinstance(model, torch.nn.Module) else []
     if not configs:
