@@ -2,7 +2,7 @@
 
 Costs mirror :func:`hla_analysis.symbolic.cost_model.hla_cost` (state form, FLOPs per head)
 and count the quadratic form as ``pairs * (2 sum_f RP_f + 2 dv)`` (the dots per tile that
-the kernel of :mod:`hla_analysis.ops.triton.quadratic` runs; ``pairs = N^2``, or
+the kernel of :mod:`hla_analysis.ops.triton.quadratic.kernels` runs; ``pairs = N^2``, or
 ``N (N + 1) / 2`` causal). Each cost is divided by the throughput of the engine that would
 run it: the fused Triton kernels (bf16 tensor cores) at 1, the torch state forms (fp32
 einsums) at ``TORCH_STATE_RATE``.
@@ -80,7 +80,7 @@ def state_flops(widths, dv: int, n: int, *, tied: bool) -> float:
 
 def quadratic_flops(widths, dv: int, n: int, *, tied: bool, causal: bool) -> float:
     """FLOPs of the quadratic kernel per head, counting padded dot widths."""
-    from hla_analysis.ops.triton.quadratic_autograd import split_width
+    from hla_analysis.ops.triton.quadratic.autograd import split_width
 
     main, tail = split_width(max(widths))
     nf = 1 if tied else len(widths)
@@ -176,7 +176,7 @@ def run(d: Dispatch, qs, ks, v, *, causal: bool, key_padding_mask, allow_signed:
     normalisers, the sign certificate of the factors (odd pairs of sign-indefinite features
     can give negative weights under a positive normaliser) and an output that overflows."""
     if d.engine == "triton":
-        from hla_analysis.ops.triton.quadratic_autograd import hla_quadratic_triton
+        from hla_analysis.ops.triton.quadratic.autograd import hla_quadratic_triton
 
         out = hla_quadratic_triton(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
                                    allow_signed=allow_signed)
