@@ -8,8 +8,9 @@ run it: the fused Triton kernels (bf16 tensor cores) at 1, the torch state forms
 einsums) at ``TORCH_STATE_RATE``.
 
 ``form="quadratic"`` forces the quadratic path on any device: the Triton kernel on CUDA or
-under ``TRITON_INTERPRET=1`` (fp16/bf16/fp32), else (and for float64) :func:`quadratic_torch`,
-a blockwise torch twin (exact tiles over key blocks; O(N) forward memory, autograd keeps its tiles).
+under ``TRITON_INTERPRET=1`` (fp16/bf16/fp32), else (and for float64)
+:func:`~hla_analysis.ops.triton.quadratic.naive.quadratic_torch`, a blockwise torch twin (exact tiles
+over key blocks; O(N) forward memory, autograd keeps its tiles; it imports without Triton).
 
 :data:`last_dispatch` holds the last :class:`Dispatch` (per process, not per thread).
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from hla_analysis._checks import check_hla_signs, check_normalizers, check_output
+from hla_analysis.ops.triton.quadratic.naive import quadratic_torch  # torch only: imports without Triton
 
 # Throughput of the torch state forms relative to the fused kernels on one GPU: fp32 SIMT
 # einsums against bf16 tensor cores (H200 datasheet: 67 vs 990 TFLOP/s dense).
@@ -146,29 +148,6 @@ def choose(qs, ks, v, *, causal: bool, form: str, backend: str) -> Dispatch:
     if quad < state:
         return _record(Dispatch("quadratic", "triton", "cost model", state, quad))
     return _record(Dispatch("state", state_engine, "cost model", state, quad))
-
-
-def quadratic_torch(qs, ks, v, *, causal: bool, key_padding_mask, block: int = 256):
-    """Blockwise torch twin of the quadratic kernel: ``(num, den)`` over key blocks."""
-    work = torch.promote_types(v.dtype, torch.float32)
-    qs = [q.to(work) for q in qs]
-    ks = [k.to(work) for k in ks]
-    vv = v.to(work)
-    if key_padding_mask is not None:
-        ks = [ks[0] * key_padding_mask[..., None].to(work), *ks[1:]]
-    n = v.shape[-2]
-    num, den = 0, 0
-    rows = torch.arange(n, device=v.device)[:, None]
-    for start in range(0, n, block):
-        sl = slice(start, min(start + block, n))
-        tile = qs[0] @ ks[0][..., sl, :].transpose(-1, -2)
-        for q, k in zip(qs[1:], ks[1:]):
-            tile = tile * (q @ k[..., sl, :].transpose(-1, -2))
-        if causal:
-            tile = tile * (torch.arange(sl.start, sl.stop, device=v.device)[None, :] <= rows)
-        num = num + tile @ vv[..., sl, :]
-        den = den + tile.sum(-1, keepdim=True)
-    return num, den
 
 
 def run(d: Dispatch, qs, ks, v, *, causal: bool, key_padding_mask, allow_signed: bool):
