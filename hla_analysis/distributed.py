@@ -204,7 +204,7 @@ def _torch_path(qs, ks, v, key_padding_mask, *, causal, chunk_size, group):
 
 def _triton_path(qs, ks, v, key_padding_mask, *, causal, group):
     from hla_analysis.ops.triton import _lead_shape
-    from hla_analysis.ops.triton.autograd_steps import ApplyState, CausalFromState, TotalState, step_config
+    from hla_analysis.ops.triton.state.steps import ApplyState, CausalFromState, TotalState, step_config
 
     if key_padding_mask is not None:  # a zero first key factor removes the key everywhere
         ks = [ks[0] * key_padding_mask[..., None].to(ks[0].dtype), *ks[1:]]

@@ -46,7 +46,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
                          ids=["column-scan", "tile-scan", "chunk-sums"])
 def test_triton_causal_from_state_matches_torch(m, schedule):
     pytest.importorskip("triton")
-    from hla_analysis.ops.triton.autograd_steps import CausalFromState, step_config
+    from hla_analysis.ops.triton.state.steps import CausalFromState, step_config
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     r, dv, n = 16, 16, 45  # n not a multiple of the chunk (32 under the interpreter)

@@ -15,7 +15,7 @@ triton = pytest.importorskip("triton")
 
 from hla_analysis.ops import hla, hla_attention_output  # noqa: E402
 from hla_analysis.ops.triton import hla_triton, supports  # noqa: E402
-from hla_analysis.ops.triton.kernels_tied import _sym_tile  # noqa: E402
+from hla_analysis.ops.triton.tied.kernels import _sym_tile  # noqa: E402
 
 tl = triton.language
 
@@ -100,7 +100,7 @@ def test_both_khatri_rao_schedules(config, causal):
 
 @pytest.mark.parametrize("shape", [(2, 37, 16), (1, 16, 45), (3, 5, 7)])
 def test_tiled_transpose_and_transpose_add(shape):
-    from hla_analysis.ops.triton.autograd import transpose
+    from hla_analysis.ops.triton.state.autograd import transpose
 
     src = torch.randn(*shape, device=DEVICE)
     torch.testing.assert_close(transpose(src), src.transpose(1, 2), atol=0, rtol=0)
@@ -282,7 +282,7 @@ def _compare_tied(causal, *, n, r, dv=16, mask=False, seed=0, config=None, clone
 @pytest.fixture
 def tied_calls(monkeypatch):
     """Counts launches of the tied state builder, to prove which path ran."""
-    from hla_analysis.ops.triton import autograd_tied
+    from hla_analysis.ops.triton.tied import autograd as autograd_tied
 
     calls = []
     real = autograd_tied.compute_sym_states
@@ -373,7 +373,7 @@ def test_symmetric_tile_is_the_packed_square(r, block_c):
     """The on-chip tile, dumped by a tiny kernel: sym(q).sym(k) == (q.k)^2, and its entries
     are those of symmetric_power_features (up to order) plus zero padding."""
     from hla_analysis.ops.tied import symmetric_power_features
-    from hla_analysis.ops.triton.autograd_tied import folded_rows
+    from hla_analysis.ops.triton.tied.autograd import folded_rows
 
     bt, tp = folded_rows(r, block_c)
     x = torch.randn(5, r, generator=torch.Generator().manual_seed(r), dtype=torch.float32).to(DEVICE)

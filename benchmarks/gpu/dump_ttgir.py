@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 
-from hla_analysis.ops.triton import kernels  # noqa: E402
+from hla_analysis.ops.triton.state import kernels  # noqa: E402
 
 OPS = ("ttg.local_alloc", "ttg.local_load", "ttg.convert_layout", "ttng.fence_async_shared",
        "ttng.warp_group_dot ", "ttng.warp_group_dot_wait", "ttg.async_copy_global_to_local", "tt.load")

@@ -32,8 +32,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 
 from bench_hla import matmul_peak, reference_errors, timed  # noqa: E402
 
-from hla_analysis.ops.triton import autograd as ag  # noqa: E402
 from hla_analysis.ops.triton import hla_triton  # noqa: E402
+from hla_analysis.ops.triton.config import default_config  # noqa: E402
+from hla_analysis.ops.triton.state import autograd as ag  # noqa: E402
 
 BH, DV = 12, 128
 
@@ -95,7 +96,7 @@ def debug_causal(doc):
 
 
 def cfg_for(over, r=64):
-    return ag.default_config(r1=r, r2=r, dv=DV, causal=False, dtype=torch.bfloat16).replace(**over)
+    return default_config(r1=r, r2=r, dv=DV, causal=False, dtype=torch.bfloat16).replace(**over)
 
 
 def inputs(n, r, seed=0):
@@ -229,7 +230,7 @@ def main():
             row("fwd+bwd", tag, over, both, 6 * unit)
             torch.cuda.empty_cache()
 
-    from hla_analysis.ops.triton import kernels
+    from hla_analysis.ops.triton.state import kernels
     compiled = []
     for kern in (kernels.state_cols_kernel, kernels.state_kernel, kernels.apply_kernel, kernels.grad_kernel):
         for dev_cache in getattr(kern, "device_caches", {}).values():

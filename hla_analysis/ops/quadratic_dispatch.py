@@ -2,14 +2,15 @@
 
 Costs mirror :func:`hla_analysis.symbolic.cost_model.hla_cost` (state form, FLOPs per head)
 and count the quadratic form as ``pairs * (2 sum_f RP_f + 2 dv)`` (the dots per tile that
-the kernel of :mod:`hla_analysis.ops.triton.quadratic` runs; ``pairs = N^2``, or
+the kernel of :mod:`hla_analysis.ops.triton.quadratic.kernels` runs; ``pairs = N^2``, or
 ``N (N + 1) / 2`` causal). Each cost is divided by the throughput of the engine that would
 run it: the fused Triton kernels (bf16 tensor cores) at 1, the torch state forms (fp32
 einsums) at ``TORCH_STATE_RATE``.
 
 ``form="quadratic"`` forces the quadratic path on any device: the Triton kernel on CUDA or
-under ``TRITON_INTERPRET=1`` (fp16/bf16/fp32), else (and for float64) :func:`quadratic_torch`,
-a blockwise torch twin (exact tiles over key blocks; O(N) forward memory, autograd keeps its tiles).
+under ``TRITON_INTERPRET=1`` (fp16/bf16/fp32), else (and for float64)
+:func:`~hla_analysis.ops.triton.quadratic.naive.quadratic_torch`, a blockwise torch twin (exact tiles
+over key blocks; O(N) forward memory, autograd keeps its tiles; it imports without Triton).
 
 :data:`last_dispatch` holds the last :class:`Dispatch` (per process, not per thread).
 """
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from hla_analysis._checks import check_hla_signs, check_normalizers, check_output
+from hla_analysis.ops.triton.quadratic.naive import quadratic_torch  # torch only: imports without Triton
 
 # Throughput of the torch state forms relative to the fused kernels on one GPU: fp32 SIMT
 # einsums against bf16 tensor cores (H200 datasheet: 67 vs 990 TFLOP/s dense).
@@ -80,7 +82,7 @@ def state_flops(widths, dv: int, n: int, *, tied: bool) -> float:
 
 def quadratic_flops(widths, dv: int, n: int, *, tied: bool, causal: bool) -> float:
     """FLOPs of the quadratic kernel per head, counting padded dot widths."""
-    from hla_analysis.ops.triton.quadratic_autograd import split_width
+    from hla_analysis.ops.triton.quadratic.autograd import split_width
 
     main, tail = split_width(max(widths))
     nf = 1 if tied else len(widths)
@@ -148,35 +150,12 @@ def choose(qs, ks, v, *, causal: bool, form: str, backend: str) -> Dispatch:
     return _record(Dispatch("state", state_engine, "cost model", state, quad))
 
 
-def quadratic_torch(qs, ks, v, *, causal: bool, key_padding_mask, block: int = 256):
-    """Blockwise torch twin of the quadratic kernel: ``(num, den)`` over key blocks."""
-    work = torch.promote_types(v.dtype, torch.float32)
-    qs = [q.to(work) for q in qs]
-    ks = [k.to(work) for k in ks]
-    vv = v.to(work)
-    if key_padding_mask is not None:
-        ks = [ks[0] * key_padding_mask[..., None].to(work), *ks[1:]]
-    n = v.shape[-2]
-    num, den = 0, 0
-    rows = torch.arange(n, device=v.device)[:, None]
-    for start in range(0, n, block):
-        sl = slice(start, min(start + block, n))
-        tile = qs[0] @ ks[0][..., sl, :].transpose(-1, -2)
-        for q, k in zip(qs[1:], ks[1:]):
-            tile = tile * (q @ k[..., sl, :].transpose(-1, -2))
-        if causal:
-            tile = tile * (torch.arange(sl.start, sl.stop, device=v.device)[None, :] <= rows)
-        num = num + tile @ vv[..., sl, :]
-        den = den + tile.sum(-1, keepdim=True)
-    return num, den
-
-
 def run(d: Dispatch, qs, ks, v, *, causal: bool, key_padding_mask, allow_signed: bool):
     """Run the quadratic path chosen by :func:`choose`, with the checks of the state path:
     normalisers, the sign certificate of the factors (odd pairs of sign-indefinite features
     can give negative weights under a positive normaliser) and an output that overflows."""
     if d.engine == "triton":
-        from hla_analysis.ops.triton.quadratic_autograd import hla_quadratic_triton
+        from hla_analysis.ops.triton.quadratic.autograd import hla_quadratic_triton
 
         out = hla_quadratic_triton(qs, ks, v, causal=causal, key_padding_mask=key_padding_mask,
                                    allow_signed=allow_signed)

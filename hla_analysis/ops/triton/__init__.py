@@ -6,14 +6,23 @@ materialized reference) for M in {1, 2}: ``o_i = sum_j a_ij v_j`` with
 features in device memory. ``hla(..., backend="triton" | "auto")`` dispatches here.
 
 Tied factors (M = 2, both query factors equal and both key factors equal) can take the
-symmetric-state kernels of :mod:`.kernels_tied` (``tied=True``): ``(q.k)^2 = <sym(q), sym(k)>``
+symmetric-state kernels of :mod:`.tied.kernels` (``tied=True``): ``(q.k)^2 = <sym(q), sym(k)>``
 with ``r (r + 1) / 2`` packed features built on chip, so the state is about half as large.
 They are not taken by default (``TIED_BY_DEFAULT``): on an H200 at r = 64 their forward was
 2.1x (non-causal) and 1.8x (causal) slower than the untied kernels on the same inputs
 (``benchmarks/gpu/results/h200_tied.json``), because each packed tile costs several
 CUDA-core operations per element where the Kronecker tile costs one.
 
-Without CUDA the same kernels run under ``TRITON_INTERPRET=1`` (set before import), in fp32.
+Without CUDA the same kernels run under ``TRITON_INTERPRET=1`` (set before the first call), in fp32.
+
+Layout: one folder per fused op, each with its Triton ``kernels``, its launchers and
+``autograd.Function`` (``autograd``) and a plain-torch twin with the same interface
+(``naive``): :mod:`.state` (M = 1, 2, the Khatri-Rao state; ``steps`` for sequence
+parallelism), :mod:`.tied` (tied M = 2, the symmetric state) and :mod:`.quadratic` (any M,
+FlashAttention-style tiles). Shared by all: :mod:`.config` (block sizes, chunk and split
+plans), :mod:`.dtypes` and :mod:`.split` (any width as sums of parts). The modules that define
+kernels import Triton; they are imported on first use, so that this package, the configuration
+and the naive twins import without it.
 """
 
 from __future__ import annotations
@@ -23,9 +32,7 @@ import os
 import torch
 
 from hla_analysis._checks import check_hla_signs, check_normalizers, check_output
-from hla_analysis.ops.triton import split
-from hla_analysis.ops.triton.autograd import HLAFunction, KernelConfig, default_config, forward_states
-from hla_analysis.ops.triton.autograd_tied import TiedHLAFunction, tied_config
+from hla_analysis.ops.triton.config import KernelConfig, default_config
 from hla_analysis.ops.triton.dtypes import narrowed, work_dtype
 
 __all__ = ["supports", "hla_triton", "default_config", "KernelConfig", "factors_tied", "TIED_BY_DEFAULT"]
@@ -62,6 +69,8 @@ def supports(qs, ks, v, *, causal, key_padding_mask) -> bool:
     ...  == _interpreting())
     True
     """
+    from hla_analysis.ops.triton import split  # imports Triton
+
     qs, ks = list(qs), list(ks)
     if len(qs) not in (1, 2) or len(ks) != len(qs):
         return False
@@ -172,6 +181,10 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     ...     print(True)
     True
     """
+    from hla_analysis.ops.triton import split  # the kernels' modules import Triton
+    from hla_analysis.ops.triton.state.autograd import HLAFunction, forward_states
+    from hla_analysis.ops.triton.tied.autograd import TiedHLAFunction, tied_config
+
     qs, ks = list(qs), list(ks)
     # _validated: hla() has already asked supports() for these inputs (host time per call).
     # _signs: hla() asks for the sign certificate of its factors (odd pairs present, not
@@ -251,6 +264,8 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
 
 def _split_call(qs, ks, v, *, causal, key_padding_mask, allow_signed, config):
     """Widths outside the kernels' set: exact sum of parts (:mod:`.split`), divided once."""
+    from hla_analysis.ops.triton import split
+
     if key_padding_mask is not None:
         if key_padding_mask.dtype != torch.bool:
             raise ValueError(f"key_padding_mask must be bool (True = real token), got {key_padding_mask.dtype}.")

@@ -1,4 +1,4 @@
-"""The dtypes the fused kernels compute in, and the cast back to the caller's dtype."""
+"""The dtypes the fused kernels compute in, their dot precision, and the cast back to the caller's dtype."""
 
 from __future__ import annotations
 
@@ -19,6 +19,11 @@ def work_dtype(dtype: torch.dtype) -> torch.dtype:
     if _interpreting():
         return torch.float32
     return torch.bfloat16 if dtype == torch.float16 else dtype
+
+
+def _precision(dtype) -> str:
+    """``input_precision`` of the kernels' dots: exact for fp32, tensor cores otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def narrowed(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -13,7 +13,7 @@ per token, folded into the other factor's block as a scale, so the term is an M 
 the M = 1 parts are concatenated (``q.k + q'.k' = [q, q'].[k, k']``) into launches of at most
 128 features. Tied factors (the same tensor objects) give equal cross terms, run once with
 weight 2. Every part returns its unnormalised numerator and normaliser (``NORMALIZE=False``
-in :func:`.kernels.apply_kernel`); they are summed and divided once, so the result is the
+in :func:`.state.kernels.apply_kernel`); they are summed and divided once, so the result is the
 exact HLA output. The cost follows the product of the real widths (plus one launch per
 part), not the next power of two: ``w = 65`` costs a 64 x 64 part and a 65-wide M = 1 part.
 
@@ -29,13 +29,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from hla_analysis.ops.triton.autograd import (
-    apply_states,
-    compute_states,
-    default_config,
-    factor_grads,
-    transposed,
-)
+from hla_analysis.ops.triton.config import default_config
+from hla_analysis.ops.triton.state.autograd import apply_states, compute_states, factor_grads, transposed
 
 KERNEL_WIDTHS = (16, 32, 64, 128)
 # widest factor the split path takes (129 is phi=affine at d = 128; M = 1 features such as

@@ -20,13 +20,8 @@ from __future__ import annotations
 
 import torch
 
-from hla_analysis.ops.triton.autograd import (
-    apply_states,
-    compute_states,
-    default_config,
-    factor_grads,
-    transposed,
-)
+from hla_analysis.ops.triton.config import default_config
+from hla_analysis.ops.triton.state.autograd import apply_states, compute_states, factor_grads, transposed
 
 
 def step_config(q1, q2, v, *, causal: bool) -> dict:

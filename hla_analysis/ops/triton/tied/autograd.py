@@ -1,7 +1,7 @@
-"""Launchers and the autograd.Function for tied HLA, M = 2 (kernels in :mod:`.kernels_tied`).
+"""Launchers and the autograd.Function for tied HLA, M = 2 (kernels in :mod:`.kernels`).
 
 Tensors are flat and contiguous: ``q, k [BH, N, r]``, ``v [BH, N, dv]``. States:
-``S [BH, C, TP * r, dv]`` (the packed symmetric rows, see :mod:`.kernels_tied`) in the compute
+``S [BH, C, TP * r, dv]`` (the packed symmetric rows, see :mod:`.kernels`) in the compute
 dtype, ``z [BH, C, r, r]`` in fp32. Block sizes come from the untied configuration: a tile
 of ``BLOCK_C`` columns holds ``BT = BLOCK_C // r`` folded rows; the three kernels may use
 different ``BT`` but share one state, padded to ``TP`` rows (``cfg["TIED_TP"]``, set by
@@ -15,15 +15,10 @@ import math
 import torch
 
 from hla_analysis._checks import check_normalizers
-from hla_analysis.ops.triton import kernels_tied
-from hla_analysis.ops.triton.autograd import (
-    KernelConfig,
-    _causal_state_plan,
-    _chunks,
-    _normaliser_state,
-    _precision,
-    _split_plan,
-)
+from hla_analysis.ops.triton.config import KernelConfig, _causal_state_plan, _chunks, _split_plan
+from hla_analysis.ops.triton.dtypes import _precision
+from hla_analysis.ops.triton.state.autograd import _normaliser_state
+from hla_analysis.ops.triton.tied import kernels
 
 
 def folded_rows(r: int, *block_cs: int) -> tuple[int, int]:
@@ -61,7 +56,7 @@ def compute_sym_states(f, x, w, *, mode: str, cfg: dict):
     """``S = sum_n sym(f[n]) (x) x[n]`` and ``z = sum_n w_n f[n] f[n]^T``, per chunk when causal.
 
     mode: "total", "prefix" or "suffix" (exclusive, per chunk), as in
-    :func:`.autograd.compute_states`.
+    :func:`.state.autograd.compute_states`.
     """
     bh, n, r = f.shape
     dv = x.shape[-1]
@@ -76,21 +71,21 @@ def compute_sym_states(f, x, w, *, mode: str, cfg: dict):
     if mode == "total":
         splits, tps = _split_plan(n, grid_t * grid_d * bh, cfg, f.device)
         buf = torch.empty((splits, bh, p, dv), device=f.device, dtype=f.dtype if splits == 1 else torch.float32)
-        kernels_tied.sym_state_kernel[(grid_t, grid_d, bh * splits)](
+        kernels.sym_state_kernel[(grid_t, grid_d, bh * splits)](
             f, x, buf, n, tps, BLOCK_DV=block_dv, MODE=0, NUM_CHUNKS=1, SPLITS=splits, **common)
         s = buf.sum(0).to(f.dtype) if splits > 1 else buf[0]
         return s.view(bh, 1, p, dv), _normaliser_state(f, f, w, nc=1, mode=mode, chunk=cfg["CHUNK"])
     block_dv, grid_d, parallel = _causal_state_plan(cfg, grid_t * bh, block_dv, dv, f.device)
     if parallel:
         buf = torch.empty((nc, bh, p, dv), device=f.device, dtype=torch.float32)
-        kernels_tied.sym_state_kernel[(grid_t, grid_d, bh * nc)](
+        kernels.sym_state_kernel[(grid_t, grid_d, bh * nc)](
             f, x, buf, n, cfg["CHUNK"], BLOCK_DV=block_dv, MODE=0, NUM_CHUNKS=1, SPLITS=nc, **common)
         inclusive = buf.cumsum(0)
         s = inclusive - buf if mode == "prefix" else inclusive[-1:] - inclusive
         s = s.transpose(0, 1).to(f.dtype).contiguous()
     else:
         s = torch.empty((bh, nc, p, dv), device=f.device, dtype=f.dtype)
-        kernels_tied.sym_state_kernel[(grid_t, grid_d, bh)](
+        kernels.sym_state_kernel[(grid_t, grid_d, bh)](
             f, x, s, n, n, BLOCK_DV=block_dv, MODE=1 if mode == "prefix" else 2, NUM_CHUNKS=nc, SPLITS=1,
             **common)
     return s, _normaliser_state(f, f, w, nc=nc, mode=mode, chunk=cfg["CHUNK"])
@@ -103,7 +98,7 @@ def apply_sym_states(q, k, v, s, z, *, causal: bool, cfg: dict):
     den = torch.empty((bh, n), device=v.device, dtype=torch.float32)
     bm = cfg["APPLY_BLOCK_M"]
     bt, tp = _bt(r, cfg["APPLY_BLOCK_C"]), cfg["TIED_TP"]
-    kernels_tied.sym_apply_kernel[(math.ceil(n / bm), bh)](
+    kernels.sym_apply_kernel[(math.ceil(n / bm), bh)](
         q, k, v, s, z, o, den, n, R=r, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BT=bt, TP=tp,
         CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1], PRECISION=_precision(v.dtype),
         num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
@@ -119,7 +114,7 @@ def sym_factor_grads(x, g, wx, y, h, wy, s, z, *, causal: bool, query_side: bool
     bm = cfg["GRAD_BLOCK_M"]
     bt, tp = _bt(r, cfg["GRAD_BLOCK_C"]), cfg["TIED_TP"]
     dummy = g
-    kernels_tied.sym_grad_kernel[(math.ceil(n / bm), bh)](
+    kernels.sym_grad_kernel[(math.ceil(n / bm), bh)](
         x, g, dummy if wx is None else wx, y, h, dummy if wy is None else wy, s, z, dx, out, n,
         R=r, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BT=bt, TP=tp, CAUSAL=causal,
         QUERY_SIDE=query_side, WANT_OUT=not query_side, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],

@@ -308,7 +308,7 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
                  SIGNED: tl.constexpr = False, QSIGNS: tl.constexpr = False):
     """``PER_A`` (non-causal only): Khatri-Rao columns one ``a`` at a time, ``q1t = q1^T``.
     ``NORMALIZE``: store ``num / den``, else the numerator itself (the parts of a split width,
-    :mod:`.split`, are summed before one division).
+    :mod:`hla_analysis.ops.triton.split`, are summed before one division).
     ``CHECK``: ``chk[row]`` = 1.0 when the row passes the public checks, else 0.0: the
     normaliser is finite and > 0 (``SIGNED``: finite, any sign), every output entry is finite
     (``SIGNED``: or the normaliser is exactly 0, the documented signed result) and, with

@@ -21,7 +21,7 @@ caller's matrix product), entering as ``q^T z q``.
 import triton
 import triton.language as tl
 
-from hla_analysis.ops.triton.kernels import _row_normaliser
+from hla_analysis.ops.triton.state.kernels import _row_normaliser
 
 SQRT2 = tl.constexpr(1.4142135623730951)  # jit code may read constexpr globals only
 
@@ -65,7 +65,7 @@ def sym_state_kernel(f_ptr, x_ptr, s_ptr, N, tokens_per_split,
                      TP: tl.constexpr, BLOCK_DV: tl.constexpr, MODE: tl.constexpr, CHUNK: tl.constexpr,
                      NUM_CHUNKS, SPLITS, PRECISION: tl.constexpr):
     """``S = sum_n sym(f[n])^T x[n]``. MODE 0: per split of the tokens. MODE 1 / 2: exclusive
-    prefix / suffix at every chunk boundary (as in :func:`.kernels.state_kernel`)."""
+    prefix / suffix at every chunk boundary (as in :func:`.state.kernels.state_kernel`)."""
     pid_t = tl.program_id(0)
     pid_d = tl.program_id(1)
     pid_z = tl.program_id(2)
@@ -172,7 +172,7 @@ def sym_grad_kernel(x_ptr, g_ptr, wx_ptr, y_ptr, h_ptr, wy_ptr, s_ptr, z_ptr, dx
                     BT: tl.constexpr, TP: tl.constexpr, CAUSAL: tl.constexpr, QUERY_SIDE: tl.constexpr,
                     WANT_OUT: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr):
     """Gradient of one side's (tied) factor ``x`` through ``d sym(x) = g @ S^T`` and
-    ``d (w x^T z x) = w (z + z^T) x``; roles as in :func:`.kernels.grad_kernel`. The key
+    ``d (w x^T z x) = w (z + z^T) x``; roles as in :func:`.state.kernels.grad_kernel`. The key
     side also writes ``out = dv = sym(k) @ dS`` (+ the intra-chunk ``A^T dnum``).
 
     ``dx_ptr`` must hold zeros: the per-tile parts land on disjoint columns (``x[t]`` for

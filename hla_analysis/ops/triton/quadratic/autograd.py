@@ -1,4 +1,4 @@
-"""Launchers and autograd around :mod:`.quadratic` (quadratic fused HLA, any M).
+"""Launchers and autograd around :mod:`.kernels` (quadratic fused HLA, any M).
 
 :func:`hla_quadratic_triton` packs the factors (``[NF, BH, N, RP]``, zero-padded), runs the
 forward kernel, validates the stored row normalisers with the shared check (one host
@@ -12,8 +12,8 @@ import os
 import torch
 
 from hla_analysis._checks import check_normalizers, check_output
-from hla_analysis.ops.triton import quadratic as kernels
-from hla_analysis.ops.triton.dtypes import narrowed, work_dtype
+from hla_analysis.ops.triton.dtypes import _precision, narrowed, work_dtype
+from hla_analysis.ops.triton.quadratic import kernels
 
 
 def _interpreting() -> bool:
@@ -48,10 +48,6 @@ def _config(dtype, backward: bool) -> dict:
     if backward:
         return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-
-
-def _precision(dtype) -> str:
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def _pack(factors, lead, n, main, tail, work):
