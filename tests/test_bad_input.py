@@ -210,3 +210,26 @@ def test_a_zero_size_batch_gives_an_empty_output(m, form):
     assert out.shape == (0, 5, 3) and out.dtype == v.dtype
     out.sum().backward()
     assert v.grad.shape == v.shape
+
+
+@pytest.mark.parametrize("causal, form",
+                         [(False, "auto"), (True, "chunked"), (True, "recurrent"), (False, "quadratic")])
+@pytest.mark.parametrize("m, junk", [(1, -1.0), (3, -1.0), (3, 1e120)])
+def test_padded_keys_features_do_not_matter(causal, form, m, junk):
+    """Features of padded keys are never used: negative ones do not fail the sign certificate (odd M),
+    huge ones do not overflow a product (1e120 cubed; 0 * inf is NaN), and the output equals the
+    reference on the real keys."""
+    from hla_analysis.ops import hla_attention_output
+
+    g = torch.Generator().manual_seed(0)
+    qs = [torch.rand(2, 9, 4, dtype=torch.float64, generator=g) for _ in range(m)]
+    ks = [torch.rand(2, 9, 4, dtype=torch.float64, generator=g) for _ in range(m)]
+    v = torch.randn(2, 9, 3, dtype=torch.float64, generator=g)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[:, 6:] = False  # right padding: every query keeps a key, causal or not
+    want = hla_attention_output(qs, ks, v, causal=causal, key_padding_mask=mask)
+    bad = [k.clone() for k in ks]
+    for k in bad:
+        k[:, 6:] = junk
+    out = hla(qs, bad, v, causal=causal, key_padding_mask=mask, form=form, chunk_size=4)
+    assert torch.allclose(out, want, rtol=1e-12, atol=1e-12)

@@ -305,6 +305,20 @@ def _input_diagnosis(qs, ks, v):
         batch.add(None, diagnose)
 
 
+def _masked_keys(ks, key_padding_mask: Tensor) -> list[Tensor]:
+    """Key factors with the padded keys' features set to zero (tied factors stay one object).
+
+    A padded key then has zero weight in every form, and its features can neither fail the
+    sign certificate nor overflow a product (``where``, not a multiplication: 0 * inf is NaN).
+    """
+    keep = key_padding_mask[..., None]
+    masked: dict[int, Tensor] = {}
+    for k in ks:
+        if id(k) not in masked:
+            masked[id(k)] = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
+    return [masked[id(k)] for k in ks]
+
+
 def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow_signed, backend) -> Tensor:
     """:func:`hla` inside a :class:`~hla_analysis._checks.CheckBatch`: value checks are flags.
 
@@ -371,6 +385,8 @@ def _hla_checked(qs, ks, v, *, causal, key_padding_mask, form, chunk_size, allow
                 _VERDICTS.clear()
             _VERDICTS[key] = verdict
 
+    if key_padding_mask is not None:
+        ks = _masked_keys(ks, key_padding_mask)
     if any(t.numel() == 0 for t in (*qs, *ks, v)):  # a zero-size batch dimension: nothing to compute
         lead = torch.broadcast_shapes(*(t.shape[:-2] for t in (*qs, *ks, v)))
         return v.new_zeros(*lead, qs[0].shape[-2], v.shape[-1]) + 0 * v.sum()
