@@ -85,7 +85,11 @@ def _positive_finite(value) -> bool:
 
 _C = MapOption(float, 1.0, _positive_finite, "a finite number > 0 (similarity 1 + s/c)")
 _FEATURES = MapOption(int, 64, _positive_int, ">= 1 (favor needs that many random features)")
-_SEED = MapOption(int, 0)
+def _seed(value) -> bool:
+    return isinstance(value, int) and 0 <= value < 2**63  # what torch.Generator.manual_seed takes
+
+
+_SEED = MapOption(int, 0, _seed, "an integer in [0, 2**63)")
 
 FEATURE_MAP_REGISTRY: dict[str, FeatureMapEntry] = {
     entry.name: entry

@@ -72,3 +72,12 @@ def test_bad_head_dim_and_spec():
         spec_columns("softmax", head_dim=0)
     with pytest.raises(ValueError, match="unknown variant family"):
         normalize_spec("flash")
+
+
+@pytest.mark.parametrize("seed", ["99999999999999999999", "-1"])
+def test_a_seed_torch_cannot_take_is_refused_when_parsed(seed):
+    """It used to parse, then fail at the first forward with torch's 'Overflow when unpacking long'."""
+    from hla_analysis.variants import make_variant
+
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
+        make_variant(f"linear:phi=favor,seed={seed}")
