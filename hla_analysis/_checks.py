@@ -7,6 +7,7 @@ toolkit never returns a silent NaN or a silently wrong number.
 from __future__ import annotations
 
 import math
+import operator
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -315,29 +316,76 @@ def check_values(v: Tensor, n_keys: int, *, propagates: bool = False) -> None:
     require_finite("v", v, propagates=propagates)
 
 
+def query_positions(query_offset: int | Tensor, n_queries: int, device: torch.device | None = None) -> Tensor:
+    """Each query row's global position: ``query_offset + i``, or the given 1-D integer tensor.
+
+    A tensor ``query_offset`` names every row's position itself, so rows need not be contiguous
+    (e.g. several runs of a long input scored as one block).
+    """
+    if isinstance(query_offset, Tensor):
+        return query_offset if device is None else query_offset.to(device)
+    return torch.arange(query_offset, query_offset + n_queries, device=device)
+
+
+def _check_query_offset(query_offset: int | Tensor, n_queries: int, n_keys: int, *, causal: bool) -> None:
+    """Refuse offsets that would leave a causal row without keys, or positions past the keys."""
+    if not isinstance(query_offset, Tensor):
+        try:
+            query_offset = operator.index(query_offset)
+        except TypeError:
+            raise ValueError(f"query_offset must be an int or a 1-D integer tensor, got {query_offset!r}.") from None
+        if query_offset < 0:
+            raise ValueError(f"query_offset must be >= 0, got {query_offset}.")
+        if causal and query_offset + n_queries > n_keys:
+            raise ValueError(
+                f"causal attention with {n_queries} queries at offset {query_offset} needs at least "
+                f"{query_offset + n_queries} keys, got {n_keys}."
+            )
+        return
+    if query_offset.dim() != 1 or query_offset.numel() != n_queries or query_offset.is_floating_point() \
+            or query_offset.dtype == torch.bool or query_offset.is_complex():
+        raise ValueError(
+            f"query_offset as a tensor gives each query row's position: it must be 1-D integer with "
+            f"{n_queries} entries, got {query_offset.dtype} of shape {tuple(query_offset.shape)}."
+        )
+    if not causal or n_queries == 0:
+        return
+    lo, hi = torch.aminmax(query_offset)
+
+    def refuse() -> None:
+        low, high = int(lo), int(hi)
+        if low < 0 or high >= n_keys:
+            raise ValueError(f"query positions must lie in [0, {n_keys}) for causal attention over {n_keys} keys, "
+                             f"got positions from {low} to {high}.")
+
+    batch, skip = _active_or_none()
+    if skip:
+        return
+    if batch is None:
+        refuse()
+    else:
+        batch.add((lo >= 0) & (hi < n_keys), refuse)
+
+
 def allowed_keys(
     n_queries: int,
     n_keys: int,
     *,
     causal: bool,
     key_padding_mask: Tensor | None,
-    query_offset: int = 0,
+    query_offset: int | Tensor = 0,
     device: torch.device | None = None,
 ) -> Tensor | None:
     """Boolean ``[..., Nq, Nk]`` mask of the keys each query may attend to (None = all).
 
-    Raises if any query row is left with no key at all, since its weights would be 0/0.
+    ``query_offset``: the global position of the first query row, or a 1-D integer tensor of
+    every row's position (:func:`query_positions`). Raises if any query row is left with no key
+    at all, since its weights would be 0/0.
     """
-    if query_offset < 0:
-        raise ValueError(f"query_offset must be >= 0, got {query_offset}.")
+    _check_query_offset(query_offset, n_queries, n_keys, causal=causal)
     allowed = None
     if causal:
-        if query_offset + n_queries > n_keys:
-            raise ValueError(
-                f"causal attention with {n_queries} queries at offset {query_offset} needs at least "
-                f"{query_offset + n_queries} keys, got {n_keys}."
-            )
-        rows = torch.arange(query_offset, query_offset + n_queries, device=device)[:, None]
+        rows = query_positions(query_offset, n_queries, device)[:, None]
         allowed = torch.arange(n_keys, device=device)[None, :] <= rows
     if key_padding_mask is not None:
         check_padding_mask(key_padding_mask, n_keys, causal=causal, query_offset=query_offset, n_queries=n_queries)
@@ -387,7 +435,8 @@ def check_mask_leading_dims(key_padding_mask: Tensor | None, *tensors: Tensor) -
 
 
 def check_padding_mask(
-    key_padding_mask: Tensor, n_keys: int, *, causal: bool, query_offset: int = 0, n_queries: int | None = None
+    key_padding_mask: Tensor, n_keys: int, *, causal: bool, query_offset: int | Tensor = 0,
+    n_queries: int | None = None
 ) -> None:
     """O(N) check that the mask is well formed and leaves every query row some key."""
     if not isinstance(key_padding_mask, Tensor):
@@ -403,10 +452,14 @@ def check_padding_mask(
             f"key_padding_mask has {key_padding_mask.shape[-1]} entries per row but there are {n_keys} keys."
         )
     if causal:
-        # row i (global index query_offset + i) sees keys 0..i: empty iff no real key up to i
+        # a row at global position i sees keys 0..i: empty iff no real key up to i
         seen = key_padding_mask.cumsum(-1) > 0
-        n_queries = n_keys - query_offset if n_queries is None else n_queries
-        empty = ~seen[..., query_offset : query_offset + n_queries]
+        if isinstance(query_offset, Tensor):
+            # clamped: a position out of range is refused by allowed_keys' own check, never read
+            empty = ~seen.index_select(-1, query_offset.to(seen.device).clamp(0, n_keys - 1))
+        else:
+            n_queries = n_keys - query_offset if n_queries is None else n_queries
+            empty = ~seen[..., query_offset : query_offset + n_queries]
     else:
         empty = ~key_padding_mask.any(-1, keepdim=True)
     batch, skip = _active_or_none()

@@ -52,6 +52,8 @@ class FeatureMap(nn.Module):
 
     #: Whether :meth:`similarity` has a direct form (cheaper than the features' product).
     has_similarity = False
+    #: Whether the features depend on the sequence length (``length``), not only on positions.
+    uses_length = False
 
     def similarity(self, q: Tensor, k: Tensor) -> Tensor:
         """``phi(q) @ phi(k)^T`` ``[..., Nq, Nk]`` computed without the features.
@@ -210,6 +212,7 @@ class CosFormer(FeatureMap):
     """
 
     name = "cosformer"
+    uses_length = True
 
     def out_dim(self):
         return 2 * self.dim

@@ -50,6 +50,7 @@ from hla_analysis._checks import (
     check_pair,
     check_scale,
     nonnegative_by_construction,
+    query_positions,
 )
 from hla_analysis.feature_maps import FEATURE_MAPS, make_feature_map
 from hla_analysis.ops import hla, hla_attention_map, hla_weights, softmax_attention_map, softmax_attention_output
@@ -137,6 +138,12 @@ class Variant(nn.Module):
     def positive(self) -> bool:
         """Whether every weight this variant produces is >= 0 by construction."""
         return self.parsed.positive
+
+    @property
+    def uses_length(self) -> bool:
+        """Whether the weights depend on the number of keys beyond the keys a row sees
+        (cosFormer's features scale positions by the sequence length); False for most families."""
+        return any(getattr(m, "uses_length", False) for m in getattr(self, "maps", ()))
 
     @property
     def sign_blind(self) -> bool:
@@ -333,7 +340,7 @@ class KernelVariant(_FactorVariant):
 
     def _factor_features(self, q, k, *, query_offset):
         n_keys = k.shape[-2]
-        q_pos = torch.arange(query_offset, query_offset + q.shape[-2], device=q.device)
+        q_pos = query_positions(query_offset, q.shape[-2], q.device)
         k_pos = torch.arange(n_keys, device=k.device)
         if not self.parsed.untied:  # one map shared by every factor, at most one projection
             q, k = self._projected(q, k)

@@ -24,6 +24,7 @@ from hla_analysis.metrics import (
     total_variation_rows,
 )
 from hla_analysis.metrics.streaming import reference_rows
+from hla_analysis.ops import softmax_attention_map
 from hla_analysis.swap.fits import layer_state, load_fits
 from hla_analysis.variants import make_variant
 
@@ -215,17 +216,81 @@ def test_shared_reference_metrics_equal_the_plain_row_functions(causal):
         assert got["frobenius_rel"] == pytest.approx(rel_f, rel=1e-10)
 
 
+def _separate_runs(batch, cap):
+    """The capped rows as ``_RUNS`` batches of their own, each with an int offset (the layout
+    before the runs were merged into one block)."""
+    n, size = batch["q"].shape[-2], cap // fit_module._RUNS
+    starts = [(i * (n - size)) // (fit_module._RUNS - 1) for i in range(fit_module._RUNS)]
+    return [{**batch, "q": batch["q"][..., s : s + size, :], "query_offset": batch.get("query_offset", 0) + s}
+            for s in starts]
+
+
 def test_capped_rows_are_spread_contiguous_runs():
     q = torch.arange(1000.0).reshape(1, 1000, 1).expand(2, 1000, 1)
-    batch = {"q": q, "k": q, "scale": 1.0, "causal": True, "query_offset": 5}
-    runs = fit_module._cap_rows(batch, 80)
+    causal = {"q": q, "k": q, "scale": 1.0, "causal": True, "query_offset": 5}
+    runs = fit_module._cap_rows(causal, 80)  # causal: one batch per run, each with its offset
     assert len(runs) == fit_module._RUNS and sum(r["q"].shape[-2] for r in runs) == 80
-    for run in runs:  # each run: contiguous rows, its offset names its first row
+    for run in runs:
         rows = run["q"][0, :, 0]
         assert torch.equal(rows, torch.arange(rows[0], rows[0] + 10))
         assert run["query_offset"] == 5 + int(rows[0])
     assert runs[0]["q"][0, 0, 0] == 0 and runs[-1]["q"][0, -1, 0] == 999  # first and last rows
-    assert fit_module._cap_rows(batch, 1000) == [batch]
+    assert fit_module._cap_rows(causal, 1000) == [causal]
+    # non-causal: the same rows in one batch, each row's position in a tensor offset
+    (merged,) = fit_module._cap_rows({**causal, "causal": False}, 80)
+    rows = merged["q"][0, :, 0]
+    assert torch.equal(rows, torch.cat([r["q"][0, :, 0] for r in runs]))
+    assert merged["query_offset"].dtype == torch.int64 and torch.equal(merged["query_offset"], rows.long() + 5)
+    # blocks of the merged batch carry their slice of the positions
+    blocks = fit_module._row_blocks(merged, map_elements=2 * 1000 * 30)
+    assert [b["q"].shape[-2] for b in blocks] == [30, 30, 20]
+    assert torch.equal(torch.cat([b["query_offset"] for b in blocks]), merged["query_offset"])
+
+
+def test_causal_blocks_drop_the_keys_their_rows_cannot_see():
+    """A causal block needs keys up to its last row only: the fit on truncated blocks is the fit
+    on whole ones (float64), and cosFormer, whose features read the length, keeps every key."""
+    batch = _batch(torch.Generator().manual_seed(6), 2, 60, 4, causal=True)
+    var = make_variant("hla:m=2,phi=affine,proj=1").bind(4, heads=2)
+    blocks = fit_module._row_blocks(batch, map_elements=2 * 60 * 20)
+    cut = [fit_module._causal_horizon(b, var) for b in blocks]
+    assert [b["k"].shape[-2] for b in cut] == [20, 40, 60]
+    assert [fit_module._causal_horizon(b, var)["k"].shape[-2] for b in fit_module._row_blocks(
+        {**batch, "causal": False}, map_elements=2 * 60 * 20)] == [60, 60, 60]
+    cos = make_variant("linear:phi=cosformer").bind(4, heads=2)
+    assert [fit_module._causal_horizon(b, cos)["k"].shape[-2] for b in blocks] == [60, 60, 60]
+    for b, c in zip(blocks, cut):  # the same weights on the keys each row sees
+        w, den = var.weights(b["q"], b["k"], scale=b["scale"], causal=True, query_offset=b["query_offset"])
+        w_cut, den_cut = var.weights(c["q"], c["k"], scale=c["scale"], causal=True, query_offset=c["query_offset"])
+        torch.testing.assert_close(w_cut, w[..., : c["k"].shape[-2]])
+        assert not w[..., c["k"].shape[-2]:].any()
+        torch.testing.assert_close(den_cut, den)
+
+
+def test_query_positions_mask_rows_like_their_offsets():
+    """A tensor ``query_offset`` gives each row its own causal horizon: the map of scattered
+    rows equals the rows of the whole map, and bad positions are refused."""
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(2, 12, 4, generator=g), torch.randn(2, 12, 4, generator=g)
+    rows = torch.tensor([0, 1, 5, 6, 11])
+    whole = softmax_attention_map(q, k, causal=True)
+    part = softmax_attention_map(q[:, rows], k, causal=True, query_offset=rows)
+    torch.testing.assert_close(part, whole[:, rows])  # float32 defaults: matmuls of other shapes round differently
+    var = make_variant("hla:m=2,phi=affine").bind(4)
+    w_whole, den_whole = var.weights(q, k, causal=True)
+    w_part, den_part = var.weights(q[:, rows], k, causal=True, query_offset=rows)
+    torch.testing.assert_close(w_part, w_whole[:, rows])
+    torch.testing.assert_close(den_part, den_whole[:, rows])
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, :6] = False  # batch 1: rows 0..5 see no real key
+    with pytest.raises(ValueError, match="no key to attend to"):
+        softmax_attention_map(q[:, rows], k, causal=True, query_offset=rows, key_padding_mask=mask)
+    ok = softmax_attention_map(q[:, rows[3:]], k, causal=True, query_offset=rows[3:], key_padding_mask=mask)
+    assert torch.allclose(ok.sum(-1), torch.ones(2, 2))
+    for bad, match in ((torch.tensor([0, 12]), "positions from 0 to 12"), (torch.tensor([-1, 3]), "from -1 to 3"),
+                       (torch.tensor([0.0, 1.0]), "1-D integer"), (torch.tensor([0, 1, 2]), "2 entries")):
+        with pytest.raises(ValueError, match=match):
+            softmax_attention_map(q[:, :2], k, causal=True, query_offset=bad)
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -241,7 +306,7 @@ def test_capped_fit_equals_a_fit_on_its_runs(causal):
     capped = make_variant(spec).bind(4, heads=heads).double()
     with _LargestTensor() as watch:
         capped_losses = fit_variant(capped, [batch], config=config).losses
-    runs = fit_module._cap_rows(batch, cap)
+    runs = _separate_runs(batch, cap)
     plain = make_variant(spec).bind(4, heads=heads).double()
     plain_losses = fit_variant(plain, runs, config=FitConfig(steps=3, row_stride=1, max_rows=n)).losses
     assert capped_losses == pytest.approx(plain_losses, rel=1e-12)
@@ -278,3 +343,36 @@ def test_a_fit_step_reads_the_host_once_per_row_block(monkeypatch):
     # once: the targets' own input checks (three reads a block); per step: one read per block,
     # the loss's finiteness and its value; then the final loss. Three reads a block before.
     assert len(reads) <= 3 * blocks + steps * (blocks + 2) + (blocks + 1), (len(reads), reads)
+
+
+def test_causal_blocks_scored_on_the_keys_they_see_equal_one_whole_block():
+    """``_evaluate`` drops the keys past a causal block's last row: its metrics over blocks of 7
+    rows (6 of 7 blocks cut) equal those of one block over every key. float64: each metric is
+    a sum of <= 40 terms per row, so the orders differ by ~1e-14 relative; cosFormer (features
+    that read N) and a fitted variant included."""
+    g = torch.Generator().manual_seed(12)
+    heads, n, d = 2, 40, 4
+    batch = {name: torch.randn(2, heads, n, d, generator=g, dtype=torch.float64) for name in ("q", "k", "v")}
+    batch.update(scale=d ** -0.5, causal=True)
+    specs = ("softmax", "linear:phi=elu1", "linear:phi=cosformer", "hla:m=2,phi=affine", "power:p=2",
+             "hla:m=2,phi=affine,proj=1")
+    variants = {}
+    for spec in specs:
+        var = make_variant(spec).bind(d, heads=heads).double()
+        if is_learnable(var):
+            with torch.no_grad():
+                for prm in var.parameters():
+                    prm.add_(0.1 * torch.randn(prm.shape, generator=g, dtype=prm.dtype))
+        variants[spec] = var
+    seen = []
+    elu = variants["linear:phi=elu1"]
+    real = elu.weights
+    elu.weights = lambda q, k, **kw: seen.append(k.shape[-2]) or real(q, k, **kw)
+    with torch.no_grad():
+        whole = compare_module._evaluate(variants, batch, block_rows=n, topk=5, rank_stride=1)
+        cut = compare_module._evaluate(variants, batch, block_rows=7, topk=5, rank_stride=1)
+    assert seen == [40, 7, 14, 21, 28, 35, 40]  # each block's keys end at its last row
+    for spec in specs:
+        assert whole[spec].keys() == cut[spec].keys()
+        for name, value in whole[spec].items():
+            torch.testing.assert_close(cut[spec][name], value, rtol=1e-9, atol=1e-12, msg=f"{spec} {name}")

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
-from hla_analysis._checks import check_batch
+from hla_analysis._checks import check_batch, query_positions
 from hla_analysis.fit.adam import CosineAdam
 from hla_analysis.ops import softmax_attention_map
 from hla_analysis.variants import Variant
@@ -144,10 +144,8 @@ def _init_shift(variant: Variant, batches: list[dict]) -> None:
         for block in _row_blocks(b):
             scores = (block["q"] @ block["k"].transpose(-1, -2)) * block["scale"]
             if block["causal"]:
-                n_q, n_k = scores.shape[-2:]
-                start = block.get("query_offset", 0)
-                rows = torch.arange(start, start + n_q, device=scores.device)[:, None]
-                future = torch.arange(n_k, device=scores.device)[None, :] > rows
+                rows = _block_positions(block)[:, None]
+                future = torch.arange(scores.shape[-1], device=scores.device)[None, :] > rows
                 scores = scores.masked_fill(future, float("inf"))
             low = scores.flatten(-2).amin(-1)  # [..., H]
             low = low.reshape(-1, low.shape[-1]).amin(0) if low.dim() > 1 else low
@@ -169,15 +167,49 @@ _RUNS = 8
 def _cap_rows(batch: dict, max_rows: int) -> list[dict]:
     """At most ``max_rows`` query rows of a batch, as ``_RUNS`` contiguous runs spread evenly.
 
-    Runs keep each row's own keys, causal mask and position (``query_offset``); a batch with
-    ``max_rows`` rows or fewer is returned whole, unchanged.
+    Causal runs stay batches of their own, each with its ``query_offset``: a run then needs the
+    keys up to its last row only (see :func:`_causal_horizon`). Non-causal runs form one batch,
+    their rows side by side and ``query_offset`` a 1-D tensor of each row's position (positional
+    feature maps need it), so a step treats them in one block instead of one per run. A batch
+    with ``max_rows`` rows or fewer is returned whole, unchanged.
     """
-    n = batch["q"].shape[-2]
+    q = batch["q"]
+    n = q.shape[-2]
     if n <= max_rows:
         return [batch]
     size, offset = max_rows // _RUNS, batch.get("query_offset", 0)
     starts = [(i * (n - size)) // (_RUNS - 1) for i in range(_RUNS)]
-    return [{**batch, "q": batch["q"][..., s : s + size, :], "query_offset": offset + s} for s in starts]
+    if batch["causal"]:
+        return [{**batch, "q": q[..., s : s + size, :], "query_offset": offset + s} for s in starts]
+    rows = torch.cat([torch.arange(s, s + size) for s in starts])
+    positions = query_positions(offset, n)[rows] if isinstance(offset, Tensor) else rows + offset
+    return [{**batch, "q": q.index_select(-2, rows.to(q.device)), "query_offset": positions.to(q.device)}]
+
+
+def _causal_horizon(block: dict, variant: Variant) -> dict:
+    """A causal block with the keys its rows cannot see dropped (same weights, less work).
+
+    Row ``i`` attends to keys ``0..i``, so a block whose last row is at ``offset + rows - 1``
+    needs no key past it: early rows of long inputs then cost a fraction of ``N``. Kept whole
+    when the variant's features depend on the sequence length (cosFormer), or the offsets are
+    a tensor.
+    """
+    offset = block.get("query_offset", 0)
+    if not block["causal"] or isinstance(offset, Tensor) or variant.uses_length:
+        return block
+    horizon = offset + block["q"].shape[-2]
+    if horizon >= block["k"].shape[-2]:
+        return block
+    out = {**block, "k": block["k"][..., :horizon, :]}
+    if "v" in block:
+        out["v"] = block["v"][..., :horizon, :]
+    return out
+
+
+def _block_positions(block: dict) -> Tensor:
+    """The global positions of a block's query rows (see :func:`_cap_rows`)."""
+    q = block["q"]
+    return query_positions(block.get("query_offset", 0), q.shape[-2], q.device)
 
 
 # Elements of one [..., rows, N] map of a fit's row block: the fit's memory is a few such
@@ -205,7 +237,11 @@ def _row_blocks(batch: dict, map_elements: int | None = None) -> list[dict]:
     if rows >= n_rows:
         return [batch]
     offset = batch.get("query_offset", 0)
-    return [{**batch, "q": q[..., s : s + rows, :], "query_offset": offset + s} for s in range(0, n_rows, rows)]
+
+    def at(s: int):
+        return offset[s : s + rows] if isinstance(offset, Tensor) else offset + s
+
+    return [{**batch, "q": q[..., s : s + rows, :], "query_offset": at(s)} for s in range(0, n_rows, rows)]
 
 
 def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = FitConfig()) -> FitResult:
@@ -253,7 +289,7 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
     params = [p for p in variant.parameters() if p.requires_grad]
     heads = variant.heads or 1
     result = FitResult(params_per_head=sum(p.numel() for p in params) // heads)
-    blocks = [block for b in batches for block in _row_blocks(b)]
+    blocks = [_causal_horizon(block, variant) for b in batches for block in _row_blocks(b)]
     # Targets are kept across steps while all of them together stay within a few block maps;
     # beyond that (long inputs) they are recomputed per block and step, so that they never
     # pile up to N x N.
@@ -271,7 +307,7 @@ def fit_variant(variant: Variant, batches: list[dict], *, config: FitConfig = Fi
             return loss.detach()
         total, count = 0.0, 0
         for i, block in enumerate(blocks):
-            target = targets[i] if keep else _target(block, config.objective)
+            target = targets[i] if keep else None  # None: recomputed inside the block's check batch
             block_sum, block_count, finite = _loss_sums_read(variant, block, target, config.objective)
             if backward and block_count and finite:
                 block_sum.backward()
@@ -321,9 +357,11 @@ def _loss_sums(variant: Variant, block: dict, target: tuple[Tensor, Tensor], obj
     return block_sum, count
 
 
-def _loss_sums_read(variant: Variant, block: dict, target: tuple[Tensor, Tensor],
+def _loss_sums_read(variant: Variant, block: dict, target: tuple[Tensor, Tensor] | None,
                     objective: str) -> tuple[Tensor, int, bool]:
     """:func:`_loss_sums` and whether the sum is finite, read from the device in one go.
+
+    ``target`` None: the block's targets are formed here, their checks joining the same read.
 
     The variant's input checks run as one batch (:func:`~hla_analysis._checks.check_batch`):
     one reduction per checked tensor instead of an elementwise isfinite, same errors. The row
@@ -337,6 +375,8 @@ def _loss_sums_read(variant: Variant, block: dict, target: tuple[Tensor, Tensor]
         return True
 
     with check_batch() as batch:
+        if target is None:
+            target = _target(block, objective)
         block_sum, valid = _loss_sums_unbatched(variant, block, target, objective)
         count = valid.sum()
         # the batch reads float32: the count travels as two halves, each exact below 2^24

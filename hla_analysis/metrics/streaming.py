@@ -89,6 +89,7 @@ class ReferenceRows:
     scores_var: Tensor | None  # their float64 sums of squares
     rank_order: Tensor | None = None  # int64 [..., R / rank_stride, N]: the scores' sorting permutation
     rank_mask: Tensor | None = None  # the allowed keys in that order (None: every key)
+    n_keys: int | None = None  # the head's keys, when the rows hold a causal prefix of them (None: N)
 
 
 def reference_rows(
@@ -100,6 +101,7 @@ def reference_rows(
     k: int = 5,
     rank_stride: int = 1,
     checked: bool = False,
+    n_keys: int | None = None,
 ) -> ReferenceRows:
     """Check one block of reference rows and compute what every comparison against it shares.
 
@@ -113,6 +115,10 @@ def reference_rows(
         Must equal the settings of the accumulators that will use the reference.
     checked : bool
         ``p``, ``scores`` and ``v`` were already checked by the caller: skip those checks.
+    n_keys : int, optional
+        The head's number of keys when the rows hold only its first ``N`` keys: a causal block
+        needs no key past its last row (every dropped key has weight zero in every row, so
+        every metric is the same). Accumulators check it instead of ``N`` across blocks.
 
     Returns
     -------
@@ -137,6 +143,8 @@ def reference_rows(
     _check_block("p", p)
     if p.dim() < 2:
         raise ValueError(f"p {tuple(p.shape)} must be a row block [..., R, N].")
+    if n_keys is not None and (isinstance(n_keys, bool) or not isinstance(n_keys, int) or n_keys < p.shape[-1]):
+        raise ValueError(f"n_keys must be an int >= the block's {p.shape[-1]} keys, got {n_keys!r}.")
     tol = 1e-3
     if p.dtype in (torch.float16, torch.bfloat16):  # the KL floor and logs need float32 range
         p, tol = p.float(), 1e-2
@@ -182,7 +190,7 @@ def reference_rows(
         frobenius=p.square().sum(-1), k=k, top=top, k_eff=k_eff, v=v, output=output,
         output_sq=output.square().sum(-1) if output is not None else None,
         rank_stride=rank_stride, scores_dev=scores_dev, scores_var=scores_var, rank_order=rank_order,
-        rank_mask=rank_mask,
+        rank_mask=rank_mask, n_keys=n_keys,
     )
 
 
@@ -553,7 +561,7 @@ class StreamingAttentionMetrics:
         invalid_b = self._row_mask("invalid", invalid, row_shape, ref.p.device, default=False)
         include = self._row_mask("query_mask", query_mask, row_shape, ref.p.device, default=True)
         # Every check comes before the first accumulation, so a refused block leaves no trace.
-        self._start(ref.p.device, ref.p.shape[-1], ref.v is not None, ref.scores_dev is not None,
+        self._start(ref.p.device, ref.n_keys or ref.p.shape[-1], ref.v is not None, ref.scores_dev is not None,
                     ref.p.shape[: self.batch_dims])
         self._accumulate(ref, p_hat, invalid_b, include)
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from hla_analysis._checks import (
+    _active_or_none,
     allowed_keys,
     as_factors,
     check_batch,
@@ -27,7 +28,7 @@ from hla_analysis._checks import (
 
 
 def softmax_attention_map(q: Tensor, k: Tensor, *, scale: float | None = None, causal: bool = False,
-                          key_padding_mask: Tensor | None = None, query_offset: int = 0) -> Tensor:
+                          key_padding_mask: Tensor | None = None, query_offset: int | Tensor = 0) -> Tensor:
     """Row-normalised softmax attention map ``softmax(scale * q k^T)``.
 
     Parameters
@@ -40,8 +41,9 @@ def softmax_attention_map(q: Tensor, k: Tensor, *, scale: float | None = None, c
         Query ``i`` attends to keys ``j <= query_offset + i``.
     key_padding_mask : Tensor, optional
         Bool ``[..., Nk]``; True marks real tokens, False padding.
-    query_offset : int
-        Global index of the first query row, to evaluate a causal map in row blocks.
+    query_offset : int or Tensor
+        Global index of the first query row, to evaluate a causal map in row blocks; or a 1-D
+        integer tensor of every query row's position (rows need not be contiguous).
 
     Returns
     -------
@@ -66,11 +68,7 @@ def softmax_attention_map(q: Tensor, k: Tensor, *, scale: float | None = None, c
     scores = (q @ k.transpose(-1, -2)) * scale
     if scores.dtype in (torch.float16, torch.bfloat16):
         scores = scores.float()
-    if not torch.isfinite(scores).all():
-        raise ValueError(
-            f"{int((~torch.isfinite(scores)).sum())} logit(s) scale*q.k overflowed to Inf/NaN; "
-            "rescale q and k (or compute in float64)."
-        )
+    _require_finite_logits(scores)
     allowed = allowed_keys(
         q.shape[-2], k.shape[-2], causal=causal, key_padding_mask=key_padding_mask,
         query_offset=query_offset, device=q.device,
@@ -78,6 +76,23 @@ def softmax_attention_map(q: Tensor, k: Tensor, *, scale: float | None = None, c
     if allowed is not None:
         scores = scores.masked_fill(~allowed, float("-inf"))
     return torch.softmax(scores, dim=-1).to(q.dtype)
+
+
+def _require_finite_logits(scores: Tensor) -> None:
+    """Refuse logits that overflowed, with the active check batch's one host read if there is one."""
+    def refuse() -> None:
+        bad = int((~torch.isfinite(scores)).sum())
+        if bad:
+            raise ValueError(f"{bad} logit(s) scale*q.k overflowed to Inf/NaN; "
+                             "rescale q and k (or compute in float64).")
+
+    batch, skip = _active_or_none()
+    if skip:
+        return
+    if batch is None:
+        refuse()
+    else:
+        batch.add(torch.isfinite(scores).all(), refuse)
 
 
 def hla_attention_map(qs: Tensor | Sequence[Tensor], ks: Tensor | Sequence[Tensor], *, causal: bool = False,
