@@ -281,6 +281,7 @@ def _overhead_at(n, hla, linear_attention, hla_triton, make_variant, out_path, r
     x = pos(B, H, n, r)
     xv = gauss(B, H, n, r)
     affine = make_variant("hla:m=2,phi=affine").bind(r).to(DEVICE)
+    affine4 = make_variant("hla:m=4,phi=affine").bind(r).to(DEVICE)  # the quadratic kernel
 
     def bare(qs, ks, vv, causal=False):
         with checks_disabled(), check_batch():
@@ -294,6 +295,7 @@ def _overhead_at(n, hla, linear_attention, hla_triton, make_variant, out_path, r
         "linear_attention M=1 r=64": (lambda: linear_attention(q1, k1, v) if _cuda() else
                                       hla([q1], [k1], v, backend=BACKEND), lambda: bare([q1], [k1], v)),
         "hla:m=2,phi=affine d=64 .forward": (lambda: affine.forward(x, x, xv, backend=BACKEND), None),
+        "hla:m=4,phi=affine d=64 .forward": (lambda: affine4.forward(x, x, xv, backend=BACKEND), None),
     }
     for name, (call, bare_call) in calls.items():
         with torch.no_grad():
