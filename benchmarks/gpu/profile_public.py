@@ -30,10 +30,12 @@ def main():
     q1, q2, k1, k2 = (pos(64) for _ in range(4))
     v = torch.randn(1, h, n, 128, device="cuda", dtype=torch.bfloat16)
     affine = make_variant("hla:m=2,phi=affine").bind(64).to("cuda")
+    affine4 = make_variant("hla:m=4,phi=affine").bind(64).to("cuda")  # the quadratic kernel
     xv = v[..., :64].contiguous()
     calls = {"hla M=2": lambda: hla([q1, q2], [k1, k2], v),
              "linear_attention": lambda: linear_attention(q1, k1, v),
-             "affine .forward": lambda: affine.forward(q1, k1, xv)}
+             "affine .forward": lambda: affine.forward(q1, k1, xv),
+             "affine M=4 .forward": lambda: affine4.forward(q1, k1, xv)}
     with torch.no_grad():
         for name, call in calls.items():
             for label, ctx in (("checks on", None), ("checks off", checks_disabled)):
