@@ -37,6 +37,7 @@ from hla_analysis._checks import (
     check_padding_mask,
     check_stacked_against_values,
     check_values,
+    require_finite,
     signs_certified,
 )
 from hla_analysis.ops.tied import is_tied, symmetric_power_features
@@ -313,8 +314,11 @@ def _masked_keys(ks, key_padding_mask: Tensor) -> list[Tensor]:
     """
     keep = key_padding_mask[..., None]
     masked: dict[int, Tensor] = {}
-    for k in ks:
+    for m, k in enumerate(ks):
         if id(k) not in masked:
+            # zeroing hides a NaN/Inf in a padded key from the normaliser and output flags, and a
+            # bad input is refused wherever it is (as a padded value is): a flag of its own
+            require_finite(f"ks[{m}]", k)
             masked[id(k)] = torch.where(keep, k, torch.zeros((), dtype=k.dtype, device=k.device))
     return [masked[id(k)] for k in ks]
 
