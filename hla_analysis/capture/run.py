@@ -155,8 +155,8 @@ class _BatchCollector:
         if batch != self.rows:
             raise CaptureError(
                 f"{call.name} runs attention over {batch} rows for {self.rows} inputs (windowed or chunked "
-                "attention?); captures need one attention row per input: skip it with modules= (a model whose "
-                "every layer is windowed, like Swin, cannot be captured)"
+                "attention?); captures need one attention row per input: skip it with modules= (--modules REGEX) "
+                "(a model whose every layer is windowed, like Swin, cannot be captured)"
             )
         if self.width is None:
             self.width, self.lengths = nq, [nq] * self.rows
@@ -164,7 +164,7 @@ class _BatchCollector:
             first = self.layers[0]["name"] if self.layers else "the input"
             raise CaptureError(
                 f"{call.name} attends over {nq} positions where {first} has {self.width}; a capture holds "
-                "layers of one length: record them separately with modules="
+                "layers of one length: record them separately with modules= (--modules REGEX)"
             )
 
     def _factors(self, call: AttentionCall, layer: int) -> tuple[list[float], list[float]]:
@@ -205,7 +205,7 @@ class _BatchCollector:
                 raise CaptureError(
                     f"{call.name}: softmax recomputed from the recorded q, k and scale differs from the model's "
                     f"own probabilities by {float(exact.max()):.2e} (> tolerance {self.tolerance:.0e}); {cause}; "
-                    "restrict modules= or pass attention_function="
+                    "restrict modules= (--modules REGEX) or pass attention_function="
                 )
             q = q[:, :, :n].to("cpu", self.dtype)
             k = k[:, :, :n].to("cpu", self.dtype)
@@ -828,7 +828,8 @@ def _manifest(loaded, settings, layers, records, elapsed, *, complete, kind, arg
     dims = {layer["head_dim"] for layer in layers}
     dims_v = {layer["head_dim_v"] for layer in layers}
     if len(heads) != 1 or len(kv_heads) != 1 or len(dims) != 1 or len(dims_v) != 1:
-        raise ValueError("recorded layers differ in head count or head dim; capture them separately with modules=")
+        raise ValueError("recorded layers differ in head count or head dim; "
+                         "capture them separately with modules= (--modules REGEX)")
     num_heads, num_kv = heads.pop(), kv_heads.pop()
     head_dim = dims.pop()
     lengths = [rec["length"] for rec in records]
