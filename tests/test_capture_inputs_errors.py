@@ -120,3 +120,21 @@ def test_all_zero_attention_mask_is_refused_up_front(tmp_path, dtype):
                                          r"position to attend to"):
         capture(net, inputs=[{"input_ids": ids, "attention_mask": mask}], out=tmp_path / "c", progress=False)
     assert calls == [] and not (tmp_path / "c").exists()
+
+
+def test_bad_input_values_are_refused_before_the_model_loads(tmp_path, capsys):
+    """A NaN in --inputs is named before the model is looked for: the model folder here does not
+    exist, and the error is about the input, not the model."""
+    from safetensors.torch import save_file
+
+    pixels = torch.zeros(1, 3, 32, 32)
+    pixels[0, 1, 2, 3] = float("nan")
+    save_file({"pixel_values": pixels}, str(tmp_path / "in.safetensors"))
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ValueError, match="input 0 .*contains NaN or Inf"):
+        capture(missing, out=tmp_path / "cap", inputs=str(tmp_path / "in.safetensors"), progress=False)
+    code = cli_main(["capture", "--model", missing, "--inputs", str(tmp_path / "in.safetensors"),
+                     "--out", str(tmp_path / "cap2")])
+    err = capsys.readouterr().err
+    assert code == 1 and "NaN or Inf" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "cap").exists() and not (tmp_path / "cap2").exists()

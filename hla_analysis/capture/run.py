@@ -657,6 +657,10 @@ def _plan(model, *, out: Path, inputs, texts, images, num_inputs, max_tokens, pa
             "images= needs a model name or folder holding its image processor; for a module, run its image "
             "processor yourself and pass inputs=[{'pixel_values': ...}]"
         )
+    given_items = None
+    if kind == "tensors":  # read and checked (NaN/Inf, empty) before the model loads
+        given_items = _select(tensor_inputs(inputs), num_inputs, "inputs")
+        check_tensor_values(given_items)
     loaded = _model_source(model, device=device, progress=progress, tokenizer=tokenizer, submodule=submodule,
                            need_tokenizer=kind == "text")
     net = loaded.model
@@ -665,7 +669,7 @@ def _plan(model, *, out: Path, inputs, texts, images, num_inputs, max_tokens, pa
                                              max_tokens=max_tokens, packing=packing)
     else:
         items, source_settings = _tensor_items(model, net, kind, inputs=inputs, images=images,
-                                               num_inputs=num_inputs)
+                                               num_inputs=num_inputs, items=given_items)
     arguments = ["input_ids", "attention_mask"] if kind == "text" else sorted({k for i in items for k in i.tensors})
     settings = {
         "model": loaded.name, "weights_sha256": weights_sha256(net), "input_kind": kind,
@@ -675,14 +679,17 @@ def _plan(model, *, out: Path, inputs, texts, images, num_inputs, max_tokens, pa
     return _Plan(loaded, items, kind, arguments, settings, _model_device(net))
 
 
-def _tensor_items(model, net, kind: str, *, inputs, images, num_inputs) -> tuple[list[ModelInput], dict]:
+def _tensor_items(model, net, kind: str, *, inputs, images, num_inputs,
+                  items: list[ModelInput] | None = None) -> tuple[list[ModelInput], dict]:
+    """The inputs of a tensor or image capture; ``items``: tensor inputs already read and selected."""
     if kind == "tensors":
-        items, origin = tensor_inputs(inputs), "inputs"
+        origin = "inputs"
+        items = items if items is not None else _select(tensor_inputs(inputs), num_inputs, origin)
         source = str(Path(inputs).resolve()) if isinstance(inputs, (str, Path)) else "python inputs"
     else:
-        items, origin = image_inputs(images, resolve_model(model)[0], net), "images"
+        origin = "images"
+        items = _select(image_inputs(images, resolve_model(model)[0], net), num_inputs, origin)
         source = str(Path(images).resolve()) if isinstance(images, (str, Path)) else "python list of images"
-    items = _select(items, num_inputs, origin)
     _check_tensor_items(net, items, origin)
     return items, {kind: source, "inputs_sha256": inputs_sha256(items)}
 
