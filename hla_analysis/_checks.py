@@ -322,15 +322,19 @@ def query_positions(query_offset: int | Tensor, n_queries: int, device: torch.de
     A tensor ``query_offset`` names every row's position itself, so rows need not be contiguous
     (e.g. several runs of a long input scored as one block).
     """
-    if isinstance(query_offset, Tensor):
-        return query_offset if device is None else query_offset.to(device)
-    return torch.arange(query_offset, query_offset + n_queries, device=device)
+    if isinstance(query_offset, Tensor) and query_offset.dim() > 0:
+        positions = query_offset.long()  # index_select takes int32/int64 only
+        return positions if device is None else positions.to(device)
+    start = operator.index(query_offset)
+    return torch.arange(start, start + n_queries, device=device)
 
 
 def _check_query_offset(query_offset: int | Tensor, n_queries: int, n_keys: int, *, causal: bool) -> None:
     """Refuse offsets that would leave a causal row without keys, or positions past the keys."""
-    if not isinstance(query_offset, Tensor):
+    if not isinstance(query_offset, Tensor) or query_offset.dim() == 0:
         try:
+            if isinstance(query_offset, bool) or getattr(query_offset, "dtype", None) == torch.bool:
+                raise TypeError
             query_offset = operator.index(query_offset)
         except TypeError:
             raise ValueError(f"query_offset must be an int or a 1-D integer tensor, got {query_offset!r}.") from None
@@ -348,14 +352,18 @@ def _check_query_offset(query_offset: int | Tensor, n_queries: int, n_keys: int,
             f"query_offset as a tensor gives each query row's position: it must be 1-D integer with "
             f"{n_queries} entries, got {query_offset.dtype} of shape {tuple(query_offset.shape)}."
         )
-    if not causal or n_queries == 0:
+    if n_queries == 0:
         return
     lo, hi = torch.aminmax(query_offset)
+    # non-negative always (as an int offset); below the key count when causal (a row past the
+    # last key would see keys that are not there)
+    top = n_keys if causal else None
 
     def refuse() -> None:
         low, high = int(lo), int(hi)
-        if low < 0 or high >= n_keys:
-            raise ValueError(f"query positions must lie in [0, {n_keys}) for causal attention over {n_keys} keys, "
+        if low < 0 or (top is not None and high >= top):
+            span = f"[0, {top})" if top is not None else ">= 0"
+            raise ValueError(f"query positions must lie in {span}{' for causal attention' if causal else ''}, "
                              f"got positions from {low} to {high}.")
 
     batch, skip = _active_or_none()
@@ -364,7 +372,7 @@ def _check_query_offset(query_offset: int | Tensor, n_queries: int, n_keys: int,
     if batch is None:
         refuse()
     else:
-        batch.add((lo >= 0) & (hi < n_keys), refuse)
+        batch.add((lo >= 0) & (hi < n_keys) if causal else lo >= 0, refuse)
 
 
 def allowed_keys(
@@ -454,12 +462,14 @@ def check_padding_mask(
     if causal:
         # a row at global position i sees keys 0..i: empty iff no real key up to i
         seen = key_padding_mask.cumsum(-1) > 0
-        if isinstance(query_offset, Tensor):
+        if isinstance(query_offset, Tensor) and query_offset.dim() > 0:
             # clamped: a position out of range is refused by allowed_keys' own check, never read
-            empty = ~seen.index_select(-1, query_offset.to(seen.device).clamp(0, n_keys - 1))
+            positions = query_positions(query_offset, n_keys, seen.device)
+            empty = ~seen.index_select(-1, positions.clamp(0, n_keys - 1))
         else:
-            n_queries = n_keys - query_offset if n_queries is None else n_queries
-            empty = ~seen[..., query_offset : query_offset + n_queries]
+            start = operator.index(query_offset)
+            n_queries = n_keys - start if n_queries is None else n_queries
+            empty = ~seen[..., start : start + n_queries]
     else:
         empty = ~key_padding_mask.any(-1, keepdim=True)
     batch, skip = _active_or_none()

@@ -147,7 +147,7 @@ def _evaluate(
                 if variant.is_reference:  # its weights are the reference itself
                     accs[spec].update_against(ref, p)
                     continue
-                if variant.uses_length and horizon < n:  # features that read N (cosFormer): all keys
+                if variant.reads_all_keys and horizon < n:  # features that read other keys: all of them
                     weights, den = variant.weights(q_block, k, **kw)
                     weights = weights[..., :horizon]
                 else:

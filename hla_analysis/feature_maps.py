@@ -52,8 +52,9 @@ class FeatureMap(nn.Module):
 
     #: Whether :meth:`similarity` has a direct form (cheaper than the features' product).
     has_similarity = False
-    #: Whether the features depend on the sequence length (``length``), not only on positions.
-    uses_length = False
+    #: Whether a key's features depend on other keys: the sequence length (cosFormer) or a
+    #: shift taken over every token (exp, FAVOR+), so dropping keys no row sees would change them.
+    reads_all_keys = False
 
     def similarity(self, q: Tensor, k: Tensor) -> Tensor:
         """``phi(q) @ phi(k)^T`` ``[..., Nq, Nk]`` computed without the features.
@@ -114,6 +115,7 @@ class Exp(FeatureMap):
     """
 
     name = "exp"
+    reads_all_keys = True  # the shift is the maximum over every token (underflow depends on it)
 
     def out_dim(self):
         return self.dim
@@ -153,6 +155,7 @@ class Favor(FeatureMap):
     """
 
     name = "favor"
+    reads_all_keys = True  # the shift is the maximum over every token (underflow depends on it)
 
     def __init__(self, dim: int, *, features: int = 64, seed: int = 0, heads: int | None = None):
         super().__init__(dim, heads=heads)
@@ -212,7 +215,7 @@ class CosFormer(FeatureMap):
     """
 
     name = "cosformer"
-    uses_length = True
+    reads_all_keys = True  # positions are scaled by the sequence length
 
     def out_dim(self):
         return 2 * self.dim

@@ -140,10 +140,12 @@ class Variant(nn.Module):
         return self.parsed.positive
 
     @property
-    def uses_length(self) -> bool:
-        """Whether the weights depend on the number of keys beyond the keys a row sees
-        (cosFormer's features scale positions by the sequence length); False for most families."""
-        return any(getattr(m, "uses_length", False) for m in getattr(self, "maps", ()))
+    def reads_all_keys(self) -> bool:
+        """Whether a key's features depend on keys a causal row does not see: cosFormer's
+        sequence length, the shift over every token of exp and FAVOR+. Read from the spec (bound
+        or not); False for most families."""
+        phi = getattr(self, "phi", None)
+        return phi is not None and bool(getattr(FEATURE_MAPS.get(phi), "reads_all_keys", False))
 
     @property
     def sign_blind(self) -> bool:

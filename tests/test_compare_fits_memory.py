@@ -247,6 +247,39 @@ def test_capped_rows_are_spread_contiguous_runs():
     assert torch.equal(torch.cat([b["query_offset"] for b in blocks]), merged["query_offset"])
 
 
+@pytest.mark.parametrize("spec", ["hla:m=2,phi=affine,proj=1,shift=1", "linear:phi=rebased",
+                                  "hla:m=2,phi=cosformer,proj=1"])
+def test_a_fit_on_causal_blocks_cut_at_their_last_row_equals_one_on_every_key(spec, monkeypatch):
+    """float64, 3 Adam steps on blocks of 20 rows: cut and whole keys agree to rounding (Adam
+    amplifies rounding about a thousandfold every three steps, so more steps would not)."""
+    batch = _batch(torch.Generator().manual_seed(9), 2, 60, 4, causal=True)
+    monkeypatch.setattr(fit_module, "FIT_MAP_ELEMENTS", 2 * 60 * 20)
+
+    def fitted():
+        var = make_variant(spec).bind(4, heads=2).double()
+        return fit_variant(var, [batch], config=FitConfig(steps=3, row_stride=1)).losses, var.state_dict()
+
+    cut_losses, cut = fitted()
+    monkeypatch.setattr(fit_module, "_causal_horizon", lambda block, variant: block)
+    whole_losses, whole = fitted()
+    assert cut_losses == pytest.approx(whole_losses, rel=1e-9)
+    for name in whole:
+        torch.testing.assert_close(cut[name], whole[name], rtol=1e-9, atol=1e-12)
+
+
+def test_strided_fit_rows_keep_their_positions():
+    """Non-causal fits read every row_stride-th row: positional maps (cosFormer) must see rows
+    0, s, 2s, ... at those positions, through capping and row blocks."""
+    q = torch.arange(400.0).reshape(1, 400, 1).expand(2, 400, 1)
+    batch = {"q": q, "k": q, "scale": 1.0, "causal": False, "query_offset": 3}
+    strided = fit_module._subsample_rows(batch, 4)
+    assert torch.equal(strided["query_offset"], torch.arange(3, 403, 4))
+    (capped,) = fit_module._cap_rows(strided, 40)
+    assert torch.equal(capped["query_offset"], capped["q"][0, :, 0].long() + 3)  # row r sits at r + 3
+    blocks = fit_module._row_blocks(capped, map_elements=2 * 400 * 16)
+    assert torch.equal(torch.cat([b["query_offset"] for b in blocks]), capped["query_offset"])
+
+
 def test_causal_blocks_drop_the_keys_their_rows_cannot_see():
     """A causal block needs keys up to its last row only: the fit on truncated blocks is the fit
     on whole ones (float64), and cosFormer, whose features read the length, keeps every key."""
@@ -288,9 +321,18 @@ def test_query_positions_mask_rows_like_their_offsets():
     ok = softmax_attention_map(q[:, rows[3:]], k, causal=True, query_offset=rows[3:], key_padding_mask=mask)
     assert torch.allclose(ok.sum(-1), torch.ones(2, 2))
     for bad, match in ((torch.tensor([0, 12]), "positions from 0 to 12"), (torch.tensor([-1, 3]), "from -1 to 3"),
-                       (torch.tensor([0.0, 1.0]), "1-D integer"), (torch.tensor([0, 1, 2]), "2 entries")):
+                       (torch.tensor([0.0, 1.0]), "1-D integer"), (torch.tensor([0, 1, 2]), "2 entries"),
+                       (True, "an int or a 1-D"), (torch.tensor(True), "an int or a 1-D")):
         with pytest.raises(ValueError, match=match):
             softmax_attention_map(q[:, :2], k, causal=True, query_offset=bad)
+    with pytest.raises(ValueError, match="positions from -5 to 100"):  # non-causal: only the sign matters
+        make_variant("linear:phi=cosformer").weights(q[:, :2], k, query_offset=torch.tensor([-5, 100]))
+    # any integer dtype (index_select takes int64 only), a 0-d tensor as an int offset
+    small = softmax_attention_map(q[:, rows[3:]], k, causal=True, query_offset=rows[3:].to(torch.uint8),
+                                  key_padding_mask=mask)
+    torch.testing.assert_close(small, ok)
+    torch.testing.assert_close(softmax_attention_map(q[:, 2:4], k, causal=True, query_offset=torch.tensor(2)),
+                               whole[:, 2:4])
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -348,14 +390,16 @@ def test_a_fit_step_reads_the_host_once_per_row_block(monkeypatch):
 def test_causal_blocks_scored_on_the_keys_they_see_equal_one_whole_block():
     """``_evaluate`` drops the keys past a causal block's last row: its metrics over blocks of 7
     rows (6 of 7 blocks cut) equal those of one block over every key. float64: each metric is
-    a sum of <= 40 terms per row, so the orders differ by ~1e-14 relative; cosFormer (features
-    that read N) and a fitted variant included."""
+    a sum of <= 40 terms per row, so the orders differ by ~1e-14 relative. Included: a fitted
+    variant, and the maps whose key features read other keys (cosFormer's length; exp's and
+    FAVOR+'s shift, which a late outlier key sets), which keep every key."""
     g = torch.Generator().manual_seed(12)
     heads, n, d = 2, 40, 4
     batch = {name: torch.randn(2, heads, n, d, generator=g, dtype=torch.float64) for name in ("q", "k", "v")}
+    batch["k"][:, :, -1] = 2000.0  # a late outlier key sets exp's and FAVOR+'s shift: underflow depends on it
     batch.update(scale=d ** -0.5, causal=True)
     specs = ("softmax", "linear:phi=elu1", "linear:phi=cosformer", "hla:m=2,phi=affine", "power:p=2",
-             "hla:m=2,phi=affine,proj=1")
+             "hla:m=2,phi=affine,proj=1", "linear:phi=exp", "hla:m=2,phi=exp", "linear:phi=favor")
     variants = {}
     for spec in specs:
         var = make_variant(spec).bind(d, heads=heads).double()
@@ -372,6 +416,7 @@ def test_causal_blocks_scored_on_the_keys_they_see_equal_one_whole_block():
         whole = compare_module._evaluate(variants, batch, block_rows=n, topk=5, rank_stride=1)
         cut = compare_module._evaluate(variants, batch, block_rows=7, topk=5, rank_stride=1)
     assert seen == [40, 7, 14, 21, 28, 35, 40]  # each block's keys end at its last row
+    assert whole["linear:phi=exp"]["failed_rows"].sum() > 0  # the outlier makes exp underflow somewhere
     for spec in specs:
         assert whole[spec].keys() == cut[spec].keys()
         for name, value in whole[spec].items():

@@ -155,9 +155,12 @@ def _init_shift(variant: Variant, batches: list[dict]) -> None:
 
 
 def _subsample_rows(batch: dict, stride: int) -> dict:
+    """Every ``stride``-th query row of a non-causal batch, each keeping its own position."""
     if batch["causal"] or stride == 1:
         return batch  # causal rows are not interchangeable: row i sees i + 1 keys
-    return {**batch, "q": batch["q"][..., ::stride, :]}
+    q = batch["q"]
+    positions = query_positions(batch.get("query_offset", 0), q.shape[-2], q.device)[::stride]
+    return {**batch, "q": q[..., ::stride, :], "query_offset": positions}
 
 
 # contiguous runs of rows a capped input is sampled in (see FitConfig.max_rows)
@@ -195,7 +198,7 @@ def _causal_horizon(block: dict, variant: Variant) -> dict:
     a tensor.
     """
     offset = block.get("query_offset", 0)
-    if not block["causal"] or isinstance(offset, Tensor) or variant.uses_length:
+    if not block["causal"] or isinstance(offset, Tensor) or variant.reads_all_keys:
         return block
     horizon = offset + block["q"].shape[-2]
     if horizon >= block["k"].shape[-2]:

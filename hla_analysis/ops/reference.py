@@ -79,11 +79,16 @@ def softmax_attention_map(q: Tensor, k: Tensor, *, scale: float | None = None, c
 
 
 def _require_finite_logits(scores: Tensor) -> None:
-    """Refuse logits that overflowed, with the active check batch's one host read if there is one."""
+    """Refuse logits that overflowed, with the active check batch's one host read if there is one.
+
+    Only a 0-d count outlives this call (the batch may resolve much later, as in a fit's block).
+    """
+    bad = torch.isfinite(scores).logical_not_().sum()
+
     def refuse() -> None:
-        bad = int((~torch.isfinite(scores)).sum())
-        if bad:
-            raise ValueError(f"{bad} logit(s) scale*q.k overflowed to Inf/NaN; "
+        count = int(bad)
+        if count:
+            raise ValueError(f"{count} logit(s) scale*q.k overflowed to Inf/NaN; "
                              "rescale q and k (or compute in float64).")
 
     batch, skip = _active_or_none()
@@ -92,7 +97,7 @@ def _require_finite_logits(scores: Tensor) -> None:
     if batch is None:
         refuse()
     else:
-        batch.add(torch.isfinite(scores).all(), refuse)
+        batch.add(bad == 0, refuse)
 
 
 def hla_attention_map(qs: Tensor | Sequence[Tensor], ks: Tensor | Sequence[Tensor], *, causal: bool = False,
