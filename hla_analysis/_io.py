@@ -131,6 +131,31 @@ def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, to
 LOCK_NAME = ".hla-analysis.lock"
 
 
+def check_parts_folder(parts: Path, tool: str) -> dict | None:
+    """The settings a run left in its ``<out>.parts`` folder, read under the output lock.
+
+    None when there are none yet. A folder holding other files without those settings is not
+    a run's to resume or to remove at the end (a user's folder of that name), and a settings
+    file that does not parse is damaged: both are refused with a one-line ``ValueError``.
+    """
+    settings = parts / "settings.json"
+    if not settings.exists():
+        foreign = sorted(p.name for p in parts.iterdir() if p.name != LOCK_NAME and not p.name.startswith("claim_"))
+        if foreign:
+            more = f" and {len(foreign) - 3} more" if len(foreign) > 3 else ""
+            raise ValueError(f"{parts} holds files but no settings.json of a `{tool}` run "
+                             f"({', '.join(foreign[:3])}{more}); it is not one to resume: "
+                             "move it away or choose another --out.")
+        return None
+    try:
+        data = json.loads(settings.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not isinstance(data, dict):
+        raise ValueError(f"{settings} is damaged (not the settings `{tool}` writes); delete {parts} and rerun.")
+    return data
+
+
 @contextlib.contextmanager
 def exclusive_output_lock(folder: str | Path, *, command: str):
     """Hold an exclusive ``fcntl.flock`` on ``folder/.hla-analysis.lock`` while writing there.

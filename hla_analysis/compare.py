@@ -31,7 +31,13 @@ from tqdm.auto import tqdm
 
 from hla_analysis import __version__
 from hla_analysis._checks import check_batch
-from hla_analysis._io import atomic_write_json, atomic_write_table, exclusive_output_lock, refuse_foreign_outputs
+from hla_analysis._io import (
+    atomic_write_json,
+    atomic_write_table,
+    check_parts_folder,
+    exclusive_output_lock,
+    refuse_foreign_outputs,
+)
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
 from hla_analysis.metrics.streaming import StreamingAttentionMetrics, reference_rows
@@ -363,13 +369,15 @@ def run_comparison(
     created = not parts.exists()
     try:
         with exclusive_output_lock(parts, command="compare"):
-            return _run_locked(cap, capture_dir, out, parts, config, device=device, progress=progress,
-                               workers=workers)
-    except BaseException:
-        # a run that failed before finishing a layer removes the parts folder it created
-        if created and parts.is_dir() and not any(_layer_done(parts, layer) for layer in range(cap.num_layers)):
-            shutil.rmtree(parts, ignore_errors=True)
-        raise
+            try:
+                return _run_locked(cap, capture_dir, out, parts, config, device=device, progress=progress,
+                                   workers=workers)
+            except BaseException:
+                # a run that failed before finishing a layer removes the parts folder it created
+                # (only while holding its lock: a run refused by the lock never touches the folder)
+                if created and parts.is_dir() and not any(_layer_done(parts, n) for n in range(cap.num_layers)):
+                    shutil.rmtree(parts, ignore_errors=True)
+                raise
     finally:
         _give_back_memory()
 
@@ -469,8 +477,8 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     settings = {"tool": _TOOL, **config.as_dict(), "key": config.key(),
                 "capture": str(Path(capture_dir).resolve()), "capture_sha256": capture_identity(capture_dir),
                 "model": cap.manifest.get("model"), "version": __version__, "device": str(device)}
-    if settings_path.exists():
-        before = json.loads(settings_path.read_text())
+    before = check_parts_folder(parts, "compare")
+    if before is not None:
         if before.get("key") != config.key():
             raise ValueError(
                 f"{parts} holds partial results of a run with other settings; delete it or choose another --out."
@@ -510,9 +518,14 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     tables, fits, states = [], [], {}
     for layer in range(cap.num_layers):
         paths = _layer_paths(parts, layer)
-        tables.append(pd.read_parquet(paths[0]))
-        fits.extend(json.loads(paths[1].read_text()))
-        states.update(load_fits(paths[2]))
+        try:
+            tables.append(pd.read_parquet(paths[0]))
+            fits.extend(json.loads(paths[1].read_text()))
+            states.update(load_fits(paths[2]))
+        except Exception as exc:  # noqa: BLE001 - any unreadable part: name the files to recompute
+            names = ", ".join(p.name for p in paths)
+            raise ValueError(f"layer {layer}'s partial results in {parts} are damaged ({type(exc).__name__}); "
+                             f"delete {names} there and rerun: that layer is computed again.") from None
 
     result = pd.concat(tables, ignore_index=True)
     result["model"] = cap.manifest.get("model")

@@ -31,6 +31,7 @@ from hla_analysis._io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_table,
+    check_parts_folder,
     exclusive_output_lock,
     refuse_foreign_outputs,
     settings_owner,
@@ -643,12 +644,15 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         head = blocked_head(net, ids) if causal and not plain else None
 
     created = not parts.exists()
+    locked = False
     lock = contextlib.ExitStack()
     try:
         # one writer per --out: a second evaluate into it fails at once (the lock lives in the parts)
         lock.enter_context(exclusive_output_lock(parts, command="evaluate"))
+        locked = True  # from here on the parts folder is this run's to clean up
         marker = parts / "settings.json"
-        if marker.exists() and json.loads(marker.read_text()).get("key") != key:
+        before = check_parts_folder(parts, "evaluate")
+        if before is not None and before.get("key") != key:
             raise ValueError(f"{parts} holds partial results of a run with other settings; "
                              "delete it or choose another --out")
         atomic_write_json(marker, {"key": key})
@@ -720,7 +724,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         no_work = left <= {"settings.json", LOCK_NAME} or (
             left <= {"settings.json", LOCK_NAME, "fits.safetensors", "fits_log.json"}
             and _only_given_fits(_read_json(parts / "fits_log.json")))
-        if created and no_work:
+        if created and locked and no_work:
             shutil.rmtree(parts, ignore_errors=True)
         raise
     finally:

@@ -130,3 +130,59 @@ def test_output_paths_are_checked_before_any_work(captures, tmp_path, monkeypatc
         run_comparison(a, out=tmp_path / "file" / "r.parquet", **FAST)
     with pytest.raises(ValueError, match="is not a torch device"):
         run_comparison(a, out=tmp_path / "r.parquet", device="bogus", **FAST)
+
+
+# ------------------------------------------------------ parts folders the run did not write
+
+
+def test_a_users_parts_folder_is_refused_and_kept(captures, tmp_path, monkeypatch):
+    """A folder named like the run's parts but holding a user's files (no settings of a run) is
+    not resumed, and never removed with the parts at the end."""
+    a, _ = captures
+    out = tmp_path / "u.csv"
+    mine = tmp_path / "u.csv.parts" / "notes.txt"
+    mine.parent.mkdir()
+    mine.write_text("mine")
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match=r"u.csv.parts holds files but no settings.json .*notes.txt"):
+        run_comparison(a, out=out, **FAST)
+    assert mine.read_text() == "mine" and not out.exists()
+
+
+def test_damaged_parts_are_named_with_the_fix(captures, tmp_path, monkeypatch, capsys):
+    a, _ = captures
+    out = tmp_path / "d.parquet"
+    _crash_at_layer(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        run_comparison(a, out=out, **FAST)
+    monkeypatch.undo()
+    parts = tmp_path / "d.parquet.parts"
+    layer = parts / "layer_001.parquet"
+    layer.write_bytes(layer.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError, match=r"layer 1's partial results .* are damaged .*delete layer_001.parquet"):
+        run_comparison(a, out=out, **FAST)
+    for content in ("not json", "[1]"):
+        (parts / "settings.json").write_text(content)
+        code = main(["compare", "--capture", str(a), "--out", str(out), "--variants", VARIANTS, "--fit-steps", "1",
+                     "--quiet"])
+        err = capsys.readouterr().err
+        assert code == 1 and "settings.json is damaged" in err and "Traceback" not in err, err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_a_run_refused_by_the_lock_leaves_the_winners_parts_alone(captures, tmp_path, monkeypatch):
+    """The folder did not exist when this run looked, another run created and locked it first:
+    this run is refused and must not remove what is now the other run's folder."""
+    a, _ = captures
+    out = tmp_path / "race.csv"
+    parts = tmp_path / "race.csv.parts"
+
+    def lost_race(folder, *, command):
+        parts.mkdir()
+        (parts / "settings.json").write_text(json.dumps({"key": "the other run's"}))
+        raise ValueError(f"another hla-analysis process is writing to {folder}")
+
+    monkeypatch.setattr(compare_module, "exclusive_output_lock", lost_race)
+    with pytest.raises(ValueError, match="another hla-analysis process"):
+        run_comparison(a, out=out, **FAST)
+    assert (parts / "settings.json").exists()
