@@ -138,3 +138,16 @@ def test_bad_input_values_are_refused_before_the_model_loads(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1 and "NaN or Inf" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "cap").exists() and not (tmp_path / "cap2").exists()
+
+
+def test_capture_removes_only_its_own_temporary_files(tmp_path):
+    """A user's dot-file ending in .tmp in --out is not capture's to delete; capture's own stale
+    temporary files (a run killed mid-write) are."""
+    out = tmp_path / "cap"
+    out.mkdir()
+    mine = out / ".my-draft.tmp"
+    mine.write_text("mine")
+    stale = out / ".input_00000.safetensors.abc123.tmp"
+    stale.write_text("half a file")
+    capture(_vit(), out=out, inputs=[{"pixel_values": torch.randn(1, 3, 32, 32)}], progress=False)
+    assert mine.read_text() == "mine" and not stale.exists()

@@ -297,8 +297,9 @@ def check_device(device) -> str:
 
 def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".*.tmp"):  # left by a run killed mid-write (SIGKILL, power loss)
-        stale.unlink(missing_ok=True)
+    for stale in out.glob(".*.tmp"):  # ours, left by a run killed mid-write (SIGKILL, power loss)
+        if _own_temp(stale.name):
+            stale.unlink(missing_ok=True)
     ours = {MANIFEST, PARTIAL}
     # input files are ours in a folder with a capture manifest (damaged ones are reported later), or
     # when their safetensors metadata names the capture format (a run killed before its first manifest)
@@ -314,11 +315,18 @@ def _prepare_out(out: Path) -> None:
         )
 
 
+def _own_temp(name: str) -> bool:
+    """Whether a file is one of capture's own temporary files (``atomic_write_*``'s names for its
+    input files and manifests), not a user's file that merely looks temporary."""
+    return name.endswith(".tmp") and (name.startswith(".input_") or any(
+        name.startswith(f".{own}.") for own in (MANIFEST, PARTIAL)))
+
+
 def _remove_if_empty(out: Path) -> None:
-    """Remove ``out`` if it holds nothing but the lock file (and stale temporary files)."""
+    """Remove ``out`` if it holds nothing but the lock file (and capture's stale temporary files)."""
     try:
         names = [p.name for p in out.iterdir()]
-        if all(n == LOCK_NAME or (n.startswith(".") and n.endswith(".tmp")) for n in names):
+        if all(n == LOCK_NAME or _own_temp(n) for n in names):
             for n in names:
                 (out / n).unlink(missing_ok=True)
             out.rmdir()
@@ -606,12 +614,15 @@ def capture(model="minilm", *, out, inputs=None, texts=None, images=None, num_in
     created = not out.exists()
     try:
         with exclusive_output_lock(out, command="capture"):
-            _prepare_out(out)
-            return _run(plan, out, options)
-    except BaseException:
-        if created:  # a failed run removes the folder it created, as long as nothing was captured in it
-            _remove_if_empty(out)
-        raise
+            try:
+                _prepare_out(out)
+                return _run(plan, out, options)
+            except BaseException:
+                # a failed run removes the folder it created, as long as nothing was captured in it
+                # (only while holding its lock: a run refused by the lock never touches the folder)
+                if created:
+                    _remove_if_empty(out)
+                raise
     finally:
         for module, mode in was_training.items():
             module.training = mode
