@@ -100,6 +100,14 @@ def settings_owner(settings: str | Path) -> str | None:
     return owner if isinstance(owner, str) else None
 
 
+def refuse_capture_folder(folder: Path, option: str) -> None:
+    """Refuse to write results into a capture's folder: it must hold only the capture's own
+    files, or rerunning the capture (its resume) refuses the folder. One-line ``ValueError``."""
+    if any((Path(folder) / name).is_file() for name in ("manifest.json", "manifest.partial.json")):
+        raise ValueError(f"{folder} holds a capture, which keeps only its own files (so that it can resume); "
+                         f"give {option} a path outside it.")
+
+
 def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, tool: str, overwrite: bool) -> None:
     """Refuse, before any work, outputs of ``tool`` that cannot be written or belong to the user.
 
@@ -108,6 +116,7 @@ def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, to
     ``<out>.parts`` must be a folder and every output a file; existing outputs the tool did not
     write are refused unless ``overwrite``. One-line ``ValueError`` naming the fix.
     """
+    refuse_capture_folder(out.parent, "--out")
     parts = out.with_name(out.name + ".parts")
     if parts.exists() and not parts.is_dir():
         raise ValueError(f"{parts} exists and is not a folder; choose another --out.")

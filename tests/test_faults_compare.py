@@ -186,3 +186,19 @@ def test_a_run_refused_by_the_lock_leaves_the_winners_parts_alone(captures, tmp_
     with pytest.raises(ValueError, match="another hla-analysis process"):
         run_comparison(a, out=out, **FAST)
     assert (parts / "settings.json").exists()
+
+
+def test_results_inside_a_capture_folder_are_refused(captures, tmp_path, monkeypatch, capsys):
+    """A capture folder holds only its own files (or rerunning the capture refuses it): compare's
+    --out and the demo's --figures may not point into one."""
+    a, _ = captures
+    _no_work(monkeypatch)
+    with pytest.raises(ValueError, match="holds a capture, which keeps only its own files"):
+        run_comparison(a, out=a / "r.csv", **FAST)
+    assert not (a / "r.csv").exists() and not (a / "r.csv.parts").exists()
+    code = main(["demo", "--out", str(tmp_path / "dm"), "--figures", str(tmp_path / "dm" / "capture"), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "where the demo keeps its capture" in err
+    code = main(["demo", "--out", str(tmp_path / "dm"), "--figures", str(a), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and "holds a capture" in err and not (tmp_path / "dm").exists()

@@ -7,6 +7,8 @@ import json
 import time
 from pathlib import Path
 
+from hla_analysis._io import refuse_capture_folder
+
 # a file in each folder demo writes to, listing the files demo wrote there: those are its own
 MARKER = "hla-analysis-demo.json"
 _TOOL = "hla-analysis demo"
@@ -109,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
     figures = Path(args.figures) if args.figures else out / "figures"
     _folder(out, "--out")
     _folder(figures, "--figures")
+    refuse_capture_folder(out, "--out")
+    refuse_capture_folder(figures, "--figures")
+    if figures.resolve() == (out / "capture").resolve():
+        raise ValueError(f"--figures={str(figures)!r} is where the demo keeps its capture; pass another folder.")
     _check_files(out, ["summary.csv"], overwrite=args.overwrite)
     _check_files(figures, FIGURE_FILES, overwrite=args.overwrite)
     from hla_analysis.compare import _check_outputs
