@@ -602,6 +602,9 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     capture, results, out = Path(capture), Path(results), Path(out)
     if out.suffix not in (".parquet", ".csv"):
         raise ValueError(f"--out must end in .parquet or .csv, got {out.name!r}")
+    if out.resolve().with_suffix("") == results.resolve().with_suffix(""):
+        raise ValueError(f"--out {out} shares its name stem with --results {results}, whose settings and fits it "
+                         "reads and would replace; choose another --out name.")
     _check_outputs(out, overwrite=overwrite)
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad:

@@ -316,3 +316,29 @@ def test_compare_checks_capture_files_first_and_leaves_nothing(tiny, tmp_path, c
     err = capsys.readouterr().err
     assert "input_00002.safetensors" in err and ("missing" in err or "truncated" in err) and "Traceback" not in err
     assert not (tmp_path / "r.csv.parts").exists() and not out.exists()
+
+
+def test_outputs_that_are_the_commands_own_inputs_are_refused(tiny, tmp_path, capsys):
+    """summary --csv onto its own results table (or a non-.csv side file), and evaluate --out onto
+    the stem of the --results it reads, are refused even with --overwrite."""
+    import shutil
+
+    root, cap = tiny
+    table = tmp_path / "r.csv"
+    from hla_analysis.compare import load_results
+
+    load_results(root / "r.parquet").to_csv(table, index=False)
+    before = table.read_bytes()
+    for csv, message in ((table, "is the results table being summarized"), (tmp_path / "r.settings.json", ".csv"),
+                         ("", "needs a file name")):
+        assert main(["summary", str(table), "--csv", str(csv), "--overwrite"]) == 1
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert table.read_bytes() == before
+    shutil.copy(root / "r.parquet", tmp_path / "x.parquet")
+    for out in ("x.parquet", "x.csv"):
+        args = _evaluate_args(root, cap, tmp_path / out, "--overwrite")
+        args[args.index("--results") + 1] = str(tmp_path / "x.parquet")
+        assert main(args) == 1
+        err = capsys.readouterr().err
+        assert "shares its name stem with --results" in err, err

@@ -55,10 +55,17 @@ def run(args: argparse.Namespace) -> int:
     from hla_analysis._io import atomic_write_bytes
     from hla_analysis.compare import load_results, summarize
 
-    if args.csv:
-        check_new_file(args.csv, overwrite=args.overwrite, option="--csv")
+    if args.csv is not None:
+        from pathlib import Path
+
+        csv = Path(args.csv)
+        if not args.csv or csv.suffix != ".csv":
+            raise ValueError(f"--csv needs a file name ending in .csv, got {args.csv!r}")
+        if csv.resolve() == Path(args.results).resolve():
+            raise ValueError(f"--csv {csv} is the results table being summarized; choose another file")
+        check_new_file(csv, overwrite=args.overwrite, option="--csv")
     summary = summarize(load_results(args.results))
     print_summary(summary)
-    if args.csv:
+    if args.csv is not None:
         atomic_write_bytes(args.csv, summary.to_csv().encode())
     return 0
