@@ -342,3 +342,13 @@ def test_outputs_that_are_the_commands_own_inputs_are_refused(tiny, tmp_path, ca
         assert main(args) == 1
         err = capsys.readouterr().err
         assert "shares its name stem with --results" in err, err
+
+
+def test_an_unwritable_path_is_one_line_naming_it(tiny, tmp_path, capsys):
+    root, _ = tiny
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("a file, not a folder")
+    assert main(["summary", str(root / "r.parquet"), "--csv", str(blocker / "s.csv")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "cannot use" in err and "file.txt" in err and "not a directory" in err, err

@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> int:
         user_error = isinstance(exc, (ValueError, OSError, ImportError))
         kind = "" if user_error else f"{type(exc).__name__}: "
         message = " ".join(str(exc).split()) or type(exc).__name__
+        if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+            # the system's words name the problem; say which path and what to do about it
+            message = (f"cannot use {exc.filename}: {exc.strerror.lower()}; "
+                       "check the path and its permissions, or choose another location")
         hint = "" if user_error else " (rerun with --debug for the traceback)"
         print(f"hla-analysis {args.command}: error: {kind}{message}{hint}", file=sys.stderr)
         return 1
