@@ -151,3 +151,9 @@ def test_capture_removes_only_its_own_temporary_files(tmp_path):
     stale.write_text("half a file")
     capture(_vit(), out=out, inputs=[{"pixel_values": torch.randn(1, 3, 32, 32)}], progress=False)
     assert mine.read_text() == "mine" and not stale.exists()
+
+
+def test_a_folder_given_as_inputs_is_named_as_a_folder(tmp_path):
+    with pytest.raises(ValueError, match="is a folder; pass one .safetensors file"):
+        capture(_vit(), out=tmp_path / "cap", inputs=str(tmp_path), progress=False)
+    assert not (tmp_path / "cap").exists()

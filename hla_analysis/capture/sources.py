@@ -154,6 +154,9 @@ def read_tensor_file(path: str | Path) -> list[ModelInput]:
     from safetensors.torch import load_file
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"inputs file {str(path)!r} is a folder; pass one .safetensors file (for a folder of "
+                         "images, --image-dir / images=)")
     if not path.is_file():
         raise FileNotFoundError(f"inputs file {str(path)!r} does not exist; pass a .safetensors file")
     try:
