@@ -140,6 +140,30 @@ def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, to
 LOCK_NAME = ".hla-analysis.lock"
 
 
+def refuse_busy_siblings(out: Path, *, command: str) -> None:
+    """Refuse while another run writes an output of the same name stem (``x.csv`` beside
+    ``x.parquet``): their side files (``x.settings.json``, ``x.fits.*``) are shared by name.
+
+    Called while holding ``out``'s own lock. Each run takes its own lock first and then probes
+    its siblings', so of two runs that start together at least one is refused.
+    """
+    import fcntl
+
+    for suffix in (".csv", ".parquet"):
+        sibling = out.with_suffix(suffix)
+        lock = sibling.with_name(sibling.name + ".parts") / LOCK_NAME
+        if sibling == out or not lock.is_file():
+            continue
+        with open(lock, "a+") as handle:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(
+                    f"another hla-analysis process is writing to {sibling}, whose side files "
+                    f"({out.stem}.settings.json, {out.stem}.fits.*) {out.name} would share; wait for it to "
+                    f"finish or give {command} another name") from None
+
+
 def check_parts_folder(parts: Path, tool: str) -> dict | None:
     """The settings a run left in its ``<out>.parts`` folder, read under the output lock.
 

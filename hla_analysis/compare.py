@@ -36,6 +36,7 @@ from hla_analysis._io import (
     atomic_write_table,
     check_parts_folder,
     exclusive_output_lock,
+    refuse_busy_siblings,
     refuse_foreign_outputs,
 )
 from hla_analysis.capture import load_capture
@@ -477,6 +478,7 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     settings = {"tool": _TOOL, **config.as_dict(), "key": config.key(),
                 "capture": str(Path(capture_dir).resolve()), "capture_sha256": capture_identity(capture_dir),
                 "model": cap.manifest.get("model"), "version": __version__, "device": str(device)}
+    refuse_busy_siblings(out, command="compare")
     before = check_parts_folder(parts, "compare")
     if before is not None:
         if before.get("key") != config.key():

@@ -33,6 +33,7 @@ from hla_analysis._io import (
     atomic_write_table,
     check_parts_folder,
     exclusive_output_lock,
+    refuse_busy_siblings,
     refuse_foreign_outputs,
     settings_owner,
 )
@@ -654,6 +655,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
         lock.enter_context(exclusive_output_lock(parts, command="evaluate"))
         locked = True  # from here on the parts folder is this run's to clean up
         marker = parts / "settings.json"
+        refuse_busy_siblings(out, command="evaluate")
         before = check_parts_folder(parts, "evaluate")
         if before is not None and before.get("key") != key:
             raise ValueError(f"{parts} holds partial results of a run with other settings; "

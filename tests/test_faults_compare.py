@@ -202,3 +202,14 @@ def test_results_inside_a_capture_folder_are_refused(captures, tmp_path, monkeyp
     code = main(["demo", "--out", str(tmp_path / "dm"), "--figures", str(a), "--quiet"])
     err = capsys.readouterr().err
     assert code == 1 and "holds a capture" in err and not (tmp_path / "dm").exists()
+
+
+def test_a_writer_of_the_same_stem_is_refused(captures, tmp_path, monkeypatch):
+    """x.csv and x.parquet share x.settings.json and x.fits.*: while one is written, a run into
+    the other is refused (one after the other, the side files' owner check refuses it)."""
+    a, _ = captures
+    _no_work(monkeypatch)
+    with exclusive_output_lock(tmp_path / "x.parquet.parts", command="compare"):
+        with pytest.raises(ValueError, match=r"writing to .*x.parquet, whose side files"):
+            run_comparison(a, out=tmp_path / "x.csv", **FAST)
+    assert not (tmp_path / "x.csv.parts").exists()
