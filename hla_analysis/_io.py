@@ -8,6 +8,7 @@ half-written file that looks complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -135,6 +136,34 @@ def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, to
         verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
         raise ValueError(f"{names} already {verb} and `{tool}` did not write {them}; choose another --out, "
                          f"or pass --overwrite (overwrite=True in Python) to replace {them}.")
+    if existing and not overwrite:  # ours by the settings: each file must still be what the run wrote
+        written = _settings_files(settings)
+        changed = [p for p in existing if p != settings and p.name in written and file_digest(p) != written[p.name]]
+        if changed:
+            raise ValueError(f"{changed[0]} was changed or replaced since `{tool}` wrote it; move it away, "
+                             "or pass --overwrite (overwrite=True in Python) to replace it.")
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def written_files(paths: list[Path]) -> dict[str, str]:
+    """``{file name: SHA-256}`` of the files a run just wrote, for its settings file (``"files"``)."""
+    return {p.name: file_digest(p) for p in paths if p.is_file()}
+
+
+def _settings_files(settings: Path) -> dict[str, str]:
+    try:
+        files = json.loads(Path(settings).read_text()).get("files")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        return {}
+    return files if isinstance(files, dict) else {}  # settings written before the digests: none to check
 
 
 LOCK_NAME = ".hla-analysis.lock"

@@ -38,6 +38,7 @@ from hla_analysis._io import (
     exclusive_output_lock,
     refuse_busy_siblings,
     refuse_foreign_outputs,
+    written_files,
 )
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
@@ -548,7 +549,8 @@ def _run_locked(cap, capture_dir, out: Path, parts: Path, config: CompareConfig,
     atomic_write_table(out.with_name(out.stem + ".fits.csv"), fits_table)
     save_fits(fits_path(out), states, settings={k: v for k, v in settings.items() if k != "device"})
     atomic_write_json(out.with_name(out.stem + ".settings.json"),
-                      {**settings, "output": out.name, "seconds": round(time.perf_counter() - started, 2)})
+                      {**settings, "output": out.name, "seconds": round(time.perf_counter() - started, 2),
+                       "files": written_files([p for p in _outputs(out) if not p.name.endswith(".settings.json")])})
     shutil.rmtree(parts)
     return result
 

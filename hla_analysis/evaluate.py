@@ -36,6 +36,7 @@ from hla_analysis._io import (
     refuse_busy_siblings,
     refuse_foreign_outputs,
     settings_owner,
+    written_files,
 )
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
@@ -719,7 +720,8 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
                            # this process only: a resumed run counts the work done after the restart
                            "stages": clock.stages,
                            "seconds": round(time.perf_counter() - started, 1),
-                           "cpu_seconds": round(time.process_time() - cpu_started, 1)})
+                           "cpu_seconds": round(time.process_time() - cpu_started, 1),
+                           "files": written_files([out, fits_path])})
         shutil.rmtree(parts)
         return table
     except BaseException:

@@ -213,3 +213,19 @@ def test_a_writer_of_the_same_stem_is_refused(captures, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=r"writing to .*x.parquet, whose side files"):
             run_comparison(a, out=tmp_path / "x.csv", **FAST)
     assert not (tmp_path / "x.csv.parts").exists()
+
+
+def test_a_side_file_changed_after_the_run_is_not_replaced(captures, tmp_path):
+    """The settings file records what each output held when the run wrote it: a rerun replaces
+    its own files, but not one a user has since written at a side file's name."""
+    a, _ = captures
+    out = tmp_path / "u.csv"
+    run_comparison(a, out=out, **FAST)
+    run_comparison(a, out=out, **FAST)  # its own files, unchanged: replaced without asking
+    side = tmp_path / "u.figure_maps.csv"
+    side.write_text("my own notes")
+    with pytest.raises(ValueError, match=r"u.figure_maps.csv was changed or replaced since"):
+        run_comparison(a, out=out, **FAST)
+    assert side.read_text() == "my own notes"
+    run_comparison(a, out=out, overwrite=True, **FAST)
+    assert side.read_text() != "my own notes"
