@@ -7,15 +7,20 @@
 # Usage (device, repo root): bash benchmarks/gpu/session10a.sh "$OUT"
 set -u
 OUT=${1:?output folder}; mkdir -p "$OUT"
-mkdir -p /tmp/smol && cp .gpu_p1/gguf.part1 /tmp/smol/ && echo "stashed half 1: $(du -b /tmp/smol/gguf.part1)"
+[ -f .gpu_p1/gguf.part1 ] && mkdir -p /tmp/smol && cp .gpu_p1/gguf.part1 /tmp/smol/ && echo "stashed half 1: $(du -b /tmp/smol/gguf.part1)"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 { nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv
   python3 -c "import torch, triton; print(torch.__version__, triton.__version__)"; } > "$OUT/env.txt" 2>&1
-for cap in minilm smol; do
-  timeout ${DEVICES_S:-150} python3 benchmarks/gpu/check_compare_devices.py --capture .gpu_p1/${cap}_cap \
+# the captures travel in whichever carried folder has room (.gpu_p1 with half 1 of the GGUF, or
+# .gpu_p2 with half 2: one call carries at most 64 MiB), so check every one that came along
+for capdir in .gpu_p1/*_cap .gpu_p2/*_cap; do
+  [ -f "$capdir/manifest.json" ] || continue
+  cap=$(basename "$capdir" _cap)
+  timeout ${DEVICES_S:-150} python3 benchmarks/gpu/check_compare_devices.py --capture "$capdir" \
     --out "$OUT/compare_devices_${cap}_h200.json" > "$OUT/compare_devices_${cap}.log" 2>&1
   echo "compare devices $cap rc=$?"; tail -12 "$OUT/compare_devices_${cap}.log"
 done
+[ "${DEVICES_ONLY:-0}" = 1 ] && exit 0
 timeout ${OVER_S:-150} python3 benchmarks/gpu/bench_public.py --only overhead --ns 8192 32760 75600 \
   --out "$OUT/overhead_h200.json" > "$OUT/overhead.log" 2>&1
 echo "overhead rc=$?"; tail -3 "$OUT/overhead.log" | cut -c1-400
