@@ -160,6 +160,77 @@ def test_a_file_given_as_the_capture_directory_is_named(small, tmp_path, capsys)
     assert "is a file" in err and "does not exist" not in err and err.count("\n") == 1
 
 
+def test_a_symlinked_manifest_is_refused(small, tmp_path, capsys):
+    """A manifest.json that is a link (here to a copy of the capture's own, so every hash agrees) is
+    not read: the error names the link and the fix, in one line, from Python and the CLI alike."""
+    import os
+
+    from hla_analysis.cli import main as cli_main
+
+    path = _copy(small, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (path / "manifest.json").rename(elsewhere / "manifest.json")
+    os.symlink(elsewhere / "manifest.json", path / "manifest.json")
+    with pytest.raises(ValueError, match="manifest.json is a symbolic link .*copy the real file into the folder") \
+            as info:
+        load_capture(path)
+    assert str(path / "manifest.json") in str(info.value) and "\n" not in str(info.value)
+    capsys.readouterr()
+    assert cli_main(["compare", "--capture", str(path), "--variants", "softmax", "--out", str(tmp_path / "r.csv"),
+                     "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "symbolic link" in err and "Traceback" not in err and err.count("\n") == 1
+    # a dangling link is named as a link too, not as a folder without a manifest
+    (path / "manifest.json").unlink()
+    os.symlink(tmp_path / "nowhere.json", path / "manifest.json")
+    with pytest.raises(ValueError, match="is a symbolic link"):
+        load_capture(path)
+    # an unfinished capture's manifest.partial.json (what resume reads) is refused the same way
+    (path / "manifest.json").unlink()
+    os.symlink(elsewhere / "manifest.json", path / "manifest.partial.json")
+    with pytest.raises(ValueError, match="manifest.partial.json is a symbolic link"):
+        load_capture(path)
+
+
+def test_an_input_file_linking_outside_the_capture_is_refused(small, tmp_path):
+    """An input file that is a link out of the folder is refused on load and again when it is opened
+    (a link made after loading), naming the file and the fix."""
+    import os
+
+    path = _copy(small, tmp_path)
+    outside = tmp_path / "outside.safetensors"
+    (path / "input_00001.safetensors").rename(outside)
+    os.symlink(outside, path / "input_00001.safetensors")
+    with pytest.raises(ValueError, match="'input_00001.safetensors' is a link that resolves outside the capture "
+                                         "directory .*copy the real file into the folder"):
+        load_capture(path)
+    path2 = _copy(small, tmp_path / "b")
+    cap = load_capture(path2)
+    (path2 / "input_00000.safetensors").rename(tmp_path / "outside0.safetensors")
+    os.symlink(tmp_path / "outside0.safetensors", path2 / "input_00000.safetensors")
+    with pytest.raises(ValueError, match="resolves outside the capture directory .*copy the real file"):
+        cap.get(0, 0)
+    with pytest.raises(ValueError, match="resolves outside the capture directory"):
+        cap.verify()
+
+
+def test_capture_does_not_open_a_linked_input_file_to_resume(small, tmp_path, monkeypatch):
+    """A folder whose only entry is a link named like an input file is not taken for an interrupted
+    capture (which would open the link's target to read its metadata): it is refused as foreign."""
+    import os
+
+    import hla_analysis.capture.run as run
+
+    out = tmp_path / "out"
+    out.mkdir()
+    os.symlink(small / "input_00000.safetensors", out / "input_00000.safetensors")
+    monkeypatch.setattr(run, "load_model", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match="already holds files that are not part of a capture "
+                                         r"\(input_00000.safetensors\)"):
+        capture("minilm", out=out, num_inputs=1, max_tokens=8, progress=False)
+
+
 def test_pickle_only_model_folder_is_refused(tmp_path):
     from transformers import BertConfig, BertModel
 

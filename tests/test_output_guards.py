@@ -352,3 +352,54 @@ def test_an_unwritable_path_is_one_line_naming_it(tiny, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "Traceback" not in err
     assert "cannot use" in err and "file.txt" in err and "choose another location" in err, err
+
+
+def _no_model_load(monkeypatch):
+    """Make loading any model fail the test: the checks under test must come before it."""
+    import hla_analysis.capture.run as run
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output path was checked")
+
+    monkeypatch.setattr(run, "load_model", load_model)
+
+
+def _unwritable(monkeypatch, folder):
+    """``os.access`` says ``folder`` is not writable (as for a user without write permission; the
+    tests may run as root, for whom chmod does not take write permission away)."""
+    import os
+
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: False if os.path.realpath(p) == os.path.realpath(folder)
+                        else real(p, mode, **k))
+
+
+@pytest.mark.parametrize("case, message", [
+    ("file", "is a file; pass a directory"),
+    ("under_file", "file.txt is a file, not a folder; pass a path below a folder"),
+    ("unwritable", "ro is not writable by this user; pass a folder you can write to"),
+    ("in_capture", "lies inside the capture"),
+    ("in_partial_capture", "lies inside the capture"),
+    ("foreign_files", "already holds files that are not part of a capture (notes.txt)"),
+])
+def test_capture_checks_its_output_path_before_loading_the_model(tmp_path, capsys, monkeypatch, case, message):
+    _no_model_load(monkeypatch)
+    (tmp_path / "file.txt").write_text("a file, not a folder")
+    (tmp_path / "ro").mkdir()
+    for name, manifest in (("cap", "manifest.json"), ("part", "manifest.partial.json")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / manifest).write_text("{}")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "notes.txt").write_text("mine")
+    out = {"file": tmp_path / "file.txt", "under_file": tmp_path / "file.txt" / "cap",
+           "unwritable": tmp_path / "ro" / "cap", "in_capture": tmp_path / "cap" / "sub" / "cap",
+           "in_partial_capture": tmp_path / "part" / "cap", "foreign_files": tmp_path / "full"}[case]
+    if case == "unwritable":
+        _unwritable(monkeypatch, tmp_path / "ro")
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    code = main(["capture", "--model", "minilm", "--out", str(out), "--num-inputs", "1", "--max-tokens", "8",
+                 "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and "was loaded" not in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing created

@@ -87,8 +87,20 @@ def plain_file_name(name: str, folder: Path, where: str) -> str:
         )
     target = (folder / name).resolve()
     if target.parent != folder.resolve():
-        raise ValueError(f"{where} file {name!r} resolves outside the capture directory (a link?); capture again")
+        raise ValueError(f"{where} file {name!r} is a link that resolves outside the capture directory (to "
+                         f"{target}); copy the real file into the folder in its place, or capture again")
     return name
+
+
+def refuse_linked_manifest(path: Path) -> None:
+    """Refuse a manifest that is a symbolic link: a capture reads only real files inside its own folder.
+
+    A linked manifest would describe (and vouch for, through its hashes) files it does not sit
+    beside; one line naming the link, its target and the fix.
+    """
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link (to {path.resolve()}); a capture reads only real files inside "
+                         "its folder: copy the real file into the folder in its place, or capture again")
 
 
 def _positive_int(value) -> bool:
@@ -211,10 +223,11 @@ def read_manifest(path: str | Path, *, check_schema: bool = True) -> dict:
     Raises
     ------
     ValueError
-        If it is not JSON, not a capture manifest, of another format version, edited
-        after it was written (hash mismatch), or missing fields.
+        If it is a symbolic link, not JSON, not a capture manifest, of another format
+        version, edited after it was written (hash mismatch), or missing fields.
     """
     path = Path(path)
+    refuse_linked_manifest(path)
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -295,11 +295,44 @@ def check_device(device) -> str:
     return str(device)
 
 
+def check_out(out: Path) -> None:
+    """Refuse an output path capture cannot use, before the model loads (one line naming the fix).
+
+    ``out`` must be a folder or not exist; the nearest existing folder on its path must be a
+    folder we may write in; no folder above it may hold a capture (a capture keeps only its own
+    files, so that it can resume); an existing ``out`` may hold only a capture's own files.
+    Checked again, under the output lock, when the run starts writing (:func:`_prepare_out`).
+    """
+    import os
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out={str(out)!r} is a file; pass a directory for the capture")
+    resolved = out.resolve()
+    existing = resolved if resolved.is_dir() else next(p for p in resolved.parents if p.exists())
+    if not existing.is_dir():
+        raise ValueError(f"out={str(out)!r} cannot be created: {existing} is a file, not a folder; "
+                         "pass a path below a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"out={str(out)!r} cannot be written: {existing} is not writable by this user; "
+                         "pass a folder you can write to")
+    for folder in resolved.parents:
+        if any((folder / name).is_file() or (folder / name).is_symlink() for name in (MANIFEST, PARTIAL)):
+            raise ValueError(f"out={str(out)!r} lies inside the capture {folder}, which keeps only its own files "
+                             "(so that it can resume); pass a path outside it")
+    if resolved.is_dir():
+        _refuse_foreign(out)
+
+
 def _prepare_out(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".*.tmp"):  # ours, left by a run killed mid-write (SIGKILL, power loss)
         if _own_temp(stale.name):
             stale.unlink(missing_ok=True)
+    _refuse_foreign(out)
+
+
+def _refuse_foreign(out: Path) -> None:
+    """Refuse an ``out`` folder that holds files other than a capture's own."""
     ours = {MANIFEST, PARTIAL}
     # input files are ours in a folder with a capture manifest (damaged ones are reported later), or
     # when their safetensors metadata names the capture format (a run killed before its first manifest)
@@ -338,6 +371,8 @@ def _written_by_capture(path: Path) -> bool:
     """Whether a file is a capture input file: a safetensors file whose metadata names our format."""
     from safetensors import safe_open
 
+    if path.is_symlink():  # a link is never a file capture wrote (and is not opened to find out)
+        return False
     try:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("format") == FORMAT
@@ -661,8 +696,7 @@ def _plan(model, *, out: Path, inputs, texts, images, num_inputs, max_tokens, pa
     kind = {"inputs": "tensors", "images": "images"}.get(given[0] if given else "texts", "text")
     if device is not None:
         check_device(device)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"out={str(out)!r} is a file; pass a directory for the capture")
+    check_out(out)  # every problem of the output path is reported before the model loads
     if images is not None and isinstance(model, torch.nn.Module):
         raise ValueError(
             "images= needs a model name or folder holding its image processor; for a module, run its image "

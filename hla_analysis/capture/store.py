@@ -34,7 +34,13 @@ from hla_analysis._io import (  # noqa: F401  (re-exported)
     atomic_write_with,
     file_sha256,
 )
-from hla_analysis.capture.manifest import FORMAT, FORMAT_VERSION, plain_file_name, read_manifest  # noqa: F401
+from hla_analysis.capture.manifest import (  # noqa: F401
+    FORMAT,
+    FORMAT_VERSION,
+    plain_file_name,
+    read_manifest,
+    refuse_linked_manifest,
+)
 
 MANIFEST = "manifest.json"
 PARTIAL = "manifest.partial.json"
@@ -337,7 +343,7 @@ def load_capture(path: str | Path) -> Capture:
         If the directory or its manifest does not exist.
     ValueError
         If ``path`` is a file, the capture is incomplete (interrupted), or its manifest is
-        corrupt, edited after it was written (content hash, or derived fields such as the
+        a symbolic link, corrupt, edited after it was written (content hash, or derived fields such as the
         scales and the key/value head map that disagree with the rest), missing fields, or
         names files outside the directory.
 
@@ -358,6 +364,7 @@ def load_capture(path: str | Path) -> Capture:
     if not path.is_dir():
         raise FileNotFoundError(f"capture directory {str(path)!r} does not exist")
     manifest_path = path / MANIFEST
+    refuse_linked_manifest(manifest_path)  # a dangling link too (read_manifest refuses the others)
     if not manifest_path.is_file():
         partial = path / PARTIAL
         if partial.is_file():
