@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import re
 import shutil
 import time
 from pathlib import Path
@@ -41,6 +42,7 @@ from hla_analysis._io import (
 from hla_analysis.capture import load_capture
 from hla_analysis.fit import FitConfig, fit_variant, is_learnable
 from hla_analysis.swap import OBJECTIVES, fit_key, load_fits, save_fits, swap_attention
+from hla_analysis.swap.fits import read_fits_file
 from hla_analysis.variants import make_variant
 
 COLUMNS = ["model", "variant", "objective", "layer", "layers_swapped", "swap_mode", "split", "input", "metric",
@@ -91,6 +93,55 @@ def _check_results_capture(settings: dict, results: Path, capture: Path) -> None
             f"--results {results} was computed on another capture ({settings.get('capture')}), not on --capture "
             f"{capture}; pass the results of this capture, or the capture those results came from"
         )
+
+
+_FIT_NAME = re.compile(r"layer\.(\d+)\.(.+?)\.(" + "|".join(OBJECTIVES) + r")\.(.+)")
+
+
+def check_given_fits(given: dict, recorded: dict, path: Path, cap, capture: Path, specs: list[str]) -> None:
+    """Refuse given fits that do not belong to this capture and these variants (one line each).
+
+    ``recorded``: the settings in the file's metadata (:func:`read_fits_file`); fits that record
+    their capture (compare's, and evaluate's since they name it) must come from ``capture``. Every
+    tensor must be named ``layer.<l>.<variant>.<objective>.<parameter>`` with ``l`` a layer of the
+    capture; those of the variants evaluated must be exactly the parameters (names and shapes) of
+    the variant bound to the capture's heads.
+    """
+    from hla_analysis.compare import capture_identity
+
+    fix = "pass the fits compare wrote for this capture, or leave --fits out to fit here"
+    recorded_capture = recorded.get("capture_sha256")
+    if isinstance(recorded_capture, str) and recorded_capture != capture_identity(capture):
+        raise ValueError(f"--fits {path} was fitted on another capture ({recorded.get('capture')}), not on "
+                         f"--capture {capture}; {fix}")
+    found: dict[tuple, dict] = {}
+    for name, tensor in given.items():
+        match = _FIT_NAME.fullmatch(name)
+        if match is None:
+            raise ValueError(f"--fits {path} holds a tensor {name!r}, not named layer.<l>.<variant>.<objective>."
+                             f"<parameter>: it is not a fits file of hla-analysis; {fix}")
+        layer, spec, objective, parameter = int(match[1]), match[2], match[3], match[4]
+        if layer >= cap.num_layers:
+            raise ValueError(f"--fits {path} holds fits of layer {layer} but the capture has {cap.num_layers} "
+                             f"layers: they were fitted on another model; {fix}")
+        found.setdefault((layer, spec, objective), {})[parameter] = tensor
+    for spec in dict.fromkeys(make_variant(s).spec for s in specs):
+        variant = make_variant(spec)
+        if not is_learnable(variant):
+            continue
+        expected = {n: tuple(t.shape) for n, t in variant.bind(cap.head_dim, heads=cap.num_heads).state_dict().items()}
+        for (layer, got_spec, objective), state in sorted(found.items()):
+            if got_spec != spec:
+                continue
+            where = f"--fits {path}: layer {layer} {spec} ({objective})"
+            if set(state) != set(expected):
+                raise ValueError(f"{where} holds the parameters {sorted(state)}, but the variant has "
+                                 f"{sorted(expected)}; {fix}")
+            for parameter, shape in expected.items():
+                if tuple(state[parameter].shape) != shape:
+                    raise ValueError(
+                        f"{where}: {parameter} is {list(state[parameter].shape)} but {cap.num_heads} heads of size "
+                        f"{cap.head_dim} need {list(shape)}: fitted for another model; {fix}")
 
 
 def _load_causal_lm(model: str):
@@ -599,7 +650,7 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
 
     Stage timings (wall and CPU seconds) go to ``<out stem>.settings.json`` under ``stages``.
     """
-    from hla_analysis.compare import resolve_variants
+    from hla_analysis.compare import capture_identity, resolve_variants
 
     capture, results, out = Path(capture), Path(results), Path(out)
     if out.suffix not in (".parquet", ".csv"):
@@ -614,13 +665,15 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
     if max_tokens is not None and max_tokens < 2:
         raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
     fits = resolve_fits(fits, results)
-    given = load_fits(fits) if fits is not None else None
+    given, given_settings = read_fits_file(fits) if fits is not None else (None, {})
     settings = _compare_settings(results)
     own_fit = {**settings["fit"], **(fit_overrides or {})}
     FitConfig(**own_fit)  # bad overrides fail here, before any work
     specs = resolve_variants(settings["variants"] if variants == "default" else variants)
     cap = load_capture(capture)
     _check_results_capture(settings, results, capture)
+    if given is not None:
+        check_given_fits(given, given_settings, fits, cap, capture, specs)
     if cap.manifest.get("input_kind") != "text":
         raise ValueError(f"{capture} is a capture of {cap.manifest.get('input_kind')} inputs; model-level "
                          "evaluation runs held-out token ids through the model, so it needs a text capture")
@@ -669,7 +722,8 @@ def run_model_evaluation(model: str, *, capture: str | Path, results: str | Path
                                              have=given, joint=joint_fits, progress=progress)
             atomic_write_json(parts / "fits_log.json", log)
             save_fits(parts / "fits.safetensors", params,
-                      settings={"fit": own_fit, "train_inputs": train, "given_fits": str(fits) if fits else None})
+                      settings={"fit": own_fit, "train_inputs": train, "given_fits": str(fits) if fits else None,
+                                "capture": str(capture.resolve()), "capture_sha256": capture_identity(capture)})
         fitted = load_fits(parts / "fits.safetensors")
         log = json.loads((parts / "fits_log.json").read_text()) if (parts / "fits_log.json").is_file() else []
         # the settings each objective's fits ran with: given fits keep compare's, own fits the overrides

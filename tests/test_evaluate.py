@@ -397,7 +397,8 @@ def test_fits_of_another_shape_fail_in_one_line_and_leave_nothing(tiny, tmp_path
     path = save_fits(tmp_path / "wrong.fits.safetensors", wrong)
     kwargs = dict(capture=cap, results=root / "r.parquet", out=tmp_path / "e.csv", variants="linear:phi=hedgehog",
                   objectives=("map_kl",), max_heldout=3, progress=False)
-    with pytest.raises(ValueError, match=r"do not fit this model \(.*size mismatch.*\); pass fits") as info:
+    with pytest.raises(ValueError, match=r"layer 0 linear:phi=hedgehog \(map_kl\): maps.0.weight is \[3, 5\] but 12 "
+                                         r"heads of size 32 need \[12, 32, 32\].*leave --fits out") as info:
         run_model_evaluation("minilm", fits=path, **kwargs)
     assert "\n" not in str(info.value)
     assert not (tmp_path / "e.csv.parts").exists()
@@ -405,3 +406,115 @@ def test_fits_of_another_shape_fail_in_one_line_and_leave_nothing(tiny, tmp_path
 
     table = run_model_evaluation("minilm", fit_overrides={"steps": 2}, **kwargs)
     assert table.value.notna().all()
+
+
+def _hedgehog_fits(cap_dir):
+    """Per-layer hedgehog parameters of the right names and shapes for the ``tiny`` capture."""
+    import torch
+
+    from hla_analysis.capture import load_capture
+    from hla_analysis.swap import fit_key
+    from hla_analysis.variants import make_variant
+
+    cap = load_capture(cap_dir)
+    spec = make_variant("linear:phi=hedgehog").spec
+    state = make_variant(spec).bind(cap.head_dim, heads=cap.num_heads).state_dict()
+    return {fit_key(layer, spec, "map_kl") + n: torch.zeros_like(t) for layer in range(cap.num_layers)
+            for n, t in state.items()}
+
+
+def _plain_safetensors(path, tensors, metadata=None):
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    return path
+
+
+def _case_no_metadata(tmp_path, fits):
+    return _plain_safetensors(tmp_path / "f.safetensors", fits)
+
+
+def _case_foreign_format(tmp_path, fits):
+    return _plain_safetensors(tmp_path / "f.safetensors", fits, {"format": "pt", "settings": "{}"})
+
+
+def _case_foreign_names(tmp_path, fits):
+    from hla_analysis.swap import save_fits
+
+    return save_fits(tmp_path / "f.safetensors", {"encoder.weight": next(iter(fits.values()))})
+
+
+def _case_layer_out_of_range(tmp_path, fits):
+    from hla_analysis.swap import save_fits
+
+    extra = {k.replace("layer.0.", "layer.6.", 1): t.clone() for k, t in fits.items() if k.startswith("layer.0.")}
+    return save_fits(tmp_path / "f.safetensors", {**fits, **extra})
+
+
+def _case_wrong_parameter(tmp_path, fits):
+    from hla_analysis.swap import save_fits
+
+    return save_fits(tmp_path / "f.safetensors", {k.replace("maps.0.weight", "maps.1.weight"): t
+                                                  for k, t in fits.items()})
+
+
+def _case_other_capture(tmp_path, fits):
+    from hla_analysis.swap import save_fits
+
+    return save_fits(tmp_path / "f.safetensors", fits, settings={"tool": "hla-analysis compare",
+                                                                 "capture": "/elsewhere/cap",
+                                                                 "capture_sha256": "0" * 64})
+
+
+@pytest.mark.parametrize("make, message", [
+    (_case_no_metadata, "is not a fits file written by hla-analysis (it has no safetensors metadata)"),
+    (_case_foreign_format, "its metadata names the format 'pt', not 'hla-analysis-fits'"),
+    (_case_foreign_names, "holds a tensor 'encoder.weight', not named layer.<l>.<variant>.<objective>.<parameter>"),
+    (_case_layer_out_of_range, "holds fits of layer 6 but the capture has 6 layers"),
+    (_case_wrong_parameter, "holds the parameters ['maps.1.weight'], but the variant has ['maps.0.weight']"),
+    (_case_other_capture, "was fitted on another capture (/elsewhere/cap)"),
+])
+def test_evaluate_refuses_a_safetensors_file_that_is_not_these_fits(tiny, tmp_path, capsys, monkeypatch, make,
+                                                                    message):
+    """--fits FILE: a safetensors file compare (or evaluate) did not write for this capture and these
+    variants is refused in one line before the model loads, and the run leaves nothing behind."""
+    import hla_analysis.evaluate as ev
+    from hla_analysis.cli import main
+
+    root, cap = tiny
+    monkeypatch.setattr(ev, "_load", lambda *a, **k: pytest.fail("the model was loaded"))
+    path = make(tmp_path, _hedgehog_fits(cap))
+    out = tmp_path / "e.csv"
+    code = main(["evaluate", "--model", "minilm", "--capture", str(cap), "--results", str(root / "r.parquet"),
+                 "--variants", "linear:phi=hedgehog", "--objectives", "map_kl", "--fits", str(path),
+                 "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 1 and message in err and str(path) in err, err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() and not (tmp_path / "e.csv.parts").exists()
+
+
+def test_compare_fits_name_their_format_and_older_ones_are_still_read(tiny, tmp_path):
+    """compare's fits file names its format in its metadata; one written before it did (metadata:
+    only compare's settings) still passes evaluate's checks."""
+    import json
+
+    from safetensors import safe_open
+
+    from hla_analysis.capture import load_capture
+    from hla_analysis.evaluate import check_given_fits
+    from hla_analysis.swap.fits import read_fits_file
+
+    root, cap_dir = tiny
+    path = root / "r.fits.safetensors"
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    assert metadata["format"] == "hla-analysis-fits" and metadata["format_version"] == "1"
+    fits, settings = read_fits_file(path)
+    assert settings["tool"] == "hla-analysis compare" and fits
+    cap = load_capture(cap_dir)
+    check_given_fits(fits, settings, path, cap, cap_dir, ["linear:phi=hedgehog", "softmax"])
+    old = _plain_safetensors(tmp_path / "old.fits.safetensors", fits, {"settings": json.dumps(settings)})
+    old_fits, old_settings = read_fits_file(old)
+    assert old_settings == settings and set(old_fits) == set(fits)
+    check_given_fits(old_fits, old_settings, old, cap, cap_dir, ["linear:phi=hedgehog"])
