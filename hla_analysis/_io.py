@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -109,13 +110,16 @@ def refuse_capture_folder(folder: Path, option: str) -> None:
                          f"give {option} a path outside it.")
 
 
-def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, tool: str, overwrite: bool) -> None:
+def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, tool: str, overwrite: bool,
+                           announce: bool = True) -> None:
     """Refuse, before any work, outputs of ``tool`` that cannot be written or belong to the user.
 
     ``outputs`` are every file a run writes beside ``out`` (``out`` included); ``settings`` is the
     one among them whose ``"tool"`` entry marks them as the tool's own (:func:`written_by`).
     ``<out>.parts`` must be a folder and every output a file; existing outputs the tool did not
-    write are refused unless ``overwrite``. One-line ``ValueError`` naming the fix.
+    write are refused unless ``overwrite``. One-line ``ValueError`` naming the fix. With
+    ``overwrite`` (and ``announce``), each existing output the run will replace is named on
+    stderr, one line each, saying whether an earlier run of ``tool`` wrote it.
     """
     refuse_capture_folder(out.parent, "--out")
     parts = out.with_name(out.name + ".parts")
@@ -136,12 +140,24 @@ def refuse_foreign_outputs(out: Path, outputs: list[Path], *, settings: Path, to
         verb, them = ("exists", "it") if len(existing) == 1 else ("exist", "them")
         raise ValueError(f"{names} already {verb} and `{tool}` did not write {them}; choose another --out, "
                          f"or pass --overwrite (overwrite=True in Python) to replace {them}.")
+    if existing and overwrite and announce:
+        _announce_replaced(existing, settings, tool)
     if existing and not overwrite:  # ours by the settings: each file must still be what the run wrote
         written = _settings_files(settings)
         changed = [p for p in existing if p != settings and p.name in written and file_sha256(p) != written[p.name]]
         if changed:
             raise ValueError(f"{changed[0]} was changed or replaced since `{tool}` wrote it; move it away, "
                              "or pass --overwrite (overwrite=True in Python) to replace it.")
+
+
+def _announce_replaced(existing: list[Path], settings: Path, tool: str) -> None:
+    """One stderr line per file ``--overwrite`` will replace, naming it and who wrote it."""
+    ours = written_by(settings, tool)
+    recorded = _settings_files(settings) if ours else {}
+    for path in existing:
+        earlier = path.name in recorded or (path == settings and ours)
+        why = f"an earlier `{tool}` run wrote it" if earlier else f"`{tool}` did not write it"
+        print(f"--overwrite: will replace {path} ({why})", file=sys.stderr)
 
 
 def file_sha256(path: str | Path) -> str:

@@ -460,10 +460,11 @@ def fits_path(out: str | Path) -> Path:
 _TOOL = "hla-analysis compare"
 
 
-def _check_outputs(out: Path, *, overwrite: bool) -> None:
-    """Refuse, before any work, outputs that cannot be written or belong to the user."""
+def _check_outputs(out: Path, *, overwrite: bool, announce: bool = True) -> None:
+    """Refuse, before any work, outputs that cannot be written or belong to the user; with
+    ``overwrite`` (and ``announce``), name on stderr each existing output that will be replaced."""
     outputs = _outputs(out)
-    refuse_foreign_outputs(out, outputs, settings=outputs[2], tool=_TOOL, overwrite=overwrite)
+    refuse_foreign_outputs(out, outputs, settings=outputs[2], tool=_TOOL, overwrite=overwrite, announce=announce)
 
 
 def capture_identity(capture_dir: str | Path) -> str:

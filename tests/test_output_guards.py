@@ -403,3 +403,48 @@ def test_capture_checks_its_output_path_before_loading_the_model(tmp_path, capsy
     assert code == 1 and message in err and "was loaded" not in err, err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # nothing created
+
+
+def _replaced_lines(err: str) -> dict[str, str]:
+    """``{file: line}`` of the stderr lines that name a file --overwrite replaces."""
+    lines = [line for line in err.splitlines() if line.startswith("--overwrite: will replace ")]
+    named = {line.split(" ")[3]: line for line in lines}
+    assert len(named) == len(lines), lines  # one line per file
+    return named
+
+
+def test_overwrite_names_each_file_it_replaces(tiny, tmp_path, capsys):
+    """--overwrite replaces an earlier run's side files (those its settings file records) and a
+    user's file: each is named on stderr, one line each, saying who wrote it; none otherwise."""
+    import json
+
+    root, cap = tiny
+    out = tmp_path / "r.parquet"
+    args = ["compare", "--capture", str(cap), "--variants", "softmax", "--train-inputs", "1", "--out", str(out),
+            "--quiet"]
+    assert main(args) == 0
+    capsys.readouterr()
+    recorded = json.loads((tmp_path / "r.settings.json").read_text())["files"]
+    written = sorted(str(tmp_path / name) for name in recorded) + [str(tmp_path / "r.settings.json")]
+    assert len(written) >= 3 and all(__import__("os").path.isfile(p) for p in written)
+    assert main(args + ["--overwrite"]) == 0
+    named = _replaced_lines(capsys.readouterr().err)
+    assert sorted(named) == sorted(written), named
+    assert all("an earlier `hla-analysis compare` run wrote it" in line for line in named.values())
+    # a rerun without --overwrite replaces its own files as before, naming none
+    assert main(args) == 0
+    assert _replaced_lines(capsys.readouterr().err) == {}
+    # a user's file in place of one of them is named as such
+    (tmp_path / "r.settings.json").write_text("{}")
+    assert main(args + ["--overwrite"]) == 0
+    named = _replaced_lines(capsys.readouterr().err)
+    assert sorted(named) == sorted(written)
+    assert "`hla-analysis compare` did not write it" in named[str(tmp_path / "r.settings.json")]
+    # evaluate names the files it replaces in the same way
+    ev_args = _evaluate_args(root, cap, tmp_path / "m.csv")
+    assert main(ev_args) == 0
+    capsys.readouterr()
+    assert main(ev_args + ["--overwrite"]) == 0
+    named = _replaced_lines(capsys.readouterr().err)
+    assert sorted(named) == sorted(str(tmp_path / n) for n in ("m.csv", "m.fits.safetensors", "m.settings.json"))
+    assert all("an earlier `hla-analysis evaluate` run wrote it" in line for line in named.values())

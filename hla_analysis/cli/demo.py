@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
     _check_files(figures, FIGURE_FILES, overwrite=args.overwrite)
     from hla_analysis.compare import _check_outputs
 
-    _check_outputs(out / "results.parquet", overwrite=args.overwrite)
+    # compare names the files --overwrite replaces when it runs; this early check only refuses
+    _check_outputs(out / "results.parquet", overwrite=args.overwrite, announce=False)
     started = time.perf_counter()
     progress = not args.quiet
     print(f"[1/3] capturing {args.model}: {args.num_inputs} inputs x {args.max_tokens} tokens -> {out / 'capture'}")
