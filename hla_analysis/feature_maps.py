@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hla_analysis.ops import feature_blocks
 from hla_analysis.ops.tied import symmetric_power_features
 from hla_analysis.registry import DEPRECATED_MAP_OPTIONS, FEATURE_MAP_REGISTRY, feature_map_entry
 
@@ -55,6 +56,9 @@ class FeatureMap(nn.Module):
     #: Whether a key's features depend on other keys: the sequence length (cosFormer) or a
     #: shift taken over every token (exp, FAVOR+), so dropping keys no row sees would change them.
     reads_all_keys = False
+    #: Whether :meth:`forward` reads ``positions``: True unless a map says it ignores them (every
+    #: built-in map but cosFormer), so a variant skips building them for the maps that do not.
+    uses_positions = True
 
     def similarity(self, q: Tensor, k: Tensor) -> Tensor:
         """``phi(q) @ phi(k)^T`` ``[..., Nq, Nk]`` computed without the features.
@@ -75,6 +79,7 @@ class Identity(FeatureMap):
     """``phi(x) = x``: similarity ``q.k``, sign-indefinite."""
 
     name = "identity"
+    uses_positions = False
 
     def out_dim(self):
         return self.dim
@@ -87,6 +92,7 @@ class Elu1(FeatureMap):
     """``phi(x) = elu(x) + 1`` (Katharopoulos et al. 2020): positive."""
 
     name = "elu1"
+    uses_positions = False
 
     def out_dim(self):
         return self.dim
@@ -99,6 +105,7 @@ class Relu(FeatureMap):
     """``phi(x) = relu(x)``: non-negative, but a row can get an all-zero normalizer."""
 
     name = "relu"
+    uses_positions = False
 
     def out_dim(self):
         return self.dim
@@ -115,6 +122,7 @@ class Exp(FeatureMap):
     """
 
     name = "exp"
+    uses_positions = False
     reads_all_keys = True  # the shift is the maximum over every token (underflow depends on it)
 
     def out_dim(self):
@@ -132,6 +140,7 @@ class Affine(FeatureMap):
     """
 
     name = "affine"
+    uses_positions = False
 
     def __init__(self, dim: int, *, c: float = 1.0, heads: int | None = None):
         super().__init__(dim, heads=heads)
@@ -143,7 +152,10 @@ class Affine(FeatureMap):
         return self.dim + 1
 
     def forward(self, x, **_):
-        return torch.cat([torch.ones_like(x[..., :1]), x / math.sqrt(self.c)], dim=-1)
+        scaled = x / math.sqrt(self.c)
+        # the fused split path reads the x block as made, not as a strided slice of the result
+        return feature_blocks.record(torch.cat([torch.ones_like(x[..., :1]), scaled], dim=-1),
+                                     {(1, x.shape[-1]): scaled})
 
 
 class Favor(FeatureMap):
@@ -155,6 +167,7 @@ class Favor(FeatureMap):
     """
 
     name = "favor"
+    uses_positions = False
     reads_all_keys = True  # the shift is the maximum over every token (underflow depends on it)
 
     def __init__(self, dim: int, *, features: int = 64, seed: int = 0, heads: int | None = None):
@@ -190,6 +203,7 @@ class Taylor(FeatureMap):
     """
 
     name = "taylor"
+    uses_positions = False
 
     has_similarity = True
 
@@ -216,6 +230,7 @@ class CosFormer(FeatureMap):
 
     name = "cosformer"
     reads_all_keys = True  # positions are scaled by the sequence length
+    uses_positions = True
 
     def out_dim(self):
         return 2 * self.dim
@@ -237,6 +252,7 @@ class Hedgehog(FeatureMap):
     """
 
     name = "hedgehog"
+    uses_positions = False
 
     def __init__(self, dim: int, *, heads: int | None = None):
         super().__init__(dim, heads=heads)
@@ -260,6 +276,7 @@ class ReBased(FeatureMap):
     """
 
     name = "rebased"
+    uses_positions = False
 
     def __init__(self, dim: int, *, heads: int | None = None):
         super().__init__(dim, heads=heads)

@@ -342,8 +342,10 @@ class KernelVariant(_FactorVariant):
 
     def _factor_features(self, q, k, *, query_offset):
         n_keys = k.shape[-2]
-        q_pos = query_positions(query_offset, q.shape[-2], q.device)
-        k_pos = torch.arange(n_keys, device=k.device)
+        q_pos = k_pos = None  # position tensors only for maps that read them (two launches less)
+        if any(phi.uses_positions for phi in self.maps) or not (isinstance(query_offset, int) and query_offset == 0):
+            q_pos = query_positions(query_offset, q.shape[-2], q.device)
+            k_pos = torch.arange(n_keys, device=k.device)
         if not self.parsed.untied:  # one map shared by every factor, at most one projection
             q, k = self._projected(q, k)
             fq = self._shifted(self.maps[0], self.maps[0](q, positions=q_pos, length=n_keys))

@@ -240,6 +240,34 @@ def test_split_width_tied_affine_matches_reference(causal, mask):
         assert grads[1][padded].abs().max() == 0 and grads[2][padded].abs().max() == 0
 
 
+def test_split_reads_the_block_a_map_recorded_and_ignores_it_once_written():
+    """phi=affine records its x block (hla_analysis.ops.feature_blocks): the split reads that
+    tensor instead of copying the strided slice, and an in-place write to the features voids it."""
+    from hla_analysis.feature_maps import make_feature_map
+    from hla_analysis.ops import feature_blocks
+    from hla_analysis.ops.triton import split
+
+    g = torch.Generator().manual_seed(40)
+    x, y = (0.5 * torch.randn(1, 2, 29, 16, generator=g) for _ in range(2))
+    v = torch.randn(1, 2, 29, 16, generator=g).to(DEVICE)
+    phi = make_feature_map("affine", 16, c=2.0)
+    fq, fk = phi(x.to(DEVICE)), phi(y.to(DEVICE))
+    (block, part), = feature_blocks.recorded(fq).items()
+    assert block == (1, 16) and torch.equal(part, fq[..., 1:])
+    m2, _ = split.plan([fq, fq], [fk, fk])
+    assert m2[0][0] is part and m2[0][1] is part  # the recorded tensor itself, once for both tied factors
+    ref = hla_attention_output([fq.double()] * 2, [fk.double()] * 2, v.double())
+    out = hla_triton([fq, fq], [fk, fk], v)
+    assert float((out.double() - ref).norm() / ref.norm()) < (1e-5 if not CUDA else 2e-2)
+    fq[..., 1:] *= 3.0  # the record is now stale: the split must read the written features
+    assert feature_blocks.recorded(fq) is None
+    m2, _ = split.plan([fq, fq], [fk, fk])
+    assert torch.equal(m2[0][0], fq[..., 1:])
+    ref = hla_attention_output([fq.double()] * 2, [fk.double()] * 2, v.double())
+    out = hla_triton([fq, fq], [fk, fk], v)
+    assert float((out.double() - ref).norm() / ref.norm()) < (1e-5 if not CUDA else 2e-2)
+
+
 def test_split_width_untied_and_single_factor():
     """Mixed widths (5 padded, 17 = 1 + 16) untied and causal; one factor of width 33."""
     _compare(2, True, n=29, widths=(5, 17), seed=32)

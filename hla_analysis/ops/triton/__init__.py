@@ -278,10 +278,14 @@ def _split_call(qs, ks, v, *, causal, key_padding_mask, allow_signed, config):
     n = v.shape[-2]
     cache = {}
 
+    def flatten(t):
+        f = t.to(work).expand(*lead, *t.shape[-2:])
+        return f.reshape(-1, n, f.shape[-1])
+
     def flat(t):  # tied factors stay one object, so their cross terms are run once
         if id(t) not in cache:
-            f = t.to(work).expand(*lead, *t.shape[-2:])
-            cache[id(t)] = f.reshape(-1, n, f.shape[-1])
+            cache[id(t)] = flatten(t)
+            split.flat_blocks(t, cache[id(t)], flatten)  # e.g. phi=affine's x block, not a strided copy
         return cache[id(t)]
 
     fq, fk = [flat(q) for q in qs], [flat(k) for k in ks]

@@ -10,6 +10,7 @@ token splits of a non-causal state) are shared by both.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from collections.abc import Mapping
@@ -87,7 +88,7 @@ class KernelConfig(Mapping):
         return dataclasses.replace(self, **changes)
 
     def __getitem__(self, key: str):
-        if key not in _FIELDS:
+        if key not in _FIELD_SET:
             raise KeyError(key)
         return getattr(self, key)
 
@@ -102,11 +103,15 @@ _CHOICES = {"STATE_TRANS": (0, 1), "STATE_BA": (1, 2, 4), "PER_A": (False, True)
             "CAUSAL_STATE": ("auto", "sequential", "parallel"), "STATE_KERNEL": ("cols", "tiles")}
 _OPTIONAL_INTS = ("SPLITS", "TIED_TP")
 _FIELDS = tuple(f.name for f in fields(KernelConfig))
+_FIELD_SET = frozenset(_FIELDS)
 
 
 def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtype,
                    tied: bool = False) -> KernelConfig:
     """Block sizes and schedule for one problem (:class:`KernelConfig`).
+
+    Memoised (a config is immutable, and building and checking one is host time on every call);
+    the key includes whether the interpreter runs.
 
     Small blocks under the interpreter (each program costs interpreter time; the CPU tests
     stay short, and they take the column kernels so that CI covers them). On a GPU, bf16/fp16
@@ -115,7 +120,13 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
     ``benchmarks/gpu/tune_hla.py`` on an H200 (``benchmarks/gpu/results/``). Overrides go
     through ``hla_triton(..., config=...)`` (:meth:`KernelConfig.replace`).
     """
-    if _interpreting():
+    return _default_config(int(r1), int(r2), int(dv), bool(causal), dtype, bool(tied), _interpreting())
+
+
+@functools.lru_cache(maxsize=256)
+def _default_config(r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtype, tied: bool,
+                    interpreting: bool) -> KernelConfig:
+    if interpreting:
         block_c = 16 if r2 == 1 else max(r2, 16)
         return KernelConfig(STATE_BLOCK_N=16, STATE_BLOCK_C=block_c, STATE_BLOCK_DV=dv, APPLY_BLOCK_M=16,
                             APPLY_BLOCK_C=block_c, GRAD_BLOCK_M=16, GRAD_BLOCK_C=block_c, BLOCK_N=16, CHUNK=32,
@@ -151,8 +162,13 @@ def default_config(*, r1: int, r2: int, dv: int, causal: bool, dtype: torch.dtyp
 
 def _num_sms(device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        return _cuda_sms(device.index if device.index is not None else torch.cuda.current_device())
     return 4
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def _causal_state_plan(cfg: dict, programs: int, block_dv: int, dv: int, device) -> tuple[int, int, bool]:

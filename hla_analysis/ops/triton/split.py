@@ -24,11 +24,13 @@ part), not the next power of two: ``w = 65`` costs a 64 x 64 part and a 65-wide 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
+from hla_analysis.ops import feature_blocks
 from hla_analysis.ops.triton.config import default_config
 from hla_analysis.ops.triton.state.autograd import apply_states, compute_states, factor_grads, transposed
 
@@ -80,47 +82,93 @@ def _pad(t, width):
     return t if t.shape[-1] == width else F.pad(t, (0, width - t.shape[-1]))
 
 
-def _cols(t, block):
-    start, size = block
-    return t[..., start:start + size]
+def flat_blocks(t, f, flatten) -> None:
+    """Carry ``t``'s recorded column blocks (:mod:`hla_analysis.ops.feature_blocks`) over to its
+    flat form ``f``, with ``flatten`` applied to each block."""
+    rec = feature_blocks.recorded(t)
+    if rec is not None and f is not t:
+        feature_blocks.record(f, {b: flatten(part) for b, part in rec.items()})
+
+
+def _block(t, block, width, cache):
+    """Column block ``(start, size)`` of ``t``, contiguous, zero-padded to ``width``: the block the
+    feature map recorded, else a copy of the slice; once per distinct tensor and block in a call
+    (tied factors read theirs once)."""
+    key = (id(t), block, width)
+    if key not in cache:
+        rec = feature_blocks.recorded(t)
+        part = None if rec is None else rec.get(block)
+        if part is None:
+            start, size = block
+            part = t[..., start:start + size]
+        cache[key] = _pad(part, width).contiguous()
+    return cache[key]
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(widths: tuple[int, ...], tied: bool):
+    """The terms of one call's widths: ``(m2, m1)``, ``m2`` a tuple of ``(x, y, weight)`` block
+    pairs run as M = 2 parts, ``m1`` a tuple of ``(x, y, weight)`` pairs with a width-1 block
+    (``x`` the width-1 one), pooled into M = 1 parts; an M = 1 call pools its whole factor."""
+    if len(widths) == 1:
+        return (), None
+    b1, b2 = blocks(widths[0]), blocks(widths[1])
+    m2, m1 = [], []
+    for i, x in enumerate(b1):
+        for j, y in enumerate(b2):
+            if tied and j < i:
+                continue  # equal to the (j, i) term, counted there with weight 2
+            weight = 2.0 if tied and j > i else 1.0
+            if x[1] > 1 and y[1] > 1:
+                m2.append((x, y, weight))
+            else:
+                m1.append((x, y, weight))
+    return tuple(m2), tuple(m1)
 
 
 def plan(qs, ks):
     """The parts of one call: ``(m2, m1)`` with ``m2`` a list of ``(q1, q2, k1, k2)`` M = 2
-    parts (kernel widths) and ``m1`` a list of ``(q, k)`` M = 1 parts (kernel widths)."""
-    pool_q, pool_k, m2 = [], [], []
-    if len(qs) == 1:
-        pool_q.append(qs[0])
-        pool_k.append(ks[0])
+    parts (kernel widths, contiguous) and ``m1`` a list of ``(q, k)`` M = 1 parts (kernel widths)."""
+    tied = len(qs) == 2 and qs[0] is qs[1] and ks[0] is ks[1]
+    layout_m2, layout_m1 = _layout(tuple(q.shape[-1] for q in qs), tied)
+    cache: dict = {}
+    if layout_m1 is None:
+        pool_q, pool_k = [qs[0]], [ks[0]]
     else:
-        tied = qs[0] is qs[1] and ks[0] is ks[1]
-        b1, b2 = blocks(qs[0].shape[-1]), blocks(qs[1].shape[-1])
-        for i, x in enumerate(b1):
-            for j, y in enumerate(b2):
-                if tied and j < i:
-                    continue  # equal to the (j, i) term, counted there with weight 2
-                weight = 2.0 if tied and j > i else 1.0
-                q1, k1 = _cols(qs[0], x), _cols(ks[0], x)
-                q2, k2 = _cols(qs[1], y), _cols(ks[1], y)
-                if weight != 1.0:
-                    q1 = q1 * weight
-                if x[1] > 1 and y[1] > 1:
-                    m2.append((_pad(q1, _padded(x[1])), _pad(q2, _padded(y[1])),
-                               _pad(k1, _padded(x[1])), _pad(k2, _padded(y[1]))))
-                elif x[1] == 1:
-                    pool_q.append(q1 * q2)
-                    pool_k.append(k1 * k2)
-                else:
-                    pool_q.append(q2 * q1)
-                    pool_k.append(k2 * k1)
+        pool_q, pool_k = [], []
+    m2 = []
+    for x, y, weight in layout_m2:
+        wx, wy = _padded(x[1]), _padded(y[1])
+        q1, k1 = _block(qs[0], x, wx, cache), _block(ks[0], x, wx, cache)
+        q2, k2 = _block(qs[1], y, wy, cache), _block(ks[1], y, wy, cache)
+        m2.append((q1 * weight if weight != 1.0 else q1, q2, k1, k2))
+    for x, y, weight in layout_m1 or ():
+        q1, k1 = _cols(qs[0], x), _cols(ks[0], x)
+        q2, k2 = _cols(qs[1], y), _cols(ks[1], y)
+        if weight != 1.0:
+            q1 = q1 * weight
+        if x[1] == 1:
+            pool_q.append(q1 * q2)
+            pool_k.append(k1 * k2)
+        else:
+            pool_q.append(q2 * q1)
+            pool_k.append(k2 * k1)
     m1 = []
     if pool_q:
-        fq, fk = torch.cat(pool_q, -1), torch.cat(pool_k, -1)
+        fq = pool_q[0] if len(pool_q) == 1 else torch.cat(pool_q, -1)
+        fk = pool_k[0] if len(pool_k) == 1 else torch.cat(pool_k, -1)
         for start in range(0, fq.shape[-1], KERNEL_WIDTHS[-1]):
             sl = slice(start, start + KERNEL_WIDTHS[-1])
             width = _padded(fq[..., sl].shape[-1])
-            m1.append((_pad(fq[..., sl], width), _pad(fk[..., sl], width)))
+            m1.append((_pad(fq[..., sl], width).contiguous(), _pad(fk[..., sl], width).contiguous()))
     return m2, m1
+
+
+def _cols(t, block):
+    start, size = block
+    rec = feature_blocks.recorded(t)
+    part = None if rec is None else rec.get(block)
+    return part if part is not None else t[..., start:start + size]
 
 
 class PartFunction(torch.autograd.Function):
@@ -161,7 +209,7 @@ def split_numden(qs, ks, v, *, causal: bool, config: dict | None = None):
     num = den = None
     dv = v.shape[-1]
     for part in [*m2, *((q, None, k, None) for q, k in m1)]:
-        q1, q2, k1, k2 = (None if t is None else t.contiguous() for t in part)
+        q1, q2, k1, k2 = part  # contiguous (plan)
         r2 = 1 if q2 is None else q2.shape[-1]
         cfg = default_config(r1=q1.shape[-1], r2=r2, dv=dv, causal=causal, dtype=v.dtype)
         if config:
