@@ -676,6 +676,36 @@ def test_fused_checks_cost_one_host_read(monkeypatch):
     assert reads == [1, 1]  # one flag vector (key signs in its tail), one amin, one value read
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_split_width_checks_rows_in_its_last_apply_with_one_read(causal, monkeypatch):
+    """Width 17 (split into parts): the last part's apply adds the others, divides and flags each
+    row, so a clean call reads one value once, and a zero or an overflowed row is still refused."""
+    from hla_analysis import _checks
+
+    qs, ks, v = _positive(1, r=17, seed=97 + causal)
+    q, k = qs[0], ks[0]
+    reads = []
+    real = _checks.CheckBatch.resolve
+
+    def counting(self):
+        reads.append(len(self.values))
+        return real(self)
+
+    monkeypatch.setattr(_checks.CheckBatch, "resolve", counting)
+    out = hla([q, q], [k, k], v, causal=causal, backend="triton", form="contract" if not causal else "auto")
+    assert reads == [1]  # the flag vector's amin: no torch pass over the normalisers or the output
+    ref = hla_attention_output([q.double()] * 2, [k.double()] * 2, v.double(), causal=causal)
+    assert float((out.double() - ref).norm() / ref.norm()) < (1e-5 if not CUDA else 2e-2)
+    zero = q.clone()
+    zero[0, 0, 5] = 0.0  # a query row with all-zero features: every part's normaliser is 0 there
+    with pytest.raises(ValueError, match=r"1 of 80 row\(s\) have a zero or negative normalizer .*\(1 exactly zero\)"):
+        hla([zero, zero], [k, k], v, causal=causal, backend="triton")
+    huge = v.clone()
+    huge[..., 3, :] = 3e38
+    with pytest.raises(ValueError, match="overflowed to Inf/NaN although every input is finite"):
+        hla([q, q], [k, k], huge, causal=causal, backend="triton")
+
+
 def test_narrowing_cast_that_overflows_is_refused():
     """A result finite in the compute dtype that overflows in the caller's dtype is an error
     (bf16 rounds 65504 up to 65536, which is Inf in fp16)."""

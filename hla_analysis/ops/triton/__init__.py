@@ -31,7 +31,7 @@ import os
 
 import torch
 
-from hla_analysis._checks import check_hla_signs, check_normalizers, check_output
+from hla_analysis._checks import check_hla_signs, check_output
 from hla_analysis.ops.triton.config import KernelConfig, default_config
 from hla_analysis.ops.triton.dtypes import narrowed, work_dtype
 
@@ -289,8 +289,6 @@ def _split_call(qs, ks, v, *, causal, key_padding_mask, allow_signed, config):
         return cache[id(t)]
 
     fq, fk = [flat(q) for q in qs], [flat(k) for k in ks]
-    num, den = split.split_numden(fq, fk, flat(v).contiguous(), causal=causal, config=config)
-    check_normalizers(den, allow_signed=allow_signed)
-    out = num / den[..., None]
-    check_output(out, den[..., None], allow_signed=allow_signed)
+    # the last part's apply adds the other parts, divides and flags each row (normaliser, output)
+    out = split.split_output(fq, fk, flat(v).contiguous(), causal=causal, allow_signed=allow_signed, config=config)
     return narrowed(out, out_dtype).reshape(*lead, n, v.shape[-1])

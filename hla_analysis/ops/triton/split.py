@@ -12,12 +12,13 @@ two blocks wider than 1 give an M = 2 part of their widths; a block of width 1 i
 per token, folded into the other factor's block as a scale, so the term is an M = 1 part;
 the M = 1 parts are concatenated (``q.k + q'.k' = [q, q'].[k, k']``) into launches of at most
 128 features. Tied factors (the same tensor objects) give equal cross terms, run once with
-weight 2. Every part returns its unnormalised numerator and normaliser (``NORMALIZE=False``
-in :func:`.state.kernels.apply_kernel`); they are summed and divided once, so the result is the
-exact HLA output. The cost follows the product of the real widths (plus one launch per
+weight 2. Every part but the last stores its unnormalised numerator and normaliser
+(``NORMALIZE=False`` in :func:`.state.kernels.apply_kernel`); the last part's apply adds them
+(``HAS_ACC``), divides once and checks each row, so the result is the exact HLA output.
+The cost follows the product of the real widths (plus one launch per
 part), not the next power of two: ``w = 65`` costs a 64 x 64 part and a 65-wide M = 1 part.
 
-:class:`PartFunction` is the autograd node of one part: the gradient of
+:class:`SplitFunction` is the autograd node of all the parts: the gradient of
 ``o = sum_p num_p / sum_p den_p`` reaches each part as ``d num_p = g / den`` and
 ``d den_p = -(g . o) / den``, which the existing backward kernels take as they are.
 """
@@ -30,6 +31,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from hla_analysis._checks import _active_or_none, diagnose_rows, require_flags
 from hla_analysis.ops import feature_blocks
 from hla_analysis.ops.triton.config import default_config
 from hla_analysis.ops.triton.state.autograd import apply_states, compute_states, factor_grads, transposed
@@ -171,53 +173,92 @@ def _cols(t, block):
     return part if part is not None else t[..., start:start + size]
 
 
-class PartFunction(torch.autograd.Function):
-    """One part on flat tensors ``[BH, N, r]``: ``(num fp32 [BH, N, dv], den fp32 [BH, N])``."""
+def _part_forward(parts, cfgs, v, *, causal: bool, allow_signed: bool):
+    """``(o, den, states)`` of the parts ``(q1, q2, k1, k2)`` (``q2 = k2 = None`` for M = 1).
 
-    @staticmethod
-    def forward(ctx, q1, q2, k1, k2, v, causal, cfg):
+    Every part but the last stores its unnormalised numerator and normaliser (fp32, summed here
+    when there are several); the last part's apply adds them on chip, divides, checks the rows
+    (``CHECK``: normaliser finite and > 0, output finite) and stores ``o`` in ``v.dtype``: no
+    torch pass over the output. ``states``: per part ``(s, z, q1t, k1t)`` for the backward.
+    """
+    _, skip = _active_or_none()
+    num = den = o = None
+    states = []
+    last = len(parts) - 1
+    for i, ((q1, q2, k1, k2), cfg) in enumerate(zip(parts, cfgs)):
         k1t = transposed(k1, k2, cfg)
         s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
         q1t = transposed(q1, q2, cfg)
-        num, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t, normalize=False)
-        ctx.save_for_backward(q1, q2, k1, k2, v, s, z, q1t, k1t)
-        ctx.causal, ctx.cfg = causal, cfg
-        return num, den
+        states.append((s, z, q1t, k1t))
+        if i < last:
+            pn, pd = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t, normalize=False)
+            num, den = (pn, pd) if num is None else (num + pn, den + pd)
+            continue
+        chk = None if skip else torch.empty(v.shape[0] * v.shape[1], device=v.device, dtype=torch.float32)
+        o, den = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t, chk=chk,
+                              signed=allow_signed, acc=None if num is None else (num, den))
+        if chk is not None:
+            require_flags(chk, lambda o=o, den=den: diagnose_rows(den, o, [], [], allow_signed=allow_signed,
+                                                                    signs=False))
+    return o, den, states
+
+
+class SplitFunction(torch.autograd.Function):
+    """Every part of one split call as one autograd node: ``o = sum_p num_p / sum_p den_p``.
+
+    The gradient reaches each part as ``d num_p = g / den`` and ``d den_p = -(g . o) / den``
+    (the same for every part), which the existing backward kernels take as they are.
+    ``factors``: the parts' ``(q1, q2, k1, k2)``, flattened (``None`` where M = 1).
+    """
 
     @staticmethod
-    def backward(ctx, dnum, dden):
-        q1, q2, k1, k2, v, s, z, q1t, k1t = ctx.saved_tensors
-        causal, cfg = ctx.causal, ctx.cfg
-        if dnum is None:
-            dnum = torch.zeros(v.shape, device=v.device, dtype=v.dtype)
-        if dden is None:
-            dden = torch.zeros(v.shape[:-1], device=v.device, dtype=torch.float32)
-        dnum = dnum.to(v.dtype).contiguous()
-        dden = dden.float().contiguous()
-        ds, dz = compute_states(q1, q2, dnum, dden, mode="suffix" if causal else "total", cfg=cfg, f1t=q1t)
-        dq1, dq2, _ = factor_grads(q1, q2, dnum, dden, k1, k2, v, None, s, z,
-                                   causal=causal, query_side=True, cfg=cfg, x1t=q1t)
-        dk1, dk2, dv = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
-                                    causal=causal, query_side=False, cfg=cfg, x1t=k1t)
-        cast = lambda t, like: None if t is None else t.to(like.dtype)
-        return cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1), cast(dv, v), None, None
+    def forward(ctx, v, causal, allow_signed, cfgs, *factors):
+        parts = [factors[i:i + 4] for i in range(0, len(factors), 4)]
+        o, den, states = _part_forward(parts, cfgs, v, causal=causal, allow_signed=allow_signed)
+        ctx.save_for_backward(v, o, den, *factors, *(t for state in states for t in state))
+        ctx.causal, ctx.cfgs = causal, cfgs
+        return o
+
+    @staticmethod
+    def backward(ctx, grad):
+        v, o, den, *rest = ctx.saved_tensors
+        causal, cfgs = ctx.causal, ctx.cfgs
+        n = len(cfgs)
+        factors, states = rest[:4 * n], rest[4 * n:]
+        grad = grad.contiguous()
+        dnum = (grad.float() / den[..., None]).to(v.dtype)
+        dden = (-(grad.float() * o.float()).sum(-1) / den).contiguous()
+        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        grads, dv = [], None
+        for i, cfg in enumerate(cfgs):
+            q1, q2, k1, k2 = factors[4 * i:4 * i + 4]
+            s, z, q1t, k1t = states[4 * i:4 * i + 4]
+            ds, dz = compute_states(q1, q2, dnum, dden, mode="suffix" if causal else "total", cfg=cfg, f1t=q1t)
+            dq1, dq2, _ = factor_grads(q1, q2, dnum, dden, k1, k2, v, None, s, z,
+                                       causal=causal, query_side=True, cfg=cfg, x1t=q1t)
+            dk1, dk2, dv_part = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
+                                             causal=causal, query_side=False, cfg=cfg, x1t=k1t)
+            grads += [cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1)]
+            dv = dv_part if dv is None else dv + dv_part
+        return (cast(dv, v), None, None, None, *grads)
 
 
-def split_numden(qs, ks, v, *, causal: bool, config: dict | None = None):
-    """``(num, den)`` summed over the parts of flat factors ``[BH, N, w_m]`` (any widths <= MAX_WIDTH)."""
+def split_output(qs, ks, v, *, causal: bool, allow_signed: bool = False, config: dict | None = None):
+    """HLA output ``[BH, N, dv]`` in ``v.dtype`` of flat factors ``[BH, N, w_m]`` (any widths <= MAX_WIDTH):
+    the parts of :func:`plan`, summed and divided once in the last part's apply, rows checked there."""
     m2, m1 = plan(qs, ks)
-    num = den = None
+    parts = [*m2, *((q, None, k, None) for q, k in m1)]
     dv = v.shape[-1]
-    for part in [*m2, *((q, None, k, None) for q, k in m1)]:
-        q1, q2, k1, k2 = part  # contiguous (plan)
-        r2 = 1 if q2 is None else q2.shape[-1]
-        cfg = default_config(r1=q1.shape[-1], r2=r2, dv=dv, causal=causal, dtype=v.dtype)
-        if config:
-            cfg = cfg.replace(**config)
-        pn, pd = PartFunction.apply(q1, q2, k1, k2, v, bool(causal), cfg)
-        num = pn if num is None else num + pn
-        den = pd if den is None else den + pd
-    return num, den
+    cfgs = []
+    for q1, q2, _, _ in parts:
+        cfg = default_config(r1=q1.shape[-1], r2=1 if q2 is None else q2.shape[-1], dv=dv, causal=causal,
+                             dtype=v.dtype)
+        cfgs.append(cfg.replace(**config) if config else cfg)
+    factors = [t for part in parts for t in part]
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (v, *factors)):
+        return SplitFunction.apply(v, bool(causal), bool(allow_signed), tuple(cfgs), *factors)
+    # no autograd node (and nothing saved for a backward) under no_grad or for constants
+    return _part_forward(parts, cfgs, v, causal=bool(causal), allow_signed=bool(allow_signed))[0]
 
 
 def part_count(widths) -> int:

@@ -146,8 +146,11 @@ def _normaliser_state(f1, f2, w, *, nc: int, mode: str, chunk: int):
 
 
 def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, normalize: bool = True, chk=None,
-                 signed: bool = False, qsigns: bool = False):
+                 signed: bool = False, qsigns: bool = False, acc=None):
     """``(o, den)``: ``o = num / den`` in ``v.dtype``, or with ``normalize=False`` ``num`` in fp32.
+
+    ``acc``: ``(num, den)`` fp32 of other parts of the same output, added before the division
+    (``den`` returned is then the total).
 
     ``chk`` (fp32, ``BH * N`` long, optional) gets one pass/fail flag per row (1.0 / 0.0: the
     normaliser, the output and, with ``qsigns``, the query features' signs; ``signed`` is
@@ -164,7 +167,9 @@ def apply_states(q1, q2, k1, k2, v, s, z, *, causal: bool, cfg: dict, q1t=None, 
         R1=r1, R2=r2, DV=dv, BLOCK_M=bm, BLOCK_N=cfg["BLOCK_N"], BLOCK_A=_block_a(cfg["APPLY_BLOCK_C"], r1, r2),
         HAS_F2=q2 is not None, CAUSAL=causal, CHUNK=cfg["CHUNK"], NUM_CHUNKS=s.shape[1],
         PRECISION=_precision(v.dtype), PER_A=per_a(cfg, q2) and not causal, NORMALIZE=normalize, CHECK=chk is not None,
-        SIGNED=signed, QSIGNS=qsigns, num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
+        SIGNED=signed, QSIGNS=qsigns, acc_ptr=None if acc is None else acc[0],
+        accden_ptr=None if acc is None else acc[1], HAS_ACC=acc is not None,
+        num_warps=cfg["APPLY_WARPS"], num_stages=cfg["STAGES"])
     return o, den
 
 

@@ -305,7 +305,8 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
                  BLOCK_N: tl.constexpr, BLOCK_A: tl.constexpr, HAS_F2: tl.constexpr,
                  CAUSAL: tl.constexpr, CHUNK: tl.constexpr, NUM_CHUNKS, PRECISION: tl.constexpr,
                  PER_A: tl.constexpr, NORMALIZE: tl.constexpr, CHECK: tl.constexpr,
-                 SIGNED: tl.constexpr = False, QSIGNS: tl.constexpr = False):
+                 SIGNED: tl.constexpr = False, QSIGNS: tl.constexpr = False,
+                 acc_ptr=None, accden_ptr=None, HAS_ACC: tl.constexpr = False):
     """``PER_A`` (non-causal only): Khatri-Rao columns one ``a`` at a time, ``q1t = q1^T``.
     ``NORMALIZE``: store ``num / den``, else the numerator itself (the parts of a split width,
     :mod:`hla_analysis.ops.triton.split`, are summed before one division).
@@ -314,6 +315,9 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
     (``SIGNED``: or the normaliser is exactly 0, the documented signed result) and, with
     ``QSIGNS``, every query feature of the row is >= 0 (the sign certificate's query half).
     NaN fails every comparison, so a NaN anywhere in the row's inputs fails the row.
+    ``HAS_ACC``: add the fp32 numerator ``acc`` ``[BH, N, DV]`` and normaliser ``accden``
+    ``[BH, N]`` of the parts before this one (a split width's last part normalises, checks and
+    stores the whole output; ``den`` then holds the total normaliser).
     With the intra-chunk loop after it, Triton 3.6 produced NaNs on an H200 (not under the
     interpreter), so the launcher never combines ``PER_A`` with ``CAUSAL``."""
     tl.static_assert(not (PER_A and CAUSAL), "PER_A apply is non-causal only")
@@ -377,6 +381,9 @@ def apply_kernel(q1_ptr, q2_ptr, k1_ptr, k2_ptr, v_ptr, s_ptr, z_ptr, o_ptr, den
             vv = tl.load(v_ptr + cols[:, None] * DV + offs_d[None, :], mask=col_ok[:, None], other=0.0)
             acc = tl.dot(sim.to(vv.dtype), vv, acc, input_precision=PRECISION)
 
+    if HAS_ACC:
+        acc += tl.load(acc_ptr + bh * N * DV + rows[:, None] * DV + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        den += tl.load(accden_ptr + bh * N + rows, mask=row_ok, other=0.0)
     if NORMALIZE:
         out = acc / tl.where(row_ok, den, 1.0)[:, None]  # rows past N: no 0/0
     else:
