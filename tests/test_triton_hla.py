@@ -240,6 +240,36 @@ def test_split_width_tied_affine_matches_reference(causal, mask):
         assert grads[1][padded].abs().max() == 0 and grads[2][padded].abs().max() == 0
 
 
+@pytest.mark.parametrize("causal,mask", [(False, False), (True, True)])
+def test_tied_split_runs_the_block_symmetric_state(causal, mask, monkeypatch):
+    """Tied factors wider than TIED_BLOCK split into blocks A, B: parts A.A, B.B and 2 A.B (the
+    block below the diagonal skipped), against the fp64 reference, gradients included. At
+    TIED_BLOCK = 16, width 33 = 1 + 16 + 16 (on a GPU, 129 = 1 + 64 + 64: phi=affine at d = 128)."""
+    from hla_analysis.ops.triton import split
+
+    monkeypatch.setattr(split, "TIED_BLOCK", 16)
+    q, k = _affine_pair(37, 32, seed=50 + causal)
+    v = torch.randn(1, 2, 37, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
+    kpm = None
+    if mask:
+        kpm = torch.rand(1, 1, 37, generator=torch.Generator().manual_seed(4)) > 0.3
+        kpm[..., 0] = True
+        kpm = kpm.to(DEVICE)
+    m2, m1 = split.plan([q, q], [k, k])
+    assert [tuple(t.shape[-1] for t in part) for part in m2] == [(16, 16, 16, 16)] * 3
+    assert [tuple(t.shape[-1] for t in part) for part in m1] == [(64, 64)]  # 1 + 16 + 16 features, padded
+    out = hla_triton([q, q], [k, k], v, causal=causal, key_padding_mask=kpm)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, [q, k, v], grad_out)
+    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = hla_attention_output([ref_in[0]] * 2, [ref_in[1]] * 2, ref_in[2], causal=causal, key_padding_mask=kpm)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
+    tol = 1e-5 if not CUDA else 2e-2
+    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads]):
+        err = float((got.detach().double() - want.detach()).norm() / want.detach().norm())
+        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+
+
 def test_split_reads_the_block_a_map_recorded_and_ignores_it_once_written():
     """phi=affine records its x block (hla_analysis.ops.feature_blocks): the split reads that
     tensor instead of copying the strided slice, and an in-place write to the features voids it."""

@@ -330,6 +330,9 @@ def main(argv=None):
     parser.add_argument("--skip", nargs="*", default=[], choices=CATEGORIES)
     parser.add_argument("--only", nargs="*", default=None, choices=CATEGORIES)
     parser.add_argument("--smoke", action="store_true", help="CPU, TRITON_INTERPRET=1, tiny shapes (a script check)")
+    parser.add_argument("--variants", nargs="+", default=None, metavar="SPEC[@d]",
+                        help="only these variant rows, e.g. hla:m=2,phi=affine@128 linear:phi=elu1 "
+                             "(a spec without @d takes every d it has in VARIANTS)")
     parser.add_argument("--hla-calls", nargs="+", default=None, metavar="M:r[:causal]",
                         help="only these hla() rows, e.g. 1:64:causal 2:64:causal 3:8:tied 3:8:tied:quadratic "
                              "(default: all of HLA_CALLS)")
@@ -342,6 +345,13 @@ def main(argv=None):
         DEVICE, DTYPE, BACKEND, WIDTH, H = "cpu", torch.float32, "triton", 16, 2
         args.ns = [40]
     todo = [c for c in (args.only or CATEGORIES) if c not in args.skip]
+    variants = list(VARIANTS)
+    if args.variants:
+        wanted = [(w.split("@")[0], int(w.split("@")[1]) if "@" in w else None) for w in args.variants]
+        variants = [(spec, d) for spec, d in VARIANTS if any(spec == ws and wd in (None, d) for ws, wd in wanted)]
+        unknown = [w for w in args.variants if not any(v[0] == w.split("@")[0] for v in VARIANTS)]
+        if unknown:
+            parser.error(f"--variants: not in VARIANTS: {unknown}")
     hla_calls = [(m, r, causal, set()) for m, r, causal in HLA_CALLS]
     if args.hla_calls:
         try:
@@ -357,7 +367,8 @@ def main(argv=None):
                   torch=torch.__version__, triton=triton.__version__,
                   python=platform.python_version(), B=B, H=H, dtype=str(DTYPE).replace("torch.", ""),
                   timing="CUDA events, 2 warm-ups, median of >= 5 reps (3 above 100 ms)",
-                  categories=todo, hla_calls=[[m, r, causal, sorted(f)] for m, r, causal, f in hla_calls])
+                  categories=todo, variants=[[spec, d] for spec, d in variants],
+                  hla_calls=[[m, r, causal, sorted(f)] for m, r, causal, f in hla_calls])
     HEADER["matmul_peak_tflops"] = matmul_peak_tflops()
     print("bf16 matmul peak", HEADER["matmul_peak_tflops"], flush=True)
     rows: list = []
@@ -381,7 +392,7 @@ def main(argv=None):
                                                  form="quadratic" if "quadratic" in flags else "auto")
                     run_row(meta, fwd, leaves, n=n, causal=causal, rows=rows, out_path=args.out)
             elif category == "variants":
-                for spec, d in VARIANTS:
+                for spec, d in variants:
                     both = spec in ("hla:m=2,phi=affine", "linear:phi=elu1") and d == 64
                     for causal in (False, True) if both else (False,):
                         meta, fwd, leaves = variant_case(spec, d, n, causal)

@@ -43,6 +43,12 @@ MAX_WIDTH = 256
 # widest M = 1 feature map: its parts are 128-wide launches summed (the symmetric power
 # features of tied M >= 3 factors, C(r + M - 1, M) wide, run this way)
 MAX_FEATURES = 4096
+# widest block of tied factors (the same tensors on both sides of the M = 2 product). Their
+# blocks give a block-symmetric state: the term of blocks (i, j) equals that of (j, i), so
+# the split runs i <= j only, the off-diagonal ones with weight 2 (power attention's route, in
+# 64-wide blocks). A tied 128-wide block as two 64-wide ones: 3 parts of 64 x 64 against one of
+# 128 x 128, a quarter fewer state entries (phi=affine at d = 128, width 129).
+TIED_BLOCK = 64
 
 
 def _padded(w: int) -> int:
@@ -53,14 +59,17 @@ def _padded(w: int) -> int:
     raise ValueError(f"block width {w} exceeds {KERNEL_WIDTHS[-1]}")
 
 
-def blocks(w: int) -> list[tuple[int, int]]:
+def blocks(w: int, widest: int = KERNEL_WIDTHS[-1]) -> list[tuple[int, int]]:
     """Column blocks ``(start, size)`` of a width-``w`` factor.
 
     A leading width-1 block when ``w - 1`` is a multiple of 16 (the affine constant), then
-    the largest kernel widths that fit, then a tail (width 1, or < 16 and padded at launch).
+    the largest kernel widths up to ``widest`` that fit, then a tail (width 1, or < 16 and
+    padded at launch).
 
     >>> blocks(64), blocks(65), blocks(129), blocks(100), blocks(7)
     ([(0, 64)], [(0, 1), (1, 64)], [(0, 1), (1, 128)], [(0, 64), (64, 32), (96, 4)], [(0, 7)])
+    >>> blocks(129, widest=64)
+    [(0, 1), (1, 64), (65, 64)]
     """
     if not 1 <= w <= MAX_WIDTH:
         raise ValueError(f"factor width {w} outside 1..{MAX_WIDTH}")
@@ -70,7 +79,7 @@ def blocks(w: int) -> list[tuple[int, int]]:
         start = 1
     while start < w:
         rest = w - start
-        size = next((k for k in reversed(KERNEL_WIDTHS) if k <= rest), rest)
+        size = next((k for k in reversed(KERNEL_WIDTHS) if k <= min(rest, widest)), rest)
         out.append((start, size))
         start += size
     return out
@@ -108,13 +117,14 @@ def _block(t, block, width, cache):
 
 
 @functools.lru_cache(maxsize=256)
-def _layout(widths: tuple[int, ...], tied: bool):
+def _layout(widths: tuple[int, ...], tied: bool, tied_block: int):
     """The terms of one call's widths: ``(m2, m1)``, ``m2`` a tuple of ``(x, y, weight)`` block
     pairs run as M = 2 parts, ``m1`` a tuple of ``(x, y, weight)`` pairs with a width-1 block
     (``x`` the width-1 one), pooled into M = 1 parts; an M = 1 call pools its whole factor."""
     if len(widths) == 1:
         return (), None
-    b1, b2 = blocks(widths[0]), blocks(widths[1])
+    widest = tied_block if tied else KERNEL_WIDTHS[-1]
+    b1, b2 = blocks(widths[0], widest), blocks(widths[1], widest)
     m2, m1 = [], []
     for i, x in enumerate(b1):
         for j, y in enumerate(b2):
@@ -132,7 +142,7 @@ def plan(qs, ks):
     """The parts of one call: ``(m2, m1)`` with ``m2`` a list of ``(q1, q2, k1, k2)`` M = 2
     parts (kernel widths, contiguous) and ``m1`` a list of ``(q, k)`` M = 1 parts (kernel widths)."""
     tied = len(qs) == 2 and qs[0] is qs[1] and ks[0] is ks[1]
-    layout_m2, layout_m1 = _layout(tuple(q.shape[-1] for q in qs), tied)
+    layout_m2, layout_m1 = _layout(tuple(q.shape[-1] for q in qs), tied, TIED_BLOCK)
     cache: dict = {}
     if layout_m1 is None:
         pool_q, pool_k = [qs[0]], [ks[0]]
