@@ -182,7 +182,7 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
     True
     """
     from hla_analysis.ops.triton import split  # the kernels' modules import Triton
-    from hla_analysis.ops.triton.state.autograd import HLAFunction, forward_states
+    from hla_analysis.ops.triton.state.autograd import HLAFunction, forward_states, widened
     from hla_analysis.ops.triton.tied.autograd import TiedHLAFunction, tied_config
 
     qs, ks = list(qs), list(ks)
@@ -236,6 +236,8 @@ def hla_triton(qs, ks, v, *, causal=False, key_padding_mask=None, allow_signed=F
 
     q1, k1 = flat(qs[0]), flat(ks[0])
     q2, k2 = (flat(qs[1]), flat(ks[1])) if len(qs) == 2 else (None, None)
+    if not use_tied:  # a 32-wide factor where the GPU kernels fail at 32: exact zero padding to 64
+        q1, q2, k1, k2 = widened(q1, q2, k1, k2, causal=causal, dv=v.shape[-1])
     r2 = q1.shape[-1] if use_tied else (1 if q2 is None else q2.shape[-1])
     cfg = default_config(r1=q1.shape[-1], r2=r2, dv=v.shape[-1], causal=causal, dtype=work, tied=use_tied)
     if chunk_size is not None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from hla_analysis._checks import _active_or_none, diagnose_rows, require_flags
 from hla_analysis.ops import feature_blocks
 from hla_analysis.ops.triton.config import default_config
-from hla_analysis.ops.triton.state.autograd import apply_states, compute_states, factor_grads, transposed
+from hla_analysis.ops.triton.state.autograd import apply_states, compute_states, factor_grads, transposed, widened
 
 KERNEL_WIDTHS = (16, 32, 64, 128)
 # widest factor the split path takes (129 is phi=affine at d = 128; M = 1 features such as
@@ -257,8 +257,9 @@ def split_output(qs, ks, v, *, causal: bool, allow_signed: bool = False, config:
     """HLA output ``[BH, N, dv]`` in ``v.dtype`` of flat factors ``[BH, N, w_m]`` (any widths <= MAX_WIDTH):
     the parts of :func:`plan`, summed and divided once in the last part's apply, rows checked there."""
     m2, m1 = plan(qs, ks)
-    parts = [*m2, *((q, None, k, None) for q, k in m1)]
     dv = v.shape[-1]
+    m2 = [widened(*part, causal=causal, dv=dv) for part in m2]  # no 32-wide M = 2 part where it fails
+    parts = [*m2, *((q, None, k, None) for q, k in m1)]
     cfgs = []
     for q1, q2, _, _ in parts:
         cfg = default_config(r1=q1.shape[-1], r2=1 if q2 is None else q2.shape[-1], dv=dv, causal=causal,

@@ -52,6 +52,26 @@ def transposed(f1, f2, cfg: dict):
     return transpose(f1) if per_a(cfg, f2) else None
 
 
+def widened(q1, q2, k1, k2, *, causal: bool, dv: int):
+    """M = 2 factors with a 32-wide factor zero-padded to 64 where the kernels fail at 32.
+
+    On an H200 (Triton 3.6, bf16) the non-causal M = 2 kernels with a 32-wide second factor
+    and ``dv >= 64`` gave wrong rows at N = 8,192 and 32,760: NaN/Inf from the column kernels,
+    up to 45% row error from the tile kernels (session 11, ``benchmarks/gpu/results/session11/
+    r32_check*.log``); the interpreter and the causal kernels were right. Zero columns add
+    nothing to any similarity, so padding both sides of a factor to 64 is exact, at the cost
+    of the 64-wide kernels. Both factors are widened (the first only matters when it is 32 and
+    the second is not, which was right, but one rule keeps one code path).
+    """
+    if q2 is None or causal or dv < 64 or 32 not in (q1.shape[-1], q2.shape[-1]):
+        return q1, q2, k1, k2
+
+    def pad(t):
+        return torch.nn.functional.pad(t, (0, 32)) if t.shape[-1] == 32 else t
+
+    return pad(q1), pad(q2), pad(k1), pad(k2)
+
+
 def compute_states(f1, f2, x, w, *, mode: str, cfg: dict, f1t=None, initial=None):
     """``S`` and ``z`` of factors ``(f1, f2)`` against rows ``x`` (weights ``w`` for ``z``).
 
