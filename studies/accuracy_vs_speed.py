@@ -6,9 +6,10 @@ Run: .venv/bin/python studies/accuracy_vs_speed.py [--timings JSON] -> figures/a
 Both axes come from committed tables; nothing is recomputed and no GPU is needed:
 - accuracy: ``figures/smollm2/compare_summary.csv`` (``studies/compare_smollm2.py``), the mean
   held-out row KL per variant and the fraction of rows whose normaliser failed;
-- speed: the newest ``benchmarks/gpu/results/*/public_h200.json`` (``benchmarks/gpu/bench_public.py``),
+- speed: ``benchmarks/gpu/results/session*/public_h200.json`` (``benchmarks/gpu/bench_public.py``),
   whose rows time the public calls: ``make_variant(spec).forward`` (checks included) and cuDNN
-  SDPA for softmax.
+  SDPA for softmax. Each variant's time comes from the newest run that timed it (a later run
+  may time only some variants), and its speed-up is over the cuDNN time of that same run.
 A variant appears when both tables have it. SmolLM2's head dim is 64, the timed d.
 """
 
@@ -33,17 +34,22 @@ OUT = ROOT / "figures" / "accuracy_vs_speed"
 SHAPE = dict(d=64, n=32760, causal=False, mode="fwd_nograd")
 
 
-def newest_timings() -> Path:
-    """The public-call timing JSON of the latest session whose run reached the variant rows at
-    the figure's shape (sessions sort by name; a run cut short before them is skipped)."""
+def timing_files() -> list[Path]:
+    """The public-call timing JSONs with variant rows at the figure's shape, oldest session first
+    (sessions sort by name; a run cut short before its variant rows is skipped)."""
     found = sorted((ROOT / "benchmarks" / "gpu" / "results").glob("session*/public_h200.json"),
                    key=lambda p: (len(p.parent.name), p.parent.name))
-    for path in reversed(found):
-        if not _shape_rows(path).query("method == 'make_variant().forward'").empty:
-            return path
-    raise SystemExit("no benchmarks/gpu/results/session*/public_h200.json with variant rows at "
-                     f"d={SHAPE['d']}, N={SHAPE['n']}: run benchmarks/gpu/bench_public.py on a GPU first, "
-                     "or pass --timings FILE")
+    keep = [path for path in found if not _shape_rows(path).query("method == 'make_variant().forward'").empty]
+    if not keep:
+        raise SystemExit("no benchmarks/gpu/results/session*/public_h200.json with variant rows at "
+                         f"d={SHAPE['d']}, N={SHAPE['n']}: run benchmarks/gpu/bench_public.py on a GPU first, "
+                         "or pass --timings FILE")
+    return keep
+
+
+def newest_timings() -> Path:
+    """The latest of :func:`timing_files`."""
+    return timing_files()[-1]
 
 
 def _shape_rows(path: Path) -> pd.DataFrame:
@@ -56,24 +62,30 @@ def _shape_rows(path: Path) -> pd.DataFrame:
 
 
 def speed_rows(path: Path) -> pd.DataFrame:
-    """Forward times at the figure's shape, one row per spec (softmax for cuDNN SDPA)."""
+    """Forward times at the figure's shape, one row per spec (softmax for cuDNN SDPA), with the
+    cuDNN time of the same run (``cudnn_ms``) and the file they come from."""
     keep = _shape_rows(path).copy()
     keep["variant"] = keep["spec"].where(keep["method"] != "sdpa_cudnn", "softmax")
     if keep.empty:
         raise SystemExit(f"{path} has no forward rows at d={SHAPE['d']}, N={SHAPE['n']}: "
                          "pass --timings with a bench_public.py run that covers them")
-    return keep.groupby("variant", as_index=False).agg(forward_ms=("ms", "min"), path=("path", "first"),
-                                                      method=("method", "first"))
+    out = keep.groupby("variant", as_index=False).agg(forward_ms=("ms", "min"), path=("path", "first"),
+                                                     method=("method", "first"))
+    soft = out.loc[out["variant"] == "softmax", "forward_ms"]
+    out["cudnn_ms"] = float(soft.iloc[0]) if len(soft) else float("nan")
+    out["timings_file"] = str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+    return out
 
 
-def table(timings: Path) -> pd.DataFrame:
+def table(timings) -> pd.DataFrame:
+    """``timings``: one JSON, or several (oldest first): each variant from the newest that has it."""
+    paths = [timings] if isinstance(timings, Path) else list(timings)
+    speed = pd.concat([speed_rows(path) for path in paths]).drop_duplicates("variant", keep="last")
     accuracy = pd.read_csv(ACCURACY).rename(columns={"kl_mean": "kl_mean_heldout",
                                                      "failed_rows": "failed_fraction_heldout"})
-    joined = speed_rows(timings).merge(accuracy[["variant", "kl_mean_heldout", "failed_fraction_heldout",
-                                                 "params_per_head"]], on="variant", how="inner")
-    soft = joined.loc[joined["variant"] == "softmax", "forward_ms"]
-    joined["speedup_over_cudnn"] = float(soft.iloc[0]) / joined["forward_ms"] if len(soft) else float("nan")
-    joined["timings_file"] = str(timings.relative_to(ROOT))
+    joined = speed.merge(accuracy[["variant", "kl_mean_heldout", "failed_fraction_heldout", "params_per_head"]],
+                         on="variant", how="inner")
+    joined["speedup_over_cudnn"] = joined["cudnn_ms"] / joined["forward_ms"]  # against the same run's cuDNN
     return joined.sort_values("forward_ms").reset_index(drop=True)
 
 
@@ -113,9 +125,10 @@ def plot(frame: pd.DataFrame):
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--timings", type=Path, help="bench_public.py JSON (default: the newest committed one)")
+    p.add_argument("--timings", type=Path, help="one bench_public.py JSON (default: every committed run, each "
+                                                 "variant from the newest that timed it)")
     args = p.parse_args(argv)
-    frame = table(args.timings.resolve() if args.timings else newest_timings())
+    frame = table(args.timings.resolve() if args.timings else timing_files())
     OUT.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_table(OUT.with_suffix(".csv"), frame)
     atomic_save_figure(plot(frame), OUT.with_suffix(".png"), dpi=130)

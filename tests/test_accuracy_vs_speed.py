@@ -37,3 +37,37 @@ def test_the_newest_run_with_variant_rows_is_taken(tmp_path, monkeypatch):
     (results / "session2" / "public_h200.json").write_text(json.dumps(cut))
     with pytest.raises(SystemExit, match="no benchmarks/gpu/results/session"):
         study.newest_timings()
+
+
+def test_each_variant_comes_from_the_newest_run_that_timed_it(tmp_path, monkeypatch):
+    """A later run that timed only some variants replaces those; the others keep their older
+    time, and every speed-up is over the cuDNN time of the row's own run."""
+    study = _study()
+    rows = json.loads(study.newest_timings().read_text())["rows"]
+    accuracy = set(__import__("pandas").read_csv(study.ACCURACY)["variant"])
+    shape = [r for r in rows if r.get("d") == 64 and r.get("n") == 32760 and not r.get("causal")
+             and r.get("mode") == "fwd_nograd"]
+    variants = sorted({r["spec"] for r in shape if r["method"] == "make_variant().forward"} & accuracy)
+    assert len(variants) >= 2
+    moved, kept = variants[0], variants[1:]
+    newer = []
+    for r in shape:
+        if r["method"] == "sdpa_cudnn" or r["spec"] == moved:
+            newer.append({**r, "ms": r["ms"] / 2})  # a faster machine: every time halved
+    results = tmp_path / "benchmarks" / "gpu" / "results"
+    for name, data in (("session2", shape), ("session10", newer)):
+        (results / name).mkdir(parents=True)
+        (results / name / "public_h200.json").write_text(json.dumps({"rows": data}))
+    monkeypatch.setattr(study, "ROOT", tmp_path)
+    frame = study.table(study.timing_files()).set_index("variant")
+    old_ms = {r["spec"]: r["ms"] for r in shape if r["method"] == "make_variant().forward"}
+    assert frame.loc[moved, "timings_file"].startswith("benchmarks/gpu/results/session10")
+    assert frame.loc[moved, "forward_ms"] == pytest.approx(old_ms[moved] / 2)
+    for spec in kept:
+        assert frame.loc[spec, "timings_file"].startswith("benchmarks/gpu/results/session2")
+        assert frame.loc[spec, "forward_ms"] == pytest.approx(old_ms[spec])
+    # speed-ups against each row's own run: halving a whole run leaves its ratios unchanged
+    ratio = frame["cudnn_ms"] / frame["forward_ms"]
+    assert (frame["speedup_over_cudnn"] == ratio).all()
+    single = study.table(results / "session2" / "public_h200.json").set_index("variant")
+    assert frame.loc[moved, "speedup_over_cudnn"] == pytest.approx(single.loc[moved, "speedup_over_cudnn"])
