@@ -7,6 +7,9 @@ per-layer time (median of layers 2..), and the end-to-end time projected to ever
 
     python benchmarks/gpu/summarize_compare_log.py benchmarks/gpu/results/session7/compare_smollm2.log \
         --out benchmarks/gpu/results/session7/compare_smollm2_summary.json
+
+A run split into two calls (``session5_compare.sh capture``, then ``compare``) has two logs: pass
+both, the capture's first.
 """
 
 from __future__ import annotations
@@ -62,11 +65,11 @@ def summarize(lines) -> dict:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("log")
+    parser.add_argument("log", nargs="+", help="the run's log, or its capture log then its compare log")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-    text = Path(args.log).read_text(encoding="utf-8", errors="replace").replace("\r", "\n")
-    result = {"log": args.log, **summarize(text.splitlines())}
+    text = "\n".join(Path(log).read_text(encoding="utf-8", errors="replace") for log in args.log).replace("\r", "\n")
+    result = {"log": args.log if len(args.log) > 1 else args.log[0], **summarize(text.splitlines())}
     atomic_write_json(Path(args.out), result)
     print(json.dumps(result, indent=1))
 
