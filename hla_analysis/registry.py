@@ -84,7 +84,11 @@ def _positive_finite(value) -> bool:
 
 
 _C = MapOption(float, 1.0, _positive_finite, "a finite number > 0 (similarity 1 + s/c)")
-_FEATURES = MapOption(int, 64, _positive_int, ">= 1 (favor needs that many random features)")
+# FAVOR+ with more random features than this is no longer a linear-attention approximation of
+# practical size (the kernels take 4,096 features; a [N, features] map per head must fit memory)
+MAX_FAVOR_FEATURES = 65536
+_FEATURES = MapOption(int, 64, lambda v: _positive_int(v) and v <= MAX_FAVOR_FEATURES,
+                      f"an integer in 1..{MAX_FAVOR_FEATURES} (favor's random features)")
 def _seed(value) -> bool:
     return isinstance(value, int) and 0 <= value < 2**63  # what torch.Generator.manual_seed takes
 

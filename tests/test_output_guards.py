@@ -97,6 +97,17 @@ def test_summary_csv_refuses_existing_file(tiny, tmp_path, capsys):
     assert [p.name for p in tmp_path.iterdir()] == ["s.csv"]  # no temporary file left beside it
 
 
+def test_summary_csv_is_not_written_into_a_capture(tmp_path, capsys):
+    cap = tmp_path / "cap"
+    cap.mkdir()
+    (cap / "manifest.json").write_text("{}")
+    results = tmp_path / "r.parquet"
+    results.write_text("not read: the --csv path is refused first")
+    assert main(["summary", str(results), "--csv", str(cap / "s.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "holds a capture" in err and "--csv" in err and not (cap / "s.csv").exists()
+
+
 def _demo(out, *extra):
     return ["demo", "--out", str(out), "--num-inputs", "2", "--max-tokens", "12", "--variants", "softmax",
             "--quiet", *extra]
@@ -138,6 +149,23 @@ def test_demo_softmax_only_skips_figures_and_reruns(tmp_path, capsys):
     assert main(_demo(out)) == 1
     assert "compare_summary.csv" in capsys.readouterr().err
     assert main(_demo(out, "--overwrite")) == 0
+
+
+def test_demo_refuses_its_own_files_once_a_user_changed_them(tmp_path, capsys):
+    """demo records the SHA-256 of what it wrote: a rerun replaces its files as written, but a file
+    the user has since edited is theirs, refused without --overwrite (before any capture)."""
+    out = tmp_path / "run"
+    assert main(_demo(out)) == 0
+    capsys.readouterr()
+    (out / "summary.csv").write_text("my own table")
+    assert main(_demo(out)) == 1
+    err = capsys.readouterr().err
+    assert "summary.csv changed since hla-analysis demo wrote it" in err and "--overwrite" in err
+    assert (out / "summary.csv").read_text() == "my own table"
+    (out / "figures" / "compare_summary.csv").write_text("mine too")
+    assert main(_demo(out, "--overwrite")) == 0
+    assert (out / "summary.csv").read_text().startswith("variant")
+    assert main(_demo(out)) == 0  # written again by demo and recorded: its own once more
 
 
 def test_capture_refuses_a_users_file_named_like_an_input(tmp_path, capsys):

@@ -81,3 +81,13 @@ def test_a_seed_torch_cannot_take_is_refused_when_parsed(seed):
 
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\*\*63\)"):
         make_variant(f"linear:phi=favor,seed={seed}")
+
+
+def test_favor_feature_count_has_an_upper_limit():
+    """features=100000000 ran for minutes and 7 GB before any error: refused at parse time now."""
+    from hla_analysis.registry import MAX_FAVOR_FEATURES
+    from hla_analysis.spec import normalize_spec
+
+    assert normalize_spec(f"linear:phi=favor,features={MAX_FAVOR_FEATURES}").spec.endswith(str(MAX_FAVOR_FEATURES))
+    with pytest.raises(ValueError, match=rf"features must be an integer in 1\.\.{MAX_FAVOR_FEATURES}"):
+        normalize_spec(f"linear:phi=favor,features={MAX_FAVOR_FEATURES + 1}")

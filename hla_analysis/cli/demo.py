@@ -21,24 +21,44 @@ def _folder(path: Path, option: str) -> None:
         raise ValueError(f"{option}={str(path)!r} is a file; pass a directory")
 
 
-def _ours(folder: Path) -> set[str]:
+def _marker(folder: Path) -> dict:
     try:
         marker = json.loads((folder / MARKER).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return set()
+        return {}
     if not isinstance(marker, dict) or marker.get("tool") != _TOOL or not isinstance(marker.get("files"), list):
-        return set()
-    return {str(name) for name in marker["files"]}
+        return {}
+    return marker
+
+
+def _ours(folder: Path) -> set[str]:
+    """The files demo wrote in ``folder`` and that are unchanged since (their SHA-256 as recorded;
+    a file claimed but not yet recorded, a run stopped while writing it, counts as demo's)."""
+    from hla_analysis._io import file_sha256
+
+    marker = _marker(folder)
+    digests = marker.get("digests") if isinstance(marker.get("digests"), dict) else {}
+    ours = set()
+    for name in map(str, marker.get("files", [])):
+        path = folder / name
+        if name in digests and path.is_file() and file_sha256(path) != digests[name]:
+            continue  # changed or replaced since demo wrote it: a user's file now
+        ours.add(name)
+    return ours
 
 
 def _check_files(folder: Path, names: list[str], *, overwrite: bool) -> None:
     """Refuse files demo is about to write that exist and that demo did not write (unless overwrite)."""
     marker = folder / MARKER
-    if marker.exists() and not _ours(folder) and not overwrite:
+    if marker.exists() and not _marker(folder) and not overwrite:
         raise ValueError(f"{marker} exists and hla-analysis did not write it; choose another folder, "
                          "or pass --overwrite to replace it")
     ours = _ours(folder)
     foreign = [folder / n for n in names if (folder / n).exists() and n not in ours]
+    changed = [p for p in foreign if p.name in map(str, _marker(folder).get("files", []))]
+    if changed and not overwrite:
+        raise ValueError(f"{', '.join(map(str, changed))} changed since hla-analysis demo wrote it; "
+                         "choose another folder, or pass --overwrite to replace it")
     folders = [p for p in foreign if p.is_dir()]
     if folders:
         raise ValueError(f"{folders[0]} is a folder; demo writes a file there, choose another folder")
@@ -51,8 +71,20 @@ def _claim(folder: Path, names: list[str]) -> None:
     """Record in the folder's marker that demo writes these files (before writing them)."""
     from hla_analysis._io import atomic_write_json
 
-    files = sorted(_ours(folder) | set(names))
-    atomic_write_json(folder / MARKER, {"tool": _TOOL, "files": files})
+    marker = _marker(folder)
+    files = sorted(set(map(str, marker.get("files", []))) | set(names))
+    digests = {k: v for k, v in (marker.get("digests") or {}).items() if k not in names}
+    atomic_write_json(folder / MARKER, {"tool": _TOOL, "files": files, "digests": digests})
+
+
+def _seal(folder: Path, names: list[str]) -> None:
+    """Record the SHA-256 of the files demo just wrote, so a later change to one is noticed."""
+    from hla_analysis._io import atomic_write_json, file_sha256
+
+    marker = _marker(folder)
+    digests = dict(marker.get("digests") or {})
+    digests.update({n: file_sha256(folder / n) for n in names if (folder / n).is_file()})
+    atomic_write_json(folder / MARKER, {"tool": _TOOL, "files": marker.get("files", []), "digests": digests})
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -159,6 +191,8 @@ def run(args: argparse.Namespace) -> int:
     _claim(out, ["summary.csv"])
     atomic_write_bytes(out / "summary.csv", summary.to_csv().encode())
     atomic_write_bytes(figures / "compare_summary.csv", summary.to_csv().encode())
+    _seal(out, ["summary.csv"])
+    _seal(figures, FIGURE_FILES)
     print()
     print_summary(summary)
     print(f"\ndone in {time.perf_counter() - started:.0f} s; results: {results_path}, summary: {out / 'summary.csv'}")

@@ -52,7 +52,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from hla_analysis._io import atomic_write_bytes
+    from hla_analysis._io import atomic_write_bytes, refuse_capture_folder
     from hla_analysis.compare import load_results, summarize
 
     if args.csv is not None:
@@ -63,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--csv needs a file name ending in .csv, got {args.csv!r}")
         if csv.resolve() == Path(args.results).resolve():
             raise ValueError(f"--csv {csv} is the results table being summarized; choose another file")
+        refuse_capture_folder(csv.parent, "--csv")  # a capture keeps only its own files
         check_new_file(csv, overwrite=args.overwrite, option="--csv")
     summary = summarize(load_results(args.results))
     print_summary(summary)
