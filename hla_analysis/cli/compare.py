@@ -16,7 +16,10 @@ def add_fit_options(p: argparse.ArgumentParser) -> None:
                         "(default: a quarter of the inputs, at most 4)")
     g.add_argument("--fit-steps", type=int, default=d.steps, help=f"Adam steps per fit (default {d.steps})")
     g.add_argument("--fit-lr", type=float, default=d.lr, help=f"Adam learning rate (default {d.lr})")
-    g.add_argument("--seed", type=int, default=d.seed, help=f"seed of every fit (default {d.seed})")
+    g.add_argument("--seed", type=int, default=d.seed,
+                   help=f"torch seed set before every fit (default {d.seed}); the built-in learnable "
+                   "variants start from fixed values (identity projections, the head's lowest logit), "
+                   "so their fits do not depend on it")
     g.add_argument("--fit-max-rows", type=int, default=d.max_rows, metavar="R",
                    help=f"training query rows per input and head, at most (default {d.max_rows}); "
                         "bounds a fit's cost on long inputs")
