@@ -104,7 +104,7 @@ def test_spec_parsing_and_errors():
             make_variant(bad)
     with pytest.raises(ValueError, match="phi=elu1 does not take m"):
         make_variant("linear:phi=elu1,m=3")
-    with pytest.raises(ValueError, match="features must be >= 1"):
+    with pytest.raises(ValueError, match=r"features must be an integer in 1\.\.65536"):
         make_variant("linear:phi=favor,features=0")
     with pytest.raises(ValueError, match="must be a torch.Tensor"):
         make_variant("hla:m=2").attention_map([[1.0]], [[1.0]])
