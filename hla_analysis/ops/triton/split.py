@@ -34,7 +34,14 @@ import torch.nn.functional as F
 from hla_analysis._checks import _active_or_none, diagnose_rows, require_flags
 from hla_analysis.ops import feature_blocks
 from hla_analysis.ops.triton.config import default_config
-from hla_analysis.ops.triton.state.autograd import apply_states, compute_states, factor_grads, transposed, widened
+from hla_analysis.ops.triton.state.autograd import (
+    apply_states,
+    cast_like,
+    output_grads,
+    part_grads,
+    part_states,
+    widened,
+)
 
 KERNEL_WIDTHS = (16, 32, 64, 128)
 # widest factor the split path takes (129 is phi=affine at d = 128; M = 1 features such as
@@ -107,12 +114,7 @@ def _block(t, block, width, cache):
     (tied factors read theirs once)."""
     key = (id(t), block, width)
     if key not in cache:
-        rec = feature_blocks.recorded(t)
-        part = None if rec is None else rec.get(block)
-        if part is None:
-            start, size = block
-            part = t[..., start:start + size]
-        cache[key] = _pad(part, width).contiguous()
+        cache[key] = _pad(_cols(t, block), width).contiguous()
     return cache[key]
 
 
@@ -196,9 +198,7 @@ def _part_forward(parts, cfgs, v, *, causal: bool, allow_signed: bool):
     states = []
     last = len(parts) - 1
     for i, ((q1, q2, k1, k2), cfg) in enumerate(zip(parts, cfgs)):
-        k1t = transposed(k1, k2, cfg)
-        s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
-        q1t = transposed(q1, q2, cfg)
+        s, z, q1t, k1t = part_states(q1, q2, k1, k2, v, causal=causal, cfg=cfg)
         states.append((s, z, q1t, k1t))
         if i < last:
             pn, pd = apply_states(q1, q2, k1, k2, v, s, z, causal=causal, cfg=cfg, q1t=q1t, normalize=False)
@@ -235,22 +235,14 @@ class SplitFunction(torch.autograd.Function):
         causal, cfgs = ctx.causal, ctx.cfgs
         n = len(cfgs)
         factors, states = rest[:4 * n], rest[4 * n:]
-        grad = grad.contiguous()
-        dnum = (grad.float() / den[..., None]).to(v.dtype)
-        dden = (-(grad.float() * o.float()).sum(-1) / den).contiguous()
-        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        dnum, dden = output_grads(grad, o, den, v.dtype)  # the same for every part
         grads, dv = [], None
         for i, cfg in enumerate(cfgs):
-            q1, q2, k1, k2 = factors[4 * i:4 * i + 4]
-            s, z, q1t, k1t = states[4 * i:4 * i + 4]
-            ds, dz = compute_states(q1, q2, dnum, dden, mode="suffix" if causal else "total", cfg=cfg, f1t=q1t)
-            dq1, dq2, _ = factor_grads(q1, q2, dnum, dden, k1, k2, v, None, s, z,
-                                       causal=causal, query_side=True, cfg=cfg, x1t=q1t)
-            dk1, dk2, dv_part = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
-                                             causal=causal, query_side=False, cfg=cfg, x1t=k1t)
-            grads += [cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1)]
+            *factor_part, dv_part = part_grads(*factors[4 * i:4 * i + 4], v, *states[4 * i:4 * i + 4], dnum, dden,
+                                                causal=causal, cfg=cfg)
+            grads += factor_part
             dv = dv_part if dv is None else dv + dv_part
-        return (cast(dv, v), None, None, None, *grads)
+        return (cast_like(dv, v), None, None, None, *grads)
 
 
 def split_output(qs, ks, v, *, causal: bool, allow_signed: bool = False, config: dict | None = None):

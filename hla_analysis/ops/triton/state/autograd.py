@@ -217,6 +217,38 @@ def factor_grads(x1, x2, g, wx, y1, y2, h, wy, s, z, *, causal: bool, query_side
     return dx1, (dx2 if x2 is not None else None), (out if not query_side else None)
 
 
+def part_states(q1, q2, k1, k2, v, *, causal: bool, cfg: dict):
+    """``(s, z, q1t, k1t)``: the keys' state against ``v`` (prefix per chunk when causal) and the
+    transposed factors the column kernels read (``None`` where they do not run)."""
+    k1t = transposed(k1, k2, cfg)
+    s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
+    q1t = transposed(q1, q2, cfg)  # launched while the state kernel runs
+    return s, z, q1t, k1t
+
+
+def output_grads(grad, o, den, dtype):
+    """``(dnum, dden)`` of ``o = num / den``: ``d num = g / den`` (in ``dtype``), ``d den = -(g . o) / den``."""
+    grad = grad.contiguous()
+    dnum = (grad.float() / den[..., None]).to(dtype)
+    dden = (-(grad.float() * o.float()).sum(-1) / den).contiguous()
+    return dnum, dden
+
+
+def cast_like(t, like):
+    return None if t is None else t.to(like.dtype)
+
+
+def part_grads(q1, q2, k1, k2, v, s, z, q1t, k1t, dnum, dden, *, causal: bool, cfg: dict):
+    """``(dq1, dq2, dk1, dk2, dv)`` of one state part, given the output's ``(dnum, dden)``: the
+    factor gradients in their own dtypes, ``dv`` in fp32 (the caller sums parts, then casts)."""
+    ds, dz = compute_states(q1, q2, dnum, dden, mode="suffix" if causal else "total", cfg=cfg, f1t=q1t)
+    dq1, dq2, _ = factor_grads(q1, q2, dnum, dden, k1, k2, v, None, s, z,
+                               causal=causal, query_side=True, cfg=cfg, x1t=q1t)
+    dk1, dk2, dv = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
+                                causal=causal, query_side=False, cfg=cfg, x1t=k1t)
+    return cast_like(dq1, q1), cast_like(dq2, q1), cast_like(dk1, k1), cast_like(dk2, k1), dv
+
+
 SIGN_BLOCK = 4096  # elements per program of kernels.sign_kernel
 
 
@@ -235,9 +267,7 @@ def forward_states(q1, q2, k1, k2, v, *, causal, allow_signed, signs, cfg):
     features into the tail of the same vector: one ``amin`` read with the call's one sync.
     The detailed diagnosis (which check, how many rows) runs only when a flag is 0.
     """
-    k1t = transposed(k1, k2, cfg)
-    s, z = compute_states(k1, k2, v, None, mode="prefix" if causal else "total", cfg=cfg, f1t=k1t)
-    q1t = transposed(q1, q2, cfg)  # launched while the state kernel runs
+    s, z, q1t, k1t = part_states(q1, q2, k1, k2, v, causal=causal, cfg=cfg)
     _, skip = _active_or_none()
     signs = signs and not allow_signed
     rows = v.shape[0] * v.shape[1]
@@ -273,14 +303,6 @@ class HLAFunction(torch.autograd.Function):
     def backward(ctx, grad):
         q1, q2, k1, k2, v, o, den, s, z, q1t, k1t = ctx.saved_tensors
         causal, cfg = ctx.causal, ctx.cfg
-        grad = grad.contiguous()
-        # o = num / den:  d num = g / den,  d den = -(g . o) / den
-        dnum = (grad.float() / den[..., None]).to(v.dtype)
-        dden = (-(grad.float() * o.float()).sum(-1) / den).contiguous()
-        ds, dz = compute_states(q1, q2, dnum, dden, mode="suffix" if causal else "total", cfg=cfg, f1t=q1t)
-        dq1, dq2, _ = factor_grads(q1, q2, dnum, dden, k1, k2, v, None, s, z,
-                                   causal=causal, query_side=True, cfg=cfg, x1t=q1t)
-        dk1, dk2, dv = factor_grads(k1, k2, v, None, q1, q2, dnum, dden, ds, dz,
-                                    causal=causal, query_side=False, cfg=cfg, x1t=k1t)
-        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
-        return (cast(dq1, q1), cast(dq2, q1), cast(dk1, k1), cast(dk2, k1), cast(dv, v), None, None, None, None)
+        dnum, dden = output_grads(grad, o, den, v.dtype)
+        dq1, dq2, dk1, dk2, dv = part_grads(q1, q2, k1, k2, v, s, z, q1t, k1t, dnum, dden, causal=causal, cfg=cfg)
+        return dq1, dq2, dk1, dk2, cast_like(dv, v), None, None, None, None
