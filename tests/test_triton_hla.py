@@ -210,21 +210,21 @@ def _affine_pair(n, d, *, seed):
     return q.to(DEVICE).requires_grad_(), k.to(DEVICE).requires_grad_()
 
 
-@pytest.mark.parametrize("causal,mask", [(False, False), (True, True)])
-def test_split_width_tied_affine_matches_reference(causal, mask):
-    """Width d + 1 = 17, tied: (1 + a)^2 = 1 + 2a + a^2 as a 16 x 16 part plus one M = 1 part."""
+def _tied_split_against_reference(q, k, *, causal, mask, seed, m2_widths, m1_widths):
+    """Tied affine-shaped factors through the split: its parts' widths, then output and
+    gradients against the fp64 reference; padded keys get exactly zero gradient."""
     from hla_analysis.ops.triton import split
 
-    q, k = _affine_pair(37, 16, seed=30 + causal)
-    v = torch.randn(1, 2, 37, 16, generator=torch.Generator().manual_seed(1)).to(DEVICE).requires_grad_()
+    n = q.shape[-2]
+    v = torch.randn(1, 2, n, 16, generator=torch.Generator().manual_seed(seed)).to(DEVICE).requires_grad_()
     kpm = None
     if mask:
-        kpm = torch.rand(1, 1, 37, generator=torch.Generator().manual_seed(2)) > 0.3
+        kpm = torch.rand(1, 1, n, generator=torch.Generator().manual_seed(seed + 1)) > 0.3
         kpm[..., 0] = True
         kpm = kpm.to(DEVICE)
     m2, m1 = split.plan([q, q], [k, k])
-    assert [tuple(t.shape[-1] for t in part) for part in m2] == [(16, 16, 16, 16)]
-    assert [tuple(t.shape[-1] for t in part) for part in m1] == [(32, 32)]  # 1 + 16 features, padded
+    assert [tuple(t.shape[-1] for t in part) for part in m2] == m2_widths
+    assert [tuple(t.shape[-1] for t in part) for part in m1] == m1_widths
     out = hla_triton([q, q], [k, k], v, causal=causal, key_padding_mask=kpm)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, [q, k, v], grad_out)
@@ -241,33 +241,25 @@ def test_split_width_tied_affine_matches_reference(causal, mask):
 
 
 @pytest.mark.parametrize("causal,mask", [(False, False), (True, True)])
+def test_split_width_tied_affine_matches_reference(causal, mask):
+    """Width d + 1 = 17, tied: (1 + a)^2 = 1 + 2a + a^2 as a 16 x 16 part plus one M = 1 part."""
+    q, k = _affine_pair(37, 16, seed=30 + causal)
+    _tied_split_against_reference(q, k, causal=causal, mask=mask, seed=1, m2_widths=[(16, 16, 16, 16)],
+                                  m1_widths=[(32, 32)])  # 1 + 16 features, padded
+
+
+@pytest.mark.parametrize("causal,mask", [(False, False), (True, True)])
 def test_tied_split_runs_the_block_symmetric_state(causal, mask, monkeypatch):
     """Tied factors wider than TIED_BLOCK split into blocks A, B: parts A.A, B.B and 2 A.B (the
-    block below the diagonal skipped), against the fp64 reference, gradients included. At
-    TIED_BLOCK = 16, width 33 = 1 + 16 + 16 (on a GPU, 129 = 1 + 64 + 64: phi=affine at d = 128)."""
+    block below the diagonal skipped), against the fp64 reference, gradients and padded keys
+    included. At TIED_BLOCK = 16, width 33 = 1 + 16 + 16 (on a GPU, 129 = 1 + 64 + 64:
+    phi=affine at d = 128)."""
     from hla_analysis.ops.triton import split
 
     monkeypatch.setattr(split, "TIED_BLOCK", 16)
     q, k = _affine_pair(37, 32, seed=50 + causal)
-    v = torch.randn(1, 2, 37, 16, generator=torch.Generator().manual_seed(3)).to(DEVICE).requires_grad_()
-    kpm = None
-    if mask:
-        kpm = torch.rand(1, 1, 37, generator=torch.Generator().manual_seed(4)) > 0.3
-        kpm[..., 0] = True
-        kpm = kpm.to(DEVICE)
-    m2, m1 = split.plan([q, q], [k, k])
-    assert [tuple(t.shape[-1] for t in part) for part in m2] == [(16, 16, 16, 16)] * 3
-    assert [tuple(t.shape[-1] for t in part) for part in m1] == [(64, 64)]  # 1 + 16 + 16 features, padded
-    out = hla_triton([q, q], [k, k], v, causal=causal, key_padding_mask=kpm)
-    grad_out = torch.randn_like(out)
-    grads = torch.autograd.grad(out, [q, k, v], grad_out)
-    ref_in = [t.detach().double().requires_grad_() for t in (q, k, v)]
-    ref = hla_attention_output([ref_in[0]] * 2, [ref_in[1]] * 2, ref_in[2], causal=causal, key_padding_mask=kpm)
-    ref_grads = torch.autograd.grad(ref, ref_in, grad_out.double())
-    tol = 1e-5 if not CUDA else 2e-2
-    for name, got, want in zip(["out", "dq", "dk", "dv"], [out, *grads], [ref, *ref_grads]):
-        err = float((got.detach().double() - want.detach()).norm() / want.detach().norm())
-        assert err < tol, f"{name}: relative error {err:.2e} >= {tol}"
+    _tied_split_against_reference(q, k, causal=causal, mask=mask, seed=3, m2_widths=[(16, 16, 16, 16)] * 3,
+                                  m1_widths=[(64, 64)])  # 1 + 16 + 16 features, padded
 
 
 def test_split_reads_the_block_a_map_recorded_and_ignores_it_once_written():
@@ -307,7 +299,6 @@ def test_split_width_untied_and_single_factor():
 def test_32_wide_factors_run_zero_padded_to_64_where_the_gpu_kernels_failed(monkeypatch):
     """Non-causal M = 2 with a 32-wide factor and dv >= 64 gave NaN/Inf or wrong rows on an H200
     (session 11): such factors are zero-padded to 64 (exact), here and in the split's parts."""
-    from hla_analysis.ops.triton import split
     from hla_analysis.ops.triton.state import autograd as state_autograd
 
     widths = []
@@ -317,8 +308,7 @@ def test_32_wide_factors_run_zero_padded_to_64_where_the_gpu_kernels_failed(monk
         widths.append((f1.shape[-1], None if f2 is None else f2.shape[-1]))
         return real(f1, f2, *args, **kwargs)
 
-    monkeypatch.setattr(state_autograd, "compute_states", spy)
-    monkeypatch.setattr(split, "compute_states", spy)  # split imported it by name
+    monkeypatch.setattr(state_autograd, "compute_states", spy)  # every state path calls it there
     qs, ks, v = _inputs(2, 23, (64, 32), 64, seed=81)
     out = hla_triton(qs, ks, v)
     assert widths == [(64, 64)]
