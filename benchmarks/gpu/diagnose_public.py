@@ -25,6 +25,9 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+from bench_public import per_call_ms  # noqa: E402  (the same back-to-back timing as its overhead rows)
 
 from hla_analysis._checks import checks_disabled  # noqa: E402
 from hla_analysis._io import atomic_write_json  # noqa: E402
@@ -89,22 +92,6 @@ def _host_ms(call, busy: bool, reps=7):
     return statistics.median(times)
 
 
-def _per_call_ms(call, calls=20, batches=5):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    for _ in range(3):
-        call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(batches):
-        start.record()
-        for _ in range(calls):
-            call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
-
-
 def _kernels(call):
     from torch.profiler import ProfilerActivity, profile
 
@@ -144,7 +131,7 @@ def main(argv=None):
                         kernels, launches = _kernels(call)
                         row = {"call": name, "n": n, "checks": label, "syncs": _syncs(call),
                                "host_idle_ms": _host_ms(call, busy=False), "host_busy_ms": _host_ms(call, busy=True),
-                               "per_call_ms": _per_call_ms(call), "launches": launches,
+                               "per_call_ms": per_call_ms(call), "launches": launches,
                                "device_ms": round(sum(k["device_us"] for k in kernels) / 1e3, 4),
                                "kernels": kernels[:14]}
                     finally:
